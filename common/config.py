@@ -1,0 +1,391 @@
+"""One typed configuration for a whole run.
+
+Every run (synthetic data generation, teacher training, distillation, a federation) is described
+by a single :class:`RunConfig`. It is loaded from a YAML file in ``configs/``; keys that the file
+omits take the defaults written here, and ``--set key.path=value`` overrides are applied on top.
+
+Validation is strict: an unknown key, a value of the wrong type, a value out of range or a missing
+file raises :class:`ConfigError` whose message names the file, the dotted key path and what was
+expected, e.g. ``configs/x.yaml: distill.temperature: expected a number >= 0.01, got -1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid. The message names the file and key path."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+       doc: str = "", factory: Any = None) -> Any:
+    """A dataclass field with an inclusive numeric range and a one-line description."""
+    meta = {"lo": lo, "hi": hi, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SplitConfig:
+    """Fractions of each site's *cases* per split (by case, never by slice)."""
+
+    train: float = _f(0.6, lo=0.0, hi=1.0)
+    val: float = _f(0.2, lo=0.0, hi=1.0)
+    test: float = _f(0.2, lo=0.0, hi=1.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how volumes become 2D training slices."""
+
+    root: str = _f("data/synthetic", doc="dataset root (relative paths are resolved from the CWD)")
+    layout: Literal["liu", "msd", "manifest"] = _f("liu", doc="on-disk layout of the sites")
+    sites: list[str] = _f(factory=list, doc="site folders to use; empty = every site found")
+    proxy: str = _f("PROXY", doc="public proxy set folder (relative to root, or absolute)")
+    manifest: Optional[str] = _f(None, doc="YAML/CSV manifest of image/label pairs (layout manifest)")
+    msd_channel: int = _f(0, lo=0, doc="channel of a 4D MSD image to use (Task05: 0 = T2)")
+    label_mode: Literal["auto", "binary", "positive"] = _f(
+        "auto", doc="binary: labels must be 0/1; positive: label > 0 is gland; auto: msd->positive")
+    spacing: list[float] = _f(factory=lambda: [1.0, 1.0], lo=0.05, hi=20.0,
+                              doc="target in-plane spacing in mm (slice spacing is kept)")
+    size: list[int] = _f(factory=lambda: [128, 128], lo=16, hi=1024, doc="2D crop/pad size")
+    context_slices: int = _f(0, lo=0, hi=5, doc="2.5D: neighbouring slices on each side as channels")
+    clip_percentiles: list[float] = _f(factory=lambda: [1.0, 99.0], lo=0.0, hi=100.0)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    seed: int = _f(0, doc="seed of the case split")
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic multi-site generator (``fedkd synth``)."""
+
+    out: str = _f("data/synthetic", doc="output directory")
+    sites: int = _f(6, lo=1, hi=64)
+    cases: int = _f(20, lo=1, hi=10000, doc="cases per site")
+    proxy_cases: int = _f(20, lo=0, hi=10000, doc="cases in the public proxy set")
+    seed: int = _f(0)
+
+
+@dataclass
+class ModelSpec:
+    """One segmentation network. ``features`` names the maps returned for feature distillation."""
+
+    arch: Literal["unet", "basicunet"] = _f("unet")
+    channels: list[int] = _f(factory=lambda: [16, 32, 64, 128, 256], lo=1, hi=4096)
+    strides: list[int] = _f(factory=lambda: [2, 2, 2, 2], lo=1, hi=4)
+    num_res_units: int = _f(2, lo=0, hi=8)
+    dropout: float = _f(0.0, lo=0.0, hi=0.9)
+    features: list[str] = _f(factory=lambda: ["enc2", "dec2"],
+                             doc="feature maps returned with the logits (see common.models)")
+
+
+def _student_spec() -> ModelSpec:
+    return ModelSpec(channels=[8, 16, 32, 64], strides=[2, 2, 2], num_res_units=1)
+
+
+@dataclass
+class ModelConfig:
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    student: ModelSpec = field(default_factory=_student_spec)
+    site_teachers: dict[str, ModelSpec] = _f(
+        factory=dict, doc="per-site teacher architecture overrides, keyed by site name")
+    max_student_fraction: float = _f(0.05, lo=0.0, hi=1.0,
+                                     doc="student params must be <= this fraction of the teacher's")
+
+
+@dataclass
+class TrainConfig:
+    """Local teacher training at a site."""
+
+    epochs: int = _f(40, lo=1, hi=10000)
+    lr: float = _f(5e-3, lo=1e-7, hi=1.0)
+    weight_decay: float = _f(1e-5, lo=0.0, hi=1.0)
+    batch_size: int = _f(8, lo=1, hi=4096)
+    patience: int = _f(10, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
+    augment: bool = _f(True, doc="random flips, 90-degree rotations, intensity scale/shift")
+    empty_slice_fraction: float = _f(0.3, lo=0.0, hi=1.0,
+                                     doc="fraction of gland-free train slices kept per epoch")
+    max_steps_per_epoch: int = _f(0, lo=0, doc="0 = no cap (a cap keeps CPU runs short)")
+
+
+@dataclass
+class DistillConfig:
+    """Server-side distillation of the student on the proxy set."""
+
+    epochs: int = _f(20, lo=1, hi=10000)
+    lr: float = _f(2e-3, lo=1e-7, hi=1.0)
+    batch_size: int = _f(16, lo=1, hi=4096)
+    temperature: float = _f(2.0, lo=0.01, hi=100.0)
+    w_kl: float = _f(1.0, lo=0.0)
+    w_lovasz: float = _f(0.5, lo=0.0)
+    w_dice: float = _f(0.5, lo=0.0)
+    w_feature: float = _f(0.1, lo=0.0)
+    feature_loss: Literal["mse", "attention"] = _f("mse")
+
+
+@dataclass
+class AggregationConfig:
+    method: Literal["adaptive", "mean", "era", "single"] = _f("adaptive")
+    confidence_temperature: float = _f(1.0, lo=0.01, hi=100.0)
+    era_temperature: float = _f(0.5, lo=0.01, hi=1.0)
+    use_agreement: bool = _f(False, doc="adaptive: multiply reliability by agreement with ensemble")
+    single_site: Optional[str] = _f(None, doc="site whose teacher 'single' uses; None = best val Dice")
+
+
+@dataclass
+class FederationConfig:
+    min_sites: int = _f(2, lo=1)
+    rounds: int = _f(1, lo=1, hi=1000)
+    requery_teachers: bool = _f(False)
+    wait_timeout_s: float = _f(120.0, lo=0.0)
+    precision: Literal["float32", "float16", "int8"] = _f("float16")
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = _f("runs/default")
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads")
+    seed: int = _f(0)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def teacher_spec(self, site: str) -> ModelSpec:
+        """The teacher architecture of ``site`` (its override, else the default teacher)."""
+        return self.model.site_teachers.get(site, self.model.teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed construction from plain data
+# --------------------------------------------------------------------------------------------
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of name to {_describe(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp))
+
+
+def _check_range(value: Any, meta: typing.Mapping, where: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: expected a value >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: expected a value <= {hi}, got {value!r}")
+
+
+def _build(tp: Any, value: Any, where: str, meta: typing.Mapping) -> Any:
+    """Convert plain YAML data ``value`` to type ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: "
+                              f"{', '.join(fields)})".lstrip("."))
+        kwargs = {}
+        for name, val in value.items():
+            sub = f"{where}.{name}" if where else name
+            kwargs[name] = _build(hints[name], val, sub, fields[name].metadata)
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, where, meta)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_build(item_tp, v, f"{where}[{i}]", meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _build(val_tp, v, f"{where}.{k}", meta) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        _check_range(value, meta, where)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        _check_range(float(value), meta, where)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")  # programming error
+
+
+def _check_consistency(cfg: RunConfig) -> None:
+    """Cross-field rules that a single field's type and range cannot express."""
+    s = cfg.data.split
+    if abs(s.train + s.val + s.test - 1.0) > 1e-6:
+        raise ConfigError(f"data.split: train + val + test must be 1, got "
+                          f"{s.train} + {s.val} + {s.test}")
+    if s.train <= 0:
+        raise ConfigError("data.split.train: expected a value > 0")
+    for key, n in (("data.spacing", len(cfg.data.spacing)), ("data.size", len(cfg.data.size)),
+                   ("data.clip_percentiles", len(cfg.data.clip_percentiles))):
+        if n != 2:
+            raise ConfigError(f"{key}: expected a list of 2 values, got {n}")
+    lo, hi = cfg.data.clip_percentiles
+    if lo >= hi:
+        raise ConfigError(f"data.clip_percentiles: lower ({lo}) must be below upper ({hi})")
+    if cfg.data.layout == "manifest" and not cfg.data.manifest:
+        raise ConfigError("data.manifest: required when data.layout is 'manifest'")
+    specs = [("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)]
+    specs += [(f"model.site_teachers.{k}", v) for k, v in cfg.model.site_teachers.items()]
+    for key, spec in specs:
+        check_model_spec(spec, key)
+
+
+def check_model_spec(spec: ModelSpec, key: str) -> None:
+    """Raise ConfigError if ``spec`` cannot be built (``key`` names it in the message)."""
+    if spec.arch == "unet":
+        if len(spec.channels) < 2:
+            raise ConfigError(f"{key}.channels: a UNet needs at least 2 levels")
+        if len(spec.strides) != len(spec.channels) - 1:
+            raise ConfigError(f"{key}.strides: expected {len(spec.channels) - 1} values "
+                              f"(one per level below the top), got {len(spec.strides)}")
+    elif spec.arch == "basicunet" and len(spec.channels) != 6:
+        raise ConfigError(f"{key}.channels: basicunet takes exactly 6 values, "
+                          f"got {len(spec.channels)}")
+    from common.models import feature_names  # local import: models imports this module
+
+    valid = feature_names(spec)
+    for name in spec.features:
+        if name not in valid:
+            raise ConfigError(f"{key}.features: unknown feature map {name!r} for this "
+                              f"architecture (valid: {', '.join(valid)})")
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RunConfig:
+    """Build and validate a RunConfig from plain data; errors are prefixed with ``source``."""
+    try:
+        cfg = _build(RunConfig, data or {}, "", {})
+        _check_consistency(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value``; the value is read as YAML (``[96,96]``, ``true``, ``0.5``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def to_plain(cfg: RunConfig) -> dict[str, Any]:
+    """A RunConfig as plain data (round-trips through :func:`from_dict`)."""
+    return copy.deepcopy(cfg.to_dict())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> RunConfig:
+    """Load a YAML run config (defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, "
+                              f"got {type(loaded).__name__}")
+        data = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+        source_note = " (with --set overrides)"
+        if not source.endswith(source_note):
+            source += source_note
+    return from_dict(data, source)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (every key, defaults included) so a run can be repeated exactly."""
+    Path(path).write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))

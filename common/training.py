@@ -1,0 +1,142 @@
+"""Supervised training and evaluation of a segmentation network on preprocessed cases.
+
+Used by a site to train its teacher, and by simulations for local and centralised baselines.
+Loss: MONAI DiceCE on the slice labels. Model selection: best mean 3D Dice on validation cases,
+with early stopping after ``patience`` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.config import TrainConfig
+from common.data import CaseVolume, SliceDataset, augmentation, foreground_slices, slice_stack
+from common.metrics import dice_score, hd95, summarize
+from common.models import FeatureNet
+
+
+@dataclass
+class TrainResult:
+    best_val_dice: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def predict_volume(model: torch.nn.Module, case: CaseVolume, context: int = 0,
+                   batch_size: int = 32) -> np.ndarray:
+    """Slice-wise argmax prediction of a case: (D, H, W) uint8."""
+    model.eval()
+    out = []
+    for start in range(0, case.num_slices, batch_size):
+        zs = range(start, min(case.num_slices, start + batch_size))
+        x = torch.from_numpy(np.stack([slice_stack(case.image, z, context) for z in zs]))
+        out.append(_logits(model, x).argmax(dim=1).to(torch.uint8).numpy())
+    return np.concatenate(out, axis=0)
+
+
+def evaluate_cases(model: torch.nn.Module, cases: list[CaseVolume], context: int = 0,
+                   with_hd95: bool = True) -> dict:
+    """Per-case 3D Dice (and HD95 in mm) and their summaries. Cases must be labeled."""
+    per_case = []
+    for case in cases:
+        assert case.label is not None, f"{case.source}: evaluation needs a label"
+        pred = predict_volume(model, case, context)
+        row = {"case": case.case_id, "dice": dice_score(pred, case.label)}
+        if with_hd95:
+            row["hd95"] = hd95(pred, case.label, case.spacing)
+        per_case.append(row)
+    out = {"per_case": per_case, "dice": summarize([r["dice"] for r in per_case])}
+    if with_hd95:
+        out["hd95"] = summarize([r["hd95"] for r in per_case])
+    return out
+
+
+def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
+                    val_cases: list[CaseVolume], cfg: TrainConfig, context: int = 0,
+                    seed: int = 0, log: Callable[[str], None] = print, tag: str = "train",
+                    epoch_callback: Optional[Callable[[int, torch.nn.Module, dict], None]] = None
+                    ) -> TrainResult:
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    Each epoch uses every slice with gland plus a random ``empty_slice_fraction`` of the others.
+    Without validation cases the last epoch is kept.
+    """
+    from monai.losses import DiceCELoss
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    fg, bg = foreground_slices(train_cases)
+    if not fg:
+        raise ValueError(f"{tag}: no training slice contains gland")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    transform = augmentation() if cfg.augment else None
+    if transform is not None:
+        transform.set_random_state(seed=seed)
+    best, best_epoch, best_state = -1.0, 0, None
+    history: list[dict] = []
+    t_start = time.perf_counter()
+    epoch = 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        n_bg = int(round(len(bg) * cfg.empty_slice_fraction))
+        chosen = fg + [bg[i] for i in rng.choice(len(bg), n_bg, replace=False)] if n_bg else fg
+        ds = SliceDataset(train_cases, context, chosen, transform)
+        loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0,
+                            generator=gen, drop_last=len(ds) > cfg.batch_size)
+        model.train()
+        losses = []
+        for step, batch in enumerate(loader):
+            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                break
+            logits, _ = model(batch["image"].float())
+            loss = loss_fn(logits, batch["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+        if val_cases:
+            row["val_dice"] = evaluate_cases(model, val_cases, context, with_hd95=False)["dice"]["mean"]
+            if row["val_dice"] > best:
+                best, best_epoch = row["val_dice"], epoch
+                best_state = copy.deepcopy(model.state_dict())
+        history.append(row)
+        val = f" val_dice={row['val_dice']:.4f}" if "val_dice" in row else ""
+        log(f"[{tag}] epoch {epoch}/{cfg.epochs} loss={row['loss']:.4f}{val} "
+            f"({row['seconds']:.1f}s)")
+        if epoch_callback is not None:
+            epoch_callback(epoch, model, row)
+        if val_cases and epoch - best_epoch >= cfg.patience:
+            log(f"[{tag}] early stop: no val Dice gain for {cfg.patience} epochs "
+                f"(best {best:.4f} at epoch {best_epoch})")
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(best_val_dice=max(best, 0.0) if val_cases else float("nan"),
+                       best_epoch=best_epoch or epoch, epochs_run=epoch,
+                       seconds=time.perf_counter() - t_start, history=history)
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed torch and numpy's global generator; cap torch to ``threads`` intra-op threads."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(threads)

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny synthetic federation and the real-data folder beside the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("FEDKD_REAL_DATA", REPO.parent / "shared" / "data" / "real-prostate"))
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """2 sites x 5 cases + 3 proxy cases, seed 0."""
+    from common.synthetic import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, n_sites=2, n_cases=5, n_proxy=3, seed=0, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "PROMISE12").is_dir():
+        pytest.skip(f"real prostate samples not found at {REAL_DATA} (they live in "
+                    f"../shared/data/real-prostate beside the repository; set FEDKD_REAL_DATA "
+                    f"to point elsewhere)")
+    return REAL_DATA
