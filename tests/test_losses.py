@@ -114,7 +114,7 @@ def test_feature_loss_trains_adapter_and_handles_resolution(mode):
     assert loss_fn.names == ["enc2", "bottleneck"]
     params = [student["enc2"], student["bottleneck"], *loss_fn.parameters()]
     opt = torch.optim.Adam(params, lr=0.05)
-    start = float(loss_fn(student, teacher))
+    start = loss_fn(student, teacher).item()
     for _ in range(100):
         opt.zero_grad()
         loss_fn(student, teacher).backward()
