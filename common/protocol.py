@@ -1,0 +1,128 @@
+"""The messages between the server (ServerApp) and a site (ClientApp), defined once for both.
+
+Every instruction carries the run config as YAML in ``ConfigRecord "run"`` (key ``config``), so
+one validated :class:`~common.config.RunConfig` drives preprocessing, models and training on
+every site; node-local paths come from the site's node config, never from the server.
+
+=====================  ===========================================  ===========================================
+message type           server -> site (content)                     site -> server (reply content)
+=====================  ===========================================  ===========================================
+``train.teacher``      ``run``: {config}                            ``metrics`` (MetricRecord): val_dice,
+                                                                    train_cases, val_cases, test_cases,
+                                                                    train_slices, epochs_run, best_epoch,
+                                                                    seconds, reused (1 = checkpoint reused)
+                                                                    ``info`` (ConfigRecord): site, teacher_arch
+``query.proxy``        ``run``: {config}; ``query``: {slice_ids     ``logits`` (ArrayRecord): ``logits``
+                       (list[str], "PROXY/CaseXX/z"), features      (N, 2, H, W); with int8 also
+                       (list[str]), precision ("float32" |          ``logits.scale`` (N, 2) float32
+                       "float16" | "int8"), batch_size (int)}       ``features`` (ArrayRecord): one
+                                                                    (N, C, h, w) per requested name (+ .scale)
+                                                                    ``stats`` (MetricRecord): val_dice,
+                                                                    proxy_entropy, n_slices, reply_bytes,
+                                                                    seconds; ``info``: site, slice_ids
+``evaluate.student``   ``run``: {config}; ``student``              ``metrics`` (MetricRecord): dice_mean,
+                       (ArrayRecord): the student's state dict      dice_std, dice_median, dice_min, dice_max,
+                                                                    dice_p25, dice_p75, hd95_* (same), n_cases
+                                                                    ``info``: site
+=====================  ===========================================  ===========================================
+
+N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
+derived from its private images except metrics; every array in a reply has N as its leading
+dimension (the audit test walks every reply to check this).
+
+A request that cannot be served gets a Flower error reply (``Message(error=Error(code, reason))``)
+whose reason names the site, the file or field, and the cause; the node keeps serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import yaml
+
+from common.config import RunConfig, from_dict, to_plain
+
+TRAIN_TEACHER = "train.teacher"
+QUERY_PROXY = "query.proxy"
+EVALUATE_STUDENT = "evaluate.student"
+
+RUN = "run"            # ConfigRecord: {"config": YAML text of the RunConfig}
+QUERY = "query"        # ConfigRecord of a proxy query
+STUDENT = "student"    # ArrayRecord: student state dict
+METRICS = "metrics"    # MetricRecord in replies
+STATS = "stats"        # MetricRecord in proxy replies
+INFO = "info"          # ConfigRecord in replies
+LOGITS = "logits"      # ArrayRecord in proxy replies
+FEATURES = "features"  # ArrayRecord in proxy replies
+SCALE_SUFFIX = ".scale"
+
+PRECISIONS = ("float32", "float16", "int8")
+
+# Flower Error codes of error replies
+ERR_BAD_MESSAGE = 4001   # missing or malformed field
+ERR_DATA = 4002          # a data file or folder is unusable
+ERR_CONFIG = 4003        # the run config or node config is invalid
+ERR_INTERNAL = 5000      # anything else (a bug): the reason carries the exception
+
+
+class ProtocolError(ValueError):
+    """A message lacks a field or a field has the wrong type/shape. Names the field."""
+
+
+def config_to_text(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)
+
+
+def config_from_text(text: Any, source: str = "message field run.config") -> RunConfig:
+    if not isinstance(text, str):
+        raise ProtocolError(f"{source}: expected YAML text, got {type(text).__name__}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ProtocolError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{source}: expected a mapping")
+    return from_dict(data, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantisation of proxy replies
+# --------------------------------------------------------------------------------------------
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit quantisation with one scale per (slice, channel).
+
+    x: (N, C, H, W) float -> (q (N, C, H, W) int8, scale (N, C) float32), x ~= q * scale.
+    The error is at most scale / 2 = max|x[n, c]| / 254 per element.
+    """
+    amax = np.abs(x).reshape(x.shape[0], x.shape[1], -1).max(axis=2).astype(np.float32)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scale[:, :, None, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantize_int8`: (N, C, H, W) float32."""
+    return q.astype(np.float32) * scale[:, :, None, None].astype(np.float32)
+
+
+def encode_array(x: np.ndarray, precision: str) -> dict[str, np.ndarray]:
+    """Encode an (N, C, H, W) float array for the wire: ``{"": data}`` (+ ``".scale"`` for int8)."""
+    if precision == "float32":
+        return {"": x.astype(np.float32)}
+    if precision == "float16":
+        return {"": x.astype(np.float16)}
+    if precision == "int8":
+        q, s = quantize_int8(x)
+        return {"": q, SCALE_SUFFIX: s}
+    raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
+                        f"got {precision!r}")
+
+
+def decode_array(data: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Decode an array of :func:`encode_array` back to float32."""
+    if data.dtype == np.int8:
+        if scale is None:
+            raise ProtocolError("int8 array without its .scale array")
+        return dequantize_int8(data, scale)
+    return data.astype(np.float32)
