@@ -216,8 +216,11 @@ def _check_range(value: Any, meta: typing.Mapping, where: str) -> None:
         raise ConfigError(f"{where}: expected a value <= {hi}, got {value!r}")
 
 
-def _build(tp: Any, value: Any, where: str, meta: typing.Mapping) -> Any:
-    """Convert plain YAML data ``value`` to type ``tp``; raise ConfigError naming ``where``."""
+def _build(tp: Any, value: Any, where: str, meta: typing.Mapping, base: Any = None) -> Any:
+    """Convert plain YAML data ``value`` to type ``tp``; raise ConfigError naming ``where``.
+
+    A section given in part keeps the defaults of its other keys, taken from ``base`` (the
+    parent's default for that field, so ``model.student`` keeps the *student's* defaults)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -228,16 +231,18 @@ def _build(tp: Any, value: Any, where: str, meta: typing.Mapping) -> Any:
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: "
                               f"{', '.join(fields)})".lstrip("."))
+        base = base if base is not None else tp()
         kwargs = {}
         for name, val in value.items():
             sub = f"{where}.{name}" if where else name
-            kwargs[name] = _build(hints[name], val, sub, fields[name].metadata)
-        return tp(**kwargs)
+            kwargs[name] = _build(hints[name], val, sub, fields[name].metadata,
+                                  getattr(base, name))
+        return dataclasses.replace(base, **kwargs)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _build(args[0], value, where, meta)
+        return _build(args[0], value, where, meta, base)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
@@ -324,6 +329,12 @@ def from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RunConfig:
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
+
+
+def build_section(tp: type, data: dict[str, Any], where: str) -> Any:
+    """Build and validate one section dataclass (e.g. TrainConfig) from plain data; errors
+    name ``where.key``."""
+    return _build(tp, data, where, {})
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -126,3 +126,47 @@ def decode_array(data: np.ndarray, scale: np.ndarray | None = None) -> np.ndarra
             raise ProtocolError("int8 array without its .scale array")
         return dequantize_int8(data, scale)
     return data.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Building requests and reading replies (used by the server and the tests)
+# --------------------------------------------------------------------------------------------
+def train_request(cfg: RunConfig):
+    """Content of a ``train.teacher`` instruction."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)})})
+
+
+def query_request(cfg: RunConfig, slice_ids: list[str], features: list[str],
+                  precision: str = "float16", batch_size: int = 32):
+    """Content of a ``query.proxy`` instruction (slice ids are ``CASE/z`` of the proxy set)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
+                       QUERY: ConfigRecord({"slice_ids": list(slice_ids),
+                                            "features": list(features),
+                                            "precision": precision, "batch_size": batch_size})})
+
+
+def evaluate_request(cfg: RunConfig, student_state: dict):
+    """Content of an ``evaluate.student`` instruction (``student_state``: torch state dict)."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
+                       STUDENT: ArrayRecord(student_state)})
+
+
+def decode_proxy_reply(content) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(logits (N, 2, H, W) float32, {feature: (N, C, h, w) float32})`` from a proxy reply."""
+    def decode(record) -> dict[str, np.ndarray]:
+        arrays = {k: v.numpy() for k, v in record.items()}
+        return {k: decode_array(a, arrays.get(k + SCALE_SUFFIX))
+                for k, a in arrays.items() if not k.endswith(SCALE_SUFFIX)}
+
+    if LOGITS not in content or FEATURES not in content:
+        raise ProtocolError("proxy reply: missing logits or features record")
+    logits = decode(content[LOGITS])
+    if "logits" not in logits:
+        raise ProtocolError("proxy reply: logits record has no 'logits' array")
+    return logits["logits"], decode(content[FEATURES])

@@ -8,8 +8,10 @@ with early stopping after ``patience`` epochs without improvement.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -29,6 +31,8 @@ class TrainResult:
     epochs_run: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    reused: bool = False      # a finished checkpoint with the same settings was loaded
+    resumed_from: int = 0     # last epoch of an unfinished checkpoint training went on from
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,15 +70,39 @@ def evaluate_cases(model: torch.nn.Module, cases: list[CaseVolume], context: int
     return out
 
 
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, key: str) -> Optional[dict]:
+    """The checkpoint at ``path`` if it exists and was made with settings ``key``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a corrupt checkpoint is retrained, not trusted
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
 def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
                     val_cases: list[CaseVolume], cfg: TrainConfig, context: int = 0,
                     seed: int = 0, log: Callable[[str], None] = print, tag: str = "train",
-                    epoch_callback: Optional[Callable[[int, torch.nn.Module, dict], None]] = None
+                    checkpoint: Optional[Path] = None, checkpoint_key: str = ""
                     ) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     Each epoch uses every slice with gland plus a random ``empty_slice_fraction`` of the others.
     Without validation cases the last epoch is kept.
+
+    With ``checkpoint``, the full training state is saved after every epoch together with
+    ``checkpoint_key`` (a digest of the settings and data). A later call with the same key
+    reuses a finished run without training (``TrainResult.reused``) or resumes an unfinished
+    one after its last completed epoch (``TrainResult.resumed_from``); another key retrains.
     """
     from monai.losses import DiceCELoss
 
@@ -91,9 +119,30 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
         transform.set_random_state(seed=seed)
     best, best_epoch, best_state = -1.0, 0, None
     history: list[dict] = []
-    t_start = time.perf_counter()
-    epoch = 0
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch, spent = 1, 0.0
+    saved = load_checkpoint(checkpoint, checkpoint_key) if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        best, best_epoch, best_state = saved["best"], saved["best_epoch"], saved["best_state"]
+        history, spent = saved["history"], saved["seconds"]
+        if saved["done"]:
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            log(f"[{tag}] reusing finished checkpoint {checkpoint} (best val Dice "
+                f"{best:.4f} at epoch {best_epoch})")
+            return TrainResult(best_val_dice=max(best, 0.0) if val_cases else float("nan"),
+                               best_epoch=best_epoch, epochs_run=saved["epoch"], seconds=spent,
+                               history=history, reused=True)
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        rng.bit_generator.state = saved["rng"]
+        gen.set_state(saved["gen"])
+        first_epoch = saved["epoch"] + 1
+        log(f"[{tag}] resuming from checkpoint {checkpoint} after epoch {saved['epoch']}")
+    t_start = time.perf_counter() - spent
+    epoch = first_epoch - 1
+    done = False
+    for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         n_bg = int(round(len(bg) * cfg.empty_slice_fraction))
         chosen = fg + [bg[i] for i in rng.choice(len(bg), n_bg, replace=False)] if n_bg else fg
@@ -122,9 +171,16 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
         val = f" val_dice={row['val_dice']:.4f}" if "val_dice" in row else ""
         log(f"[{tag}] epoch {epoch}/{cfg.epochs} loss={row['loss']:.4f}{val} "
             f"({row['seconds']:.1f}s)")
-        if epoch_callback is not None:
-            epoch_callback(epoch, model, row)
-        if val_cases and epoch - best_epoch >= cfg.patience:
+        stop = bool(val_cases) and epoch - best_epoch >= cfg.patience
+        done = stop or epoch == cfg.epochs
+        if checkpoint:
+            _save_checkpoint(checkpoint, {
+                "key": checkpoint_key, "done": done, "epoch": epoch, "model": model.state_dict(),
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "best": best,
+                "best_epoch": best_epoch, "best_state": best_state, "history": history,
+                "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                "seconds": time.perf_counter() - t_start})
+        if stop:
             log(f"[{tag}] early stop: no val Dice gain for {cfg.patience} epochs "
                 f"(best {best:.4f} at epoch {best_epoch})")
             break
@@ -132,7 +188,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
         model.load_state_dict(best_state)
     return TrainResult(best_val_dice=max(best, 0.0) if val_cases else float("nan"),
                        best_epoch=best_epoch or epoch, epochs_run=epoch,
-                       seconds=time.perf_counter() - t_start, history=history)
+                       seconds=time.perf_counter() - t_start, history=history,
+                       resumed_from=first_epoch - 1)
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -85,3 +85,9 @@ def test_dump_round_trips(tmp_path):
 
 def test_default_yaml_documents_exactly_the_builtin_defaults():
     assert load_config(REPO / "configs" / "default.yaml") == RunConfig()
+
+
+def test_a_partial_section_keeps_its_own_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, {"model": {"student": {"channels": [4, 8, 16, 32]}}}))
+    assert cfg.model.student.strides == [2, 2, 2]  # the student's default, not the teacher's
+    assert cfg.model.student.num_res_units == 1 and cfg.model.teacher == RunConfig().model.teacher

@@ -56,3 +56,42 @@ def test_predict_volume_shape(small_site):
     case = small_site.test[0]
     pred = predict_volume(model, case, batch_size=4)
     assert pred.shape == case.image.shape and pred.dtype == np.uint8
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_checkpoint_resume_after_crash_equals_uninterrupted_run(small_site, tmp_path):
+    spec = ModelSpec(channels=[4, 8, 16], strides=[2, 2], num_res_units=0, features=["enc1"])
+    cfg = TrainConfig(epochs=4, lr=5e-3, batch_size=8, patience=10, augment=False,
+                      max_steps_per_epoch=3)
+
+    def run(ckpt, log=lambda s: None):
+        torch.manual_seed(0)
+        model = build_teacher(spec)
+        res = train_segmenter(model, small_site.train, small_site.val, cfg, log=log,
+                              checkpoint=ckpt, checkpoint_key="k1")
+        return model, res
+
+    ref_model, ref = run(tmp_path / "a.pt")
+
+    def crash_in_epoch_3(line):
+        if "epoch 3/4" in line:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(tmp_path / "b.pt", crash_in_epoch_3)
+    lines = []
+    model, res = run(tmp_path / "b.pt", lines.append)
+    assert res.resumed_from == 2 and any("resuming" in line for line in lines)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3, 4]
+    for k, v in ref_model.state_dict().items():
+        assert torch.allclose(v, model.state_dict()[k], atol=1e-6), k
+    # a finished checkpoint is reused without training; another key retrains
+    model, res = run(tmp_path / "b.pt", lines.append)
+    assert res.reused and res.best_val_dice == pytest.approx(ref.best_val_dice)
+    torch.manual_seed(0)
+    res = train_segmenter(build_teacher(spec), small_site.train, small_site.val, cfg,
+                          log=lambda s: None, checkpoint=tmp_path / "b.pt", checkpoint_key="k2")
+    assert not res.reused and res.resumed_from == 0

@@ -1,0 +1,141 @@
+"""The hospital's Flower ClientApp (Message API).
+
+Three handlers, one per message type of :mod:`common.protocol`:
+
+* ``train.teacher``   train (or reuse / resume) the site's teacher on its private data;
+* ``query.proxy``     the teacher's logits and features on named public proxy slices;
+* ``evaluate.student`` the student's Dice / HD95 on the private test split.
+
+Any failure becomes a Flower error reply whose reason names the site, the file or field and the
+cause; the node then answers the next message as usual. Paths come from the node config
+(see :mod:`client.site`).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Callable
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.config import ConfigError, RunConfig
+from common.data import DataError
+from common.protocol import (ERR_BAD_MESSAGE, ERR_CONFIG, ERR_DATA, ERR_INTERNAL, FEATURES, INFO,
+                             LOGITS, METRICS, QUERY, RUN, STATS, STUDENT, ProtocolError,
+                             config_from_text)
+from client import site as site_ops
+
+LOG = logging.getLogger("fedkd.client")
+if not LOG.handlers:  # the node's log: one line per step / epoch
+    _h = logging.StreamHandler()
+    _h.setFormatter(logging.Formatter("%(asctime)s fedkd %(message)s", "%H:%M:%S"))
+    LOG.addHandler(_h)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+app = ClientApp()
+
+
+def _field(msg: Message, record: str, key: str | None = None, kind: type = ConfigRecord):
+    rec = msg.content.get(record) if msg.has_content() else None
+    if rec is None:
+        raise ProtocolError(f"message {msg.metadata.message_type}: missing record {record!r}")
+    if not isinstance(rec, kind):
+        raise ProtocolError(f"message {msg.metadata.message_type}: record {record!r} is a "
+                            f"{type(rec).__name__}, expected {kind.__name__}")
+    if key is None:
+        return rec
+    if key not in rec:
+        raise ProtocolError(f"message {msg.metadata.message_type}: missing field {record}.{key}")
+    return rec[key]
+
+
+def _serve(msg: Message, context: Context,
+           handler: Callable[[RunConfig, site_ops.Node, Message], RecordDict]) -> Message:
+    """Resolve the node, parse the run config, call ``handler``; turn failures into error replies."""
+    site = f"node {context.node_id}"
+    try:
+        node = site_ops.resolve_node(context.node_config, context.run_config)
+        site = node.site
+        cfg = config_from_text(_field(msg, RUN, "config"))
+        torch.set_num_threads(node.threads or cfg.runtime.threads)
+        LOG.info(f"[{site}] {msg.metadata.message_type}")
+        content = handler(cfg, node, msg)
+        content[INFO] = ConfigRecord({**content.get(INFO, {}), "site": site})
+        return Message(content, reply_to=msg)
+    except ProtocolError as exc:
+        code, reason = ERR_BAD_MESSAGE, str(exc)
+    except DataError as exc:
+        code, reason = ERR_DATA, str(exc)
+    except ConfigError as exc:
+        code, reason = ERR_CONFIG, str(exc)
+    except Exception as exc:  # a bug must not take the node down: report it
+        code, reason = ERR_INTERNAL, f"{type(exc).__name__}: {exc}"
+        LOG.error(traceback.format_exc())
+    reason = f"site {site}: {reason}"
+    LOG.error(f"[{site}] {msg.metadata.message_type} failed: {reason}")
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    metrics = site_ops.train_teacher(cfg, node, log=LOG.info)
+    how = "reused checkpoint" if metrics["reused"] else f"{metrics['epochs_run']} epochs"
+    LOG.info(f"[{node.site}] teacher ready: val Dice {metrics['val_dice']:.4f} ({how}, "
+             f"{metrics['seconds']:.1f}s)")
+    return RecordDict({METRICS: MetricRecord(metrics),
+                       INFO: ConfigRecord({"teacher_arch": cfg.teacher_spec(node.site).arch})})
+
+
+def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    q = _field(msg, QUERY)
+    for key in ("slice_ids", "features", "precision"):
+        if key not in q:
+            raise ProtocolError(f"message {msg.metadata.message_type}: missing field query.{key}")
+    ids, feats = q["slice_ids"], q["features"]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ProtocolError("query.slice_ids: expected a list of strings")
+    if not isinstance(feats, list) or not all(isinstance(f, str) for f in feats):
+        raise ProtocolError("query.features: expected a list of strings")
+    batch = q.get("batch_size", 32)
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        raise ProtocolError(f"query.batch_size: expected an integer, got {batch!r}")
+    logits, features, stats = site_ops.answer_proxy_query(cfg, node, ids, feats,
+                                                          str(q["precision"]), batch)
+    LOG.info(f"[{node.site}] proxy reply: {stats['n_slices']} slices, "
+             f"{stats['reply_bytes'] / 1e6:.2f} MB ({q['precision']}), "
+             f"entropy {stats['proxy_entropy']:.4f}, {stats['seconds']:.1f}s")
+    return RecordDict({
+        LOGITS: ArrayRecord({k: Array(v) for k, v in logits.items()}),
+        FEATURES: ArrayRecord({k: Array(v) for k, v in features.items()}),
+        STATS: MetricRecord(stats),
+    })
+
+
+def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    rec = _field(msg, STUDENT, kind=ArrayRecord)
+    try:
+        state = rec.to_torch_state_dict()
+    except Exception as exc:
+        raise ProtocolError(f"student: cannot decode the weights ({exc})") from None
+    metrics = site_ops.evaluate_student(cfg, node, state)
+    LOG.info(f"[{node.site}] student: Dice {metrics['dice_mean']:.4f} "
+             f"HD95 {metrics['hd95_mean']:.1f} mm on {metrics['n_cases']} test cases")
+    return RecordDict({METRICS: MetricRecord(metrics)})
+
+
+@app.train("teacher")
+def train_teacher(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _train)
+
+
+@app.query("proxy")
+def query_proxy(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _query)
+
+
+@app.evaluate("student")
+def evaluate_student(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _evaluate)

@@ -1,0 +1,318 @@
+"""What a hospital site does, independent of Flower: train its teacher, answer proxy queries,
+evaluate a student. ``client/app.py`` maps Flower messages onto these functions.
+
+Node configuration (``flower-supernode --node-config "..."``):
+
+=================  ==============================================================================
+key                meaning
+=================  ==============================================================================
+``data-path``      this site's private cases: a Liu-layout site folder (``CaseXX.nii.gz`` +
+                   ``CaseXX_segmentation.nii.gz``), an MSD task folder, or a manifest file
+``data-layout``    ``liu`` (default), ``msd`` or ``manifest``
+``site``           the site's name in reports (default: the folder name)
+``proxy-path``     the public proxy set (Liu layout; labels not needed)
+``state-dir``      where the teacher checkpoint is kept (default ``~/.fedkd/state/SITE``)
+``threads``        torch threads (default: the run config's ``runtime.threads``)
+``train.KEY``      a site override of a ``train`` setting, e.g. ``train.batch_size=4``
+=================  ==============================================================================
+
+In a simulation the node config has only ``partition-id``: partition *i* is the *i*-th site
+folder (sorted, ``PROXY`` excluded) under the run config's ``data-root`` (default: the run
+config's ``data.root``), the proxy set is ``data-root/PROXY`` and the state directory is
+``state-root/SITE`` (``state-root`` from the run config, default ``runs/state``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from common.config import ConfigError, RunConfig, TrainConfig, build_section
+from common.data import (CaseVolume, DataError, SiteData, discover_liu_site, discover_manifest,
+                         discover_msd, load_case, load_site, slice_stack)
+from common.models import FeatureNet, build_teacher, feature_names
+from common.protocol import PRECISIONS, ProtocolError, encode_array
+from common.training import evaluate_cases, load_checkpoint, train_segmenter
+
+LOG = logging.getLogger("fedkd.client")
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where a site's files are. Built from the Flower node config by :func:`resolve_node`."""
+
+    site: str
+    data_path: Path
+    layout: str
+    proxy_path: Optional[Path]
+    state_dir: Path
+    threads: Optional[int]
+    train_overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        return self.state_dir / "teacher.pt"
+
+
+def resolve_node(node_config: dict, run_config: dict, default_root: str = "data/synthetic") -> Node:
+    """Read the node config (see the module docstring). ConfigError names the bad key."""
+    nc = dict(node_config)
+    overrides = tuple(sorted((k[len("train."):], v) for k, v in nc.items() if k.startswith("train.")))
+    threads = nc.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"node config threads: expected a positive integer, got {threads!r}")
+    if "data-path" in nc:
+        data_path = Path(str(nc["data-path"])).expanduser()
+        layout = str(nc.get("data-layout", "liu"))
+        if layout not in ("liu", "msd", "manifest"):
+            raise ConfigError(f"node config data-layout: expected liu, msd or manifest, "
+                              f"got {layout!r}")
+        site = str(nc.get("site") or (data_path.stem if layout == "manifest" else data_path.name))
+        proxy = Path(str(nc["proxy-path"])).expanduser() if nc.get("proxy-path") else None
+        state = Path(str(nc.get("state-dir") or Path.home() / ".fedkd" / "state" / site))
+        return Node(site, data_path, layout, proxy, state.expanduser(), threads, overrides)
+    if "partition-id" in nc:
+        root = Path(str(run_config.get("data-root") or default_root))
+        if not root.is_dir():
+            raise DataError(f"{root}: simulation data root not found (run `fedkd synth --out "
+                            f"{root}`)")
+        sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "PROXY"
+                       and not p.name.startswith("."))
+        pid = int(nc["partition-id"])
+        if not 0 <= pid < len(sites):
+            raise ConfigError(f"node config partition-id: {pid} but {root} has {len(sites)} "
+                              f"site folders")
+        state_root = Path(str(run_config.get("state-root") or "runs/state"))
+        return Node(sites[pid].name, sites[pid], "liu", root / "PROXY",
+                    state_root / sites[pid].name, threads, overrides)
+    raise ConfigError("node config: needs data-path (a hospital node) or partition-id "
+                      "(a simulation)")
+
+
+def site_train_config(cfg: RunConfig, node: Node) -> TrainConfig:
+    """The server's training settings with this site's ``train.*`` node overrides applied."""
+    data = asdict(cfg.train)
+    for key, value in node.train_overrides:
+        if key not in data:
+            raise ConfigError(f"node config train.{key}: unknown key (valid: {', '.join(data)})")
+        data[key] = value
+    return build_section(TrainConfig, data, "node config train")
+
+
+# --------------------------------------------------------------------------------------------
+# Data (cached per process: a node answers several messages in a run)
+# --------------------------------------------------------------------------------------------
+_CACHE: dict[str, Any] = {}
+
+
+def _preprocessing_key(cfg: RunConfig) -> dict:
+    d = cfg.data
+    return {"spacing": d.spacing, "size": d.size, "context": d.context_slices,
+            "clip": d.clip_percentiles, "label_mode": d.label_mode, "msd_channel": d.msd_channel}
+
+
+def _site_data_config(cfg: RunConfig, node: Node):
+    if node.layout == "liu":
+        return replace(cfg.data, root=str(node.data_path.parent), layout="liu",
+                       sites=[node.data_path.name])
+    if node.layout == "msd":
+        return replace(cfg.data, root=str(node.data_path), layout="msd", sites=[])
+    return replace(cfg.data, root=str(node.data_path.parent), layout="manifest",
+                   manifest=str(node.data_path), sites=[])
+
+
+def load_private(cfg: RunConfig, node: Node) -> SiteData:
+    """This site's private data, split by case, preprocessed as the run config says."""
+    dcfg = _site_data_config(cfg, node)
+    key = json.dumps(["private", str(node.data_path), node.layout, _preprocessing_key(cfg),
+                      asdict(cfg.data.split), cfg.data.seed], sort_keys=True)
+    if key not in _CACHE:
+        if node.layout == "liu":
+            records = discover_liu_site(node.data_path)
+        elif node.layout == "msd":
+            records = discover_msd(node.data_path)
+        else:
+            records = [r for r in discover_manifest(node.data_path) if r.site == node.site] \
+                or discover_manifest(node.data_path)
+        _CACHE[key] = load_site(dcfg, records, log=LOG.info)
+    return _CACHE[key]
+
+
+def load_proxy_cases(cfg: RunConfig, node: Node) -> dict[str, CaseVolume]:
+    """The public proxy set held by this site, ``{case_id: volume}`` (no labels)."""
+    if node.proxy_path is None:
+        raise ConfigError("node config proxy-path: not set (needed to answer proxy queries)")
+    key = json.dumps(["proxy", str(node.proxy_path), _preprocessing_key(cfg)], sort_keys=True)
+    if key not in _CACHE:
+        dcfg = replace(cfg.data, layout="liu")
+        records = discover_liu_site(node.proxy_path, require_labels=False)
+        _CACHE[key] = {r.case_id: load_case(replace(r, label=None), dcfg, require_label=False)
+                       for r in records}
+    return _CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Train the teacher
+# --------------------------------------------------------------------------------------------
+def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -> str:
+    """Digest of everything that determines the teacher: architecture, training settings,
+    preprocessing, the split and the case ids. Same key = the checkpoint can be reused."""
+    payload = {"spec": asdict(cfg.teacher_spec(node.site)), "train": asdict(tcfg),
+               "data": _preprocessing_key(cfg), "seed": cfg.runtime.seed,
+               "cases": {k: [c.case_id for c in getattr(data, k)] for k in ("train", "val", "test")}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def in_channels(cfg: RunConfig) -> int:
+    return 2 * cfg.data.context_slices + 1
+
+
+def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.info) -> dict:
+    """Train (or reuse/resume) this site's teacher. Returns metrics only."""
+    t0 = time.perf_counter()
+    data = load_private(cfg, node)
+    tcfg = site_train_config(cfg, node)
+    torch.manual_seed(cfg.runtime.seed)
+    model = build_teacher(cfg.teacher_spec(node.site), in_channels(cfg))
+    res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
+                          cfg.runtime.seed, log=log, tag=f"{node.site} teacher",
+                          checkpoint=node.teacher_checkpoint,
+                          checkpoint_key=teacher_key(cfg, node, tcfg, data))
+    counts = data.counts()
+    return {"val_dice": float(res.best_val_dice), "train_cases": counts["train"],
+            "val_cases": counts["val"], "test_cases": counts["test"],
+            "train_slices": sum(c.num_slices for c in data.train),
+            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
+            "seconds": time.perf_counter() - t0, "train_seconds": res.seconds,
+            "reused": int(res.reused), "resumed_from": res.resumed_from}
+
+
+def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = None
+                 ) -> tuple[FeatureNet, float]:
+    """The trained teacher of this run's settings (returning the feature maps ``features``,
+    default: those of its spec) and its validation Dice."""
+    spec = cfg.teacher_spec(node.site)
+    if features is not None:
+        valid = feature_names(spec)
+        unknown = [f for f in features if f not in valid]
+        if unknown:
+            raise ProtocolError(f"query.features: {unknown[0]!r} is not returned by the teacher "
+                                f"of {node.site} (its features: {', '.join(valid)})")
+        spec = replace(spec, features=list(features))
+    data = load_private(cfg, node)
+    key = teacher_key(cfg, node, site_train_config(cfg, node), data)
+    state = load_checkpoint(node.teacher_checkpoint, key)
+    if state is None or not state.get("done"):
+        raise ProtocolError(f"no trained teacher for these settings in {node.state_dir} "
+                            f"(send train.teacher first)")
+    model = build_teacher(spec, in_channels(cfg))
+    model.load_state_dict(state["best_state"] or state["model"])
+    model.eval()
+    return model, float(max(state["best"], 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Proxy query
+# --------------------------------------------------------------------------------------------
+def parse_slice_ids(ids: list[str], proxy: dict[str, CaseVolume]) -> list[tuple[str, int]]:
+    """``"CaseXX/z"`` -> (case id, z); ProtocolError names the first bad id."""
+    out = []
+    for sid in ids:
+        case, _, z = str(sid).rpartition("/")
+        if case not in proxy or not z.isdigit() or int(z) >= proxy[case].num_slices:
+            raise ProtocolError(f"query.slice_ids: {sid!r} is not a slice of the proxy set "
+                                f"(expected CASE/z with CASE in {sorted(proxy)[:3]}...)")
+        out.append((case, int(z)))
+    return out
+
+
+def proxy_slice_ids(proxy: dict[str, CaseVolume]) -> list[str]:
+    """Every slice id of a proxy set, in case order."""
+    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items()) for z in range(vol.num_slices)]
+
+
+@torch.no_grad()
+def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], features: list[str],
+                       precision: str = "float16", batch_size: int = 32
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """Run the teacher on the named proxy slices.
+
+    Returns ``(logits {"logits": (N, 2, H, W)}, features {name: (N, C, h, w)}, stats)``, encoded
+    in ``precision`` (int8 adds ``NAME.scale`` arrays of shape (N, C)). Memory is bounded: the
+    outputs are preallocated in the wire dtype and filled ``batch_size`` slices at a time.
+    """
+    if precision not in PRECISIONS:
+        raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
+                            f"got {precision!r}")
+    if not slice_ids:
+        raise ProtocolError("query.slice_ids: empty")
+    if batch_size < 1:
+        raise ProtocolError(f"query.batch_size: expected >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    model, val_dice = load_teacher(cfg, node, features)
+    proxy = load_proxy_cases(cfg, node)
+    wanted = parse_slice_ids(slice_ids, proxy)
+    n = len(wanted)
+    out_logits: dict[str, np.ndarray] = {}
+    out_feats: dict[str, np.ndarray] = {}
+    entropy_sum = 0.0
+    for start in range(0, n, batch_size):
+        chunk = wanted[start:start + batch_size]
+        x = torch.from_numpy(np.stack([slice_stack(proxy[c].image, z, cfg.data.context_slices)
+                                       for c, z in chunk]))
+        logits, feats = model(x)
+        probs = logits.softmax(dim=1)
+        entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean(dim=(1, 2)).sum())
+        for dest, name, arr in [(out_logits, "logits", logits)] + [
+                (out_feats, f, feats[f]) for f in features]:
+            for suffix, enc in encode_array(arr.numpy(), precision).items():
+                key = name + suffix
+                if key not in dest:
+                    dest[key] = np.empty((n, *enc.shape[1:]), dtype=enc.dtype)
+                dest[key][start:start + len(chunk)] = enc
+    reply_bytes = sum(a.nbytes for a in (*out_logits.values(), *out_feats.values()))
+    stats = {"val_dice": val_dice, "proxy_entropy": entropy_sum / n, "n_slices": n,
+             "reply_bytes": reply_bytes, "seconds": time.perf_counter() - t0}
+    return out_logits, out_feats, stats
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Evaluate a student
+# --------------------------------------------------------------------------------------------
+def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor]) -> dict:
+    """Dice and HD95 of the student on the private test split: summary figures only."""
+    t0 = time.perf_counter()
+    model = FeatureNet(cfg.model.student, in_channels(cfg))
+    expected = model.net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise ProtocolError(f"student: weights do not match model.student "
+                            f"(missing {missing[:2]}, unexpected {extra[:2]})")
+    for k, v in state_dict.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ProtocolError(f"student.{k}: shape {tuple(v.shape)}, expected "
+                                f"{tuple(expected[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ProtocolError(f"student.{k}: NaN/inf values")
+    model.net.load_state_dict(state_dict)
+    data = load_private(cfg, node)
+    if not data.test:
+        raise DataError(f"{node.data_path}: site {node.site} has no test cases")
+    ev = evaluate_cases(model, data.test, cfg.data.context_slices)
+    out: dict[str, float] = {"n_cases": len(data.test), "seconds": 0.0}
+    for metric in ("dice", "hd95"):
+        for stat, value in ev[metric].items():
+            if stat != "n":
+                out[f"{metric}_{stat}"] = float(value)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
