@@ -1,0 +1,192 @@
+"""Aggregation of teacher predictions on the proxy set into distillation targets.
+
+All methods work on teacher probabilities ``p_k`` of shape (N, 2, H, W) (softmax of the logits a
+site sends) and fold replies in one at a time, so server memory does not grow with the number of
+sites: the state is a weighted sum and a sum of weights of the size of one reply.
+
+* ``mean`` (FedMD / FedDF): ``p = (1/K) sum_k p_k``.
+* ``era`` (DS-FL entropy-reduction averaging): ``p = softmax(mean_k p_k / T_era)`` with
+  ``T_era < 1`` sharpening the averaged distribution.
+* ``adaptive`` (default): per-pixel weights from each teacher's confidence times its site
+  reliability, normalised over teachers::
+
+      w~_k(x) = r_k * exp(-H(p_k(x)) / tau),   H(p) = -sum_c p_c log p_c   (nats)
+      w_k(x)  = w~_k(x) / sum_j w~_j(x)
+      p(x)    = sum_k w_k(x) p_k(x)
+
+  ``r_k`` is the validation Dice the site reported (floored at 0.01), ``tau`` is
+  ``aggregation.confidence_temperature``. With ``use_agreement``, ``r_k`` is further multiplied by
+  ``a_k``, the Dice between teacher k's hard mask and the hard mask of the reliability-weighted
+  mean ensemble over all proxy slices; that needs a second pass, so each reply is spilled to a
+  float16 memory-mapped file in ``spill_dir`` (disk, not RAM) during the first.
+* ``single``: the one designated teacher's probabilities (single-teacher distillation).
+
+Feature targets: teachers of different architectures have feature maps with different channel
+counts. Features are grouped by ``(name, channels)`` and each group's target is the
+reliability-weighted mean of its teachers' maps; the student gets one 1x1 adapter per group.
+Memory grows with the number of distinct teacher architectures, not with the number of sites.
+(Averaging raw maps of independently trained teachers of one architecture is an approximation;
+``distill.feature_loss: attention`` compares channel-pooled attention maps instead.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from common.config import AggregationConfig
+
+EPS = 1e-8
+MIN_RELIABILITY = 0.01
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Per-pixel entropy in nats: (N, K, H, W) -> (N, H, W)."""
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+
+
+def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def confidence_weight(p: np.ndarray, reliability: float, tau: float) -> np.ndarray:
+    """Unnormalised adaptive weight w~_k(x) = r_k * exp(-H(p_k(x)) / tau): (N, H, W)."""
+    return max(reliability, MIN_RELIABILITY) * np.exp(-entropy(p) / tau)
+
+
+def hard_dice(a: np.ndarray, b: np.ndarray) -> float:
+    inter = float(np.logical_and(a, b).sum())
+    total = float(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+@dataclass
+class Targets:
+    """Distillation targets. ``probs``: (N, 2, H, W) float32 summing to 1 over classes;
+    ``features``: ``{"name@channels": (N, C, h, w)}``; ``site_weights``: each site's mean share
+    of the per-pixel weight (sums to 1); ``agreement``: per-site agreement when computed."""
+
+    probs: np.ndarray
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    site_weights: dict[str, float] = field(default_factory=dict)
+    agreement: dict[str, float] = field(default_factory=dict)
+
+
+def feature_group(name: str, channels: int) -> str:
+    return f"{name}@{channels}"
+
+
+class StreamingAggregator:
+    """Fold teacher replies into targets one at a time (see the module docstring)."""
+
+    def __init__(self, cfg: AggregationConfig, spill_dir: Optional[Path] = None):
+        self.cfg = cfg
+        self.method = cfg.method
+        self.num: Optional[np.ndarray] = None      # sum_k w~_k p_k       (N, 2, H, W)
+        self.den: Optional[np.ndarray] = None      # sum_k w~_k           (N, H, W) or scalar
+        self.site_mass: dict[str, float] = {}      # sum over pixels of w~_k
+        self.feat_num: dict[str, np.ndarray] = {}
+        self.feat_den: dict[str, float] = {}
+        self.reliability: dict[str, float] = {}
+        self.spill_dir = spill_dir
+        self.spilled: dict[str, Path] = {}
+        if self.method == "adaptive" and cfg.use_agreement and spill_dir is None:
+            raise ValueError("aggregation.use_agreement needs a spill directory")
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.reliability)
+
+    def add(self, site: str, probs: np.ndarray, reliability: float,
+            features: Optional[dict[str, np.ndarray]] = None) -> None:
+        """Fold in one teacher: probs (N, 2, H, W) float; features {name: (N, C, h, w)}."""
+        if self.method == "single" and self.reliability:
+            raise ValueError(f"aggregation 'single' takes one teacher; got {site} after "
+                             f"{self.sites[0]}")
+        probs = probs.astype(np.float32, copy=False)
+        if self.num is not None and probs.shape != self.num.shape:
+            raise ValueError(f"{site}: probabilities of shape {probs.shape}, expected "
+                             f"{self.num.shape}")
+        self.reliability[site] = float(reliability)
+        if self.method == "adaptive":
+            w = confidence_weight(probs, reliability, self.cfg.confidence_temperature)
+        else:
+            w = np.ones(probs.shape[:1] + probs.shape[2:], np.float32)
+        if self.method == "adaptive" and self.cfg.use_agreement:
+            path = self.spill_dir / f"{len(self.spilled):04d}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, probs.astype(np.float16))
+            self.spilled[site] = path
+            w_mean = np.full_like(w, max(reliability, MIN_RELIABILITY))  # first pass: reliability
+            self._fold(site, probs, w_mean)
+        else:
+            self._fold(site, probs, w)
+        for name, f in (features or {}).items():
+            key = feature_group(name, f.shape[1])
+            r = max(reliability, MIN_RELIABILITY)
+            f32 = f.astype(np.float32, copy=False)
+            if key in self.feat_num:
+                self.feat_num[key] += r * f32
+                self.feat_den[key] += r
+            else:
+                self.feat_num[key] = r * f32
+                self.feat_den[key] = r
+
+    def _fold(self, site: str, probs: np.ndarray, w: np.ndarray) -> None:
+        contrib = probs * w[:, None]
+        if self.num is None:
+            self.num, self.den = contrib, w.copy()
+        else:
+            self.num += contrib
+            self.den += w
+        self.site_mass[site] = float(w.sum())
+
+    def _agreement_pass(self) -> dict[str, float]:
+        """Second pass of ``use_agreement``: a_k from the spilled replies, then the adaptive
+        fold with weights r_k * a_k * exp(-H / tau)."""
+        ensemble = (self.num / self.den[:, None]).argmax(axis=1)
+        agreement = {}
+        self.num = self.den = None
+        for site, path in self.spilled.items():
+            p = np.load(path, mmap_mode="r").astype(np.float32)
+            agreement[site] = hard_dice(p.argmax(axis=1) == 1, ensemble == 1)
+            r = max(self.reliability[site], MIN_RELIABILITY) * max(agreement[site], MIN_RELIABILITY)
+            self._fold(site, p, confidence_weight(p, r, self.cfg.confidence_temperature))
+            path.unlink()
+        return agreement
+
+    def finalize(self) -> Targets:
+        if self.num is None:
+            raise ValueError("no teacher replies to aggregate")
+        agreement = self._agreement_pass() if self.spilled else {}
+        probs = self.num / np.maximum(self.den, EPS)[:, None]
+        if self.method == "era":
+            probs = softmax(probs / self.cfg.era_temperature, axis=1)
+        total = sum(self.site_mass.values())
+        weights = {s: m / total for s, m in self.site_mass.items()}
+        feats = {k: v / self.feat_den[k] for k, v in self.feat_num.items()}
+        return Targets(probs.astype(np.float32), feats, weights, agreement)
+
+
+def aggregate(cfg: AggregationConfig, probs: dict[str, np.ndarray], reliability: dict[str, float],
+              spill_dir: Optional[Path] = None) -> Targets:
+    """Batch form: aggregate ``{site: (N, 2, H, W)}`` at once (same result as streaming)."""
+    agg = StreamingAggregator(cfg, spill_dir)
+    for site, p in probs.items():
+        agg.add(site, p, reliability[site])
+    return agg.finalize()
+
+
+def pixel_weights(cfg: AggregationConfig, probs: dict[str, np.ndarray],
+                  reliability: dict[str, float]) -> dict[str, np.ndarray]:
+    """The normalised per-pixel weights w_k(x) of ``adaptive`` (or uniform), (N, H, W) each."""
+    raw = {s: (confidence_weight(p, reliability[s], cfg.confidence_temperature)
+               if cfg.method == "adaptive" else np.ones(p.shape[:1] + p.shape[2:]))
+           for s, p in probs.items()}
+    total = sum(raw.values())
+    return {s: w / total for s, w in raw.items()}

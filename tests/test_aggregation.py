@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+from common.aggregation import (StreamingAggregator, aggregate, entropy, pixel_weights, softmax)
+from common.config import AggregationConfig
+
+
+def random_probs(seed, n=3, h=8, w=8, sharp=1.0):
+    rng = np.random.default_rng(seed)
+    return softmax(rng.normal(0, sharp, (n, 2, h, w)).astype(np.float32))
+
+
+@pytest.mark.parametrize("method", ["mean", "era", "adaptive"])
+def test_weights_and_targets_are_distributions(method):
+    cfg = AggregationConfig(method=method)
+    probs = {f"S{i}": random_probs(i) for i in range(4)}
+    rel = {f"S{i}": 0.5 + 0.1 * i for i in range(4)}
+    w = pixel_weights(cfg, probs, rel)
+    assert np.allclose(sum(w.values()), 1.0, atol=1e-6)
+    t = aggregate(cfg, probs, rel)
+    assert t.probs.shape == (3, 2, 8, 8) and np.allclose(t.probs.sum(axis=1), 1.0, atol=1e-5)
+    assert sum(t.site_weights.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["mean", "adaptive"])
+def test_identical_teachers_give_that_teacher(method):
+    p = random_probs(0)
+    t = aggregate(AggregationConfig(method=method), {"A": p, "B": p.copy(), "C": p.copy()},
+                  {"A": 0.9, "B": 0.3, "C": 0.6})
+    assert np.allclose(t.probs, p, atol=1e-6)
+
+
+def test_era_sharpens_the_mean():
+    probs = {"A": random_probs(1), "B": random_probs(2)}
+    mean = aggregate(AggregationConfig(method="mean"), probs, {"A": 1, "B": 1}).probs
+    era = aggregate(AggregationConfig(method="era", era_temperature=0.1), probs, {"A": 1, "B": 1}).probs
+    assert np.allclose(era, softmax(mean / 0.1), atol=1e-6)
+    assert entropy(era).mean() < entropy(mean).mean()
+
+
+def test_adaptive_follows_the_confident_reliable_teacher():
+    n, h, w = 2, 6, 6
+    truth = np.zeros((n, h, w), np.int64); truth[:, 2:4, 2:4] = 1
+    onehot = np.stack([truth == 0, truth == 1], axis=1).astype(np.float32)
+    good = 0.97 * onehot + 0.015                      # confident and right
+    bad = 0.55 * (1 - onehot) + 0.45 * onehot          # unsure and wrong
+    cfg = AggregationConfig(method="adaptive", confidence_temperature=0.2)
+    t = aggregate(cfg, {"good": good, "bad": bad}, {"good": 0.9, "bad": 0.4})
+    assert (t.probs.argmax(axis=1) == truth).all()
+    assert t.site_weights["good"] > 0.8
+    mean = aggregate(AggregationConfig(method="mean"), {"good": good, "bad": bad}, {"good": 0.9, "bad": 0.4})
+    assert np.abs(t.probs - good).mean() < np.abs(mean.probs - good).mean()
+    # a confident but unreliable teacher loses to a reliable one of equal confidence
+    t2 = aggregate(cfg, {"A": good, "B": 1 - good}, {"A": 0.9, "B": 0.05})
+    assert (t2.probs.argmax(axis=1) == truth).all()
+
+
+def test_agreement_downweights_the_outlier(tmp_path):
+    truth = random_probs(5, sharp=4.0)
+    probs = {"A": truth, "B": truth.copy(), "C": 1 - truth}
+    cfg = AggregationConfig(method="adaptive", use_agreement=True)
+    t = aggregate(cfg, probs, {"A": 0.8, "B": 0.8, "C": 0.8}, spill_dir=tmp_path / "spill")
+    assert t.agreement["A"] == pytest.approx(1.0) and t.agreement["C"] < 0.2
+    assert t.site_weights["C"] < 0.1
+    assert not list((tmp_path / "spill").glob("*.npy"))  # spilled replies are removed
+
+
+@pytest.mark.parametrize("method", ["mean", "era", "adaptive"])
+def test_streaming_equals_batch_and_is_order_free(method):
+    cfg = AggregationConfig(method=method)
+    probs = {f"S{i}": random_probs(10 + i) for i in range(5)}
+    rel = {f"S{i}": 0.2 * (i + 1) for i in range(5)}
+    # batch reference written out from the formulas
+    w = pixel_weights(cfg, probs, rel)
+    ref = sum(w[s][:, None] * probs[s] for s in probs)
+    if method == "era":
+        ref = softmax(ref / cfg.era_temperature)
+    forward = aggregate(cfg, probs, rel).probs
+    backward = aggregate(cfg, dict(reversed(list(probs.items()))), rel).probs
+    assert np.allclose(forward, ref, atol=1e-5) and np.allclose(backward, ref, atol=1e-5)
+
+
+def test_streaming_state_does_not_grow_with_sites():
+    agg = StreamingAggregator(AggregationConfig())
+    sizes = []
+    for i in range(12):
+        agg.add(f"S{i}", random_probs(i, n=4, h=16, w=16), 0.5,
+                {"enc2": np.ones((4, 8, 4, 4), np.float32)})
+        sizes.append(agg.num.nbytes + agg.den.nbytes + sum(v.nbytes for v in agg.feat_num.values()))
+    assert len(set(sizes)) == 1
+
+
+def test_features_grouped_by_channels_and_single_takes_one():
+    agg = StreamingAggregator(AggregationConfig(method="mean"))
+    agg.add("A", random_probs(0), 1.0, {"enc2": np.full((3, 8, 2, 2), 1.0, np.float32)})
+    agg.add("B", random_probs(1), 3.0, {"enc2": np.full((3, 8, 2, 2), 5.0, np.float32)})
+    agg.add("C", random_probs(2), 1.0, {"enc2": np.full((3, 16, 2, 2), 2.0, np.float32)})
+    t = agg.finalize()
+    assert set(t.features) == {"enc2@8", "enc2@16"}
+    assert np.allclose(t.features["enc2@8"], 4.0)  # (1*1 + 3*5) / 4
+    single = StreamingAggregator(AggregationConfig(method="single"))
+    p = random_probs(3)
+    single.add("A", p, 0.9)
+    assert np.allclose(single.finalize().probs, p)
+    with pytest.raises(ValueError, match="takes one teacher"):
+        single.add("B", p, 0.9)
