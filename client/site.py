@@ -234,11 +234,6 @@ def parse_slice_ids(ids: list[str], proxy: dict[str, CaseVolume]) -> list[tuple[
     return out
 
 
-def proxy_slice_ids(proxy: dict[str, CaseVolume]) -> list[str]:
-    """Every slice id of a proxy set, in case order."""
-    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items()) for z in range(vol.num_slices)]
-
-
 @torch.no_grad()
 def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], features: list[str],
                        precision: str = "float16", batch_size: int = 32

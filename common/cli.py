@@ -90,12 +90,26 @@ def cmd_cross_site(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from server.export import load_exported
+    from server.predict import predict_files
+
+    try:
+        model, cfg = load_exported(args.model)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    predict_files(model, cfg, args.input, args.output)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "synth": ("generate synthetic multi-site prostate data", cmd_synth),
     "check-data": ("validate every case of a dataset and summarise it", cmd_check_data),
     "montage": ("PNG montage: one preprocessed slice per site with the mask outline", cmd_montage),
     "cross-site": ("train local teachers and test each on every site (domain shift matrix)",
                    cmd_cross_site),
+    "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
 }
 
 
@@ -105,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {name: sub.add_parser(name, help=help_, description=help_)
                for name, (help_, _) in COMMANDS.items()}
-    for p in parsers.values():
-        _add_config_args(p)
+    for name, p in parsers.items():
+        if name != "predict":  # predict takes its config from the model card
+            _add_config_args(p)
     p = parsers["synth"]
     p.add_argument("--out", help="output directory (synth.out)")
     p.add_argument("--sites", type=int, help="number of sites (synth.sites, default 6)")
@@ -118,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["montage"]
     p.add_argument("--data", help="dataset root (data.root)")
     p.add_argument("--out", type=Path, default=Path("montage.png"), help="PNG to write")
+    p = parsers["predict"]
+    p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
+    p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")
+    p.add_argument("--output", type=Path, required=True, help="folder for the masks")
     parsers["cross-site"].add_argument("--train-sites", nargs="+", default=None,
                                        help="sites whose teachers are trained (default: all)")
     return parser

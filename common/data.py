@@ -457,3 +457,8 @@ def augmentation():
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
         RandGaussianNoised("image", std=0.03, prob=0.2),
     ])
+
+
+def proxy_slice_ids(proxy: dict[str, CaseVolume]) -> list[str]:
+    """Every slice id of a proxy set, ``CASE/z`` in case order (the ids of ``query.proxy``)."""
+    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items()) for z in range(vol.num_slices)]

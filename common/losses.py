@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def dice_loss(softmax_include_background: bool = False):
+def dice_loss(include_background: bool = False, batch: bool = False):
     """MONAI soft Dice on softmax outputs. Call as ``loss(logits, target)`` where ``target`` is a
-    (B, 1, H, W) label map or (B, K, H, W) soft/one-hot target."""
+    (B, 1, H, W) label map or (B, K, H, W) soft/one-hot target. ``batch=True`` pools the whole
+    batch into one Dice (stable when many slices hold no gland)."""
     from monai.losses import DiceLoss
 
-    hard = DiceLoss(softmax=True, to_onehot_y=True, include_background=softmax_include_background)
-    soft = DiceLoss(softmax=True, to_onehot_y=False, include_background=softmax_include_background)
+    hard = DiceLoss(softmax=True, to_onehot_y=True, include_background=include_background,
+                    batch=batch)
+    soft = DiceLoss(softmax=True, to_onehot_y=False, include_background=include_background,
+                    batch=batch)
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.dim() == logits.dim() and target.shape[1] == logits.shape[1]:

@@ -12,7 +12,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
-from client.site import proxy_slice_ids, load_proxy_cases, resolve_node
+from client.site import load_proxy_cases, resolve_node
+from common.data import proxy_slice_ids
 from common.config import ConfigError, load_config
 from common.models import FeatureNet
 from common.protocol import (ERR_BAD_MESSAGE, ERR_CONFIG, ERR_DATA, EVALUATE_STUDENT, QUERY_PROXY,

@@ -1,0 +1,52 @@
+"""The run report: ``report.json`` (every figure) and ``report.md`` (tables a person reads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+
+def _f(x, digits=4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def report_markdown(report: dict) -> str:
+    st = report["state"]
+    lines = [f"# Federated distillation run `{report['name']}`", "",
+             f"Aggregation `{report['config']['aggregation']['method']}`, "
+             f"{report['config']['federation']['rounds']} round(s), student "
+             f"{report['student_parameters']:,} parameters, wall time "
+             f"{report['wall_seconds']:.0f} s.", "", "## Teachers (local training)", "",
+             "| site | val Dice | train cases | epochs | seconds | reused |", "|---|---|---|---|---|---|"]
+    for site, m in sorted(st["teachers"].items()):
+        lines.append(f"| {site} | {_f(m['val_dice'])} | {int(m['train_cases'])} | "
+                     f"{int(m['epochs_run'])} | {m['seconds']:.0f} | {'yes' if m['reused'] else 'no'} |")
+    for rnd, r in sorted(st["rounds"].items(), key=lambda kv: int(kv[0])):
+        lines += ["", f"## Round {rnd}", ""]
+        q = r.get("query")
+        if q:
+            lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.", "",
+                      "| site | weight share | agreement | proxy entropy | reply MB |",
+                      "|---|---|---|---|---|"]
+            for site, fig in sorted(q["sites"].items()):
+                lines.append(f"| {site} | {_f(q['site_weights'].get(site), 3)} | "
+                             f"{_f(q['agreement'].get(site), 3)} | {_f(fig['proxy_entropy'])} | "
+                             f"{fig['reply_bytes'] / 1e6:.2f} |")
+        ev = r.get("evaluate")
+        if ev:
+            lines += ["", "| site | student Dice (mean +- std) | HD95 mm (mean) | test cases |",
+                      "|---|---|---|---|"]
+            for site, m in sorted(ev["sites"].items()):
+                lines.append(f"| {site} | {m['dice_mean']:.4f} +- {m['dice_std']:.4f} | "
+                             f"{m['hd95_mean']:.1f} | {int(m['n_cases'])} |")
+            lines.append(f"| **all** | **{_f(ev['dice_mean'])}** | | |")
+    if st["excluded"]:
+        lines += ["", "## Excluded", ""] + [f"- `{k}`: {v}" for k, v in sorted(st["excluded"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, run_dir: Path, log: Callable[[str], None] = print) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (run_dir / "report.md").write_text(report_markdown(report))
+    log(f"[server] report: {run_dir / 'report.md'}")

@@ -1,0 +1,344 @@
+"""The coordinator's workflow over a Flower ``Grid`` (Message API).
+
+wait for >= ``federation.min_sites`` nodes -> ``train.teacher`` at every site -> for each round:
+``query.proxy`` (round 1, and later rounds if ``federation.requery_teachers``) folded into the
+streaming aggregator as replies arrive -> distil the student on the proxy images ->
+``evaluate.student`` at every site -> report and export.
+
+Checkpoints: after each completed step the state goes to ``RUN_DIR/state.json`` (+ targets and
+student files). A restarted server with the same run directory skips completed steps; sites keep
+their teacher checkpoints, so a repeated ``train.teacher`` only confirms them.
+
+A site that fails (error reply, no reply before the timeout, malformed arrays: wrong shape or
+dtype, NaN) is excluded from that step with a logged reason, which the report names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.aggregation import StreamingAggregator, Targets
+from common.config import RunConfig, dump_config
+from common.data import load_proxy, proxy_slice_ids, slice_stack
+from common.models import build_student, count_parameters
+from common.protocol import (EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER, ProtocolError,
+                             config_to_text, decode_proxy_reply, evaluate_request, query_request,
+                             train_request)
+from server.distill import distill_student
+
+LOG = logging.getLogger("fedkd.server")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (too few sites, a different run in the run directory, ...)."""
+
+
+@dataclass
+class RunState:
+    """What has been done, persisted as ``state.json`` after every step."""
+
+    config_digest: str
+    completed: list[str] = field(default_factory=list)
+    nodes: dict[str, str] = field(default_factory=dict)        # node id -> site
+    teachers: dict[str, dict] = field(default_factory=dict)    # site -> train metrics
+    excluded: dict[str, str] = field(default_factory=dict)     # "step/site" -> reason
+    rounds: dict[str, dict] = field(default_factory=dict)      # round -> figures
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        tmp.replace(run_dir / "state.json")
+
+    @classmethod
+    def load(cls, run_dir: Path, digest: str) -> "RunState":
+        path = run_dir / "state.json"
+        if not path.is_file():
+            return cls(digest)
+        data = json.loads(path.read_text())
+        if data.get("config_digest") != digest:
+            raise FederationError(f"{run_dir}: holds a run with a different config; choose a "
+                                  f"new output.run_dir (or delete {path} to start over)")
+        return cls(**data)
+
+
+def config_digest(cfg: RunConfig) -> str:
+    return hashlib.sha256(config_to_text(cfg).encode()).hexdigest()[:16]
+
+
+def wait_for_nodes(grid: Grid, min_sites: int, timeout: float,
+                   log: Callable[[str], None]) -> list[int]:
+    t0 = time.perf_counter()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_sites:
+            log(f"[server] {len(nodes)} site node(s) connected")
+            return nodes
+        if time.perf_counter() - t0 > timeout:
+            raise FederationError(f"only {len(nodes)} of federation.min_sites={min_sites} site "
+                                  f"nodes connected within {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, group: str,
+             timeout: float, on_reply: Callable[[int, Message], None]) -> list[int]:
+    """Send one message per node and hand each reply to ``on_reply`` as it arrives (so replies
+    can be folded without holding them all). Returns the nodes that did not reply in time."""
+    msgs = [grid.create_message(content, message_type, node, group) for node, content in contents.items()]
+    ids = list(grid.push_messages(msgs))
+    pending = {mid: node for mid, node in zip(ids, contents) if mid}
+    deadline = time.perf_counter() + timeout
+    while pending and time.perf_counter() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                on_reply(node, reply)
+        if pending:
+            time.sleep(0.2)
+    return list(pending.values())
+
+
+def check_proxy_arrays(logits: np.ndarray, feats: dict[str, np.ndarray], n: int, hw: tuple,
+                       features: list[str]) -> None:
+    """ProtocolError unless the decoded proxy reply has the requested shapes and finite values."""
+    if logits.shape != (n, 2, *hw):
+        raise ProtocolError(f"logits of shape {logits.shape}, expected {(n, 2, *hw)}")
+    if not np.isfinite(logits).all():
+        raise ProtocolError("logits contain NaN/inf")
+    missing = [f for f in features if f not in feats]
+    if missing:
+        raise ProtocolError(f"feature {missing[0]!r} missing from the reply")
+    for name, f in feats.items():
+        if f.ndim != 4 or f.shape[0] != n:
+            raise ProtocolError(f"feature {name!r} of shape {f.shape}, expected (N={n}, C, h, w)")
+        if not np.isfinite(f).all():
+            raise ProtocolError(f"feature {name!r} contains NaN/inf")
+
+
+class Coordinator:
+    """Runs the workflow for one run config over one grid (see the module docstring)."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, log: Callable[[str], None] = LOG.info):
+        self.grid, self.cfg, self.log = grid, cfg, log
+        self.run_dir = Path(cfg.output.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = RunState.load(self.run_dir, config_digest(cfg))
+        dump_config(cfg, self.run_dir / "config.yaml")
+        self.timeout = cfg.federation.wait_timeout_s
+        self.in_channels = 2 * cfg.data.context_slices + 1
+        self._proxy = None
+        self.new_student()  # a student over its size budget is a config error before any work
+
+    # ---------------------------------------------------------------- helpers
+    def new_student(self):
+        torch.manual_seed(self.cfg.runtime.seed)
+        return build_student(self.cfg.model.student, self.cfg.model.teacher, self.in_channels,
+                             self.cfg.model.max_student_fraction)
+
+    def _done(self, step: str, seconds: float) -> None:
+        self.state.completed.append(step)
+        self.state.timings[step] = seconds
+        self.state.save(self.run_dir)
+        self.log(f"[server] step {step} done ({seconds:.1f}s)")
+
+    def _pending(self, step: str) -> bool:
+        if step in self.state.completed:
+            self.log(f"[server] skipping step {step} (done)")
+            return False
+        return True
+
+    def _exclude(self, step: str, site: str, reason: str) -> None:
+        self.state.excluded[f"{step}/{site}"] = reason
+        self.log(f"[server] {step}: excluding {site}: {reason}")
+
+    def proxy(self):
+        """The server's copy of the public proxy set: (slice ids, images (N, C, H, W))."""
+        if self._proxy is None:
+            cases = {c.case_id: c for c in load_proxy(self.cfg.data)}
+            ids = proxy_slice_ids(cases)
+            images = np.stack([slice_stack(cases[i.rsplit("/", 1)[0]].image,
+                                           int(i.rsplit("/", 1)[1]), self.cfg.data.context_slices)
+                               for i in ids]).astype(np.float32)
+            self._proxy = (ids, images)
+        return self._proxy
+
+    def site_nodes(self) -> dict[int, str]:
+        return {int(n): s for n, s in self.state.nodes.items()}
+
+    # ---------------------------------------------------------------- steps
+    def train_teachers(self, nodes: list[int]) -> None:
+        t0 = time.perf_counter()
+        self.state.nodes = {}
+        content = train_request(self.cfg)
+
+        def on_reply(node: int, reply: Message) -> None:
+            if reply.has_error():
+                self._exclude("train", f"node {node}", reply.error.reason)
+                return
+            site = str(reply.content["info"]["site"])
+            self.state.nodes[str(node)] = site
+            self.state.teachers[site] = dict(reply.content["metrics"])
+            m = reply.content["metrics"]
+            how = "reused" if m["reused"] else f"{int(m['epochs_run'])} epochs"
+            self.log(f"[server] teacher {site}: val Dice {m['val_dice']:.4f} ({how})")
+
+        missing = exchange(self.grid, {n: content for n in nodes}, TRAIN_TEACHER, "train",
+                           self.timeout * 10 + 3600, on_reply)
+        for node in missing:
+            self._exclude("train", f"node {node}", "no reply before the timeout")
+        if len(self.state.nodes) < self.cfg.federation.min_sites:
+            raise FederationError(f"only {len(self.state.nodes)} site(s) trained a teacher; "
+                                  f"federation.min_sites={self.cfg.federation.min_sites}")
+        self._done("train", time.perf_counter() - t0)
+
+    def teachers_to_query(self) -> dict[int, str]:
+        nodes = self.site_nodes()
+        if self.cfg.aggregation.method != "single":
+            return nodes
+        wanted = self.cfg.aggregation.single_site or max(
+            nodes.values(), key=lambda s: self.state.teachers[s]["val_dice"])
+        chosen = {n: s for n, s in nodes.items() if s == wanted}
+        if not chosen:
+            raise FederationError(f"aggregation.single_site: no connected site {wanted!r} "
+                                  f"(sites: {', '.join(nodes.values())})")
+        self.log(f"[server] single-teacher distillation from {wanted}")
+        return chosen
+
+    def query_and_aggregate(self, rnd: int) -> Targets:
+        t0 = time.perf_counter()
+        ids, images = self.proxy()
+        features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
+        precision = self.cfg.federation.precision
+        agg = StreamingAggregator(self.cfg.aggregation, self.run_dir / f"spill_r{rnd}")
+        content = query_request(self.cfg, ids, features, precision)
+        targets_nodes = self.teachers_to_query()
+        figures: dict[str, dict] = {}
+
+        def on_reply(node: int, reply: Message) -> None:
+            site = targets_nodes[node]
+            if reply.has_error():
+                self._exclude(f"query_r{rnd}", site, reply.error.reason)
+                return
+            try:
+                logits, feats = decode_proxy_reply(reply.content)
+                check_proxy_arrays(logits, feats, len(ids), images.shape[-2:], features)
+            except (ProtocolError, ValueError, TypeError) as exc:
+                self._exclude(f"query_r{rnd}", site, f"malformed reply: {exc}")
+                return
+            stats = dict(reply.content["stats"])
+            probs = torch.from_numpy(logits).softmax(dim=1).numpy()
+            agg.add(site, probs, stats["val_dice"], feats)
+            figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
+                             "proxy_entropy": stats["proxy_entropy"]}
+            self.log(f"[server] proxy reply from {site}: {stats['reply_bytes'] / 1e6:.2f} MB, "
+                     f"entropy {stats['proxy_entropy']:.4f}")
+
+        missing = exchange(self.grid, {n: content for n in targets_nodes}, QUERY_PROXY,
+                           f"query_r{rnd}", self.timeout * 10 + 600, on_reply)
+        for node in missing:
+            self._exclude(f"query_r{rnd}", targets_nodes[node], "no reply before the timeout")
+        if not agg.sites:
+            raise FederationError(f"round {rnd}: no usable teacher reply")
+        targets = agg.finalize()
+        np.savez(self.run_dir / f"targets_r{rnd}.npz", probs=targets.probs,
+                 **{f"feat:{k}": v for k, v in targets.features.items()})
+        self.state.rounds.setdefault(str(rnd), {})["query"] = {
+            "sites": figures, "site_weights": targets.site_weights,
+            "agreement": targets.agreement, "n_slices": len(ids), "precision": precision}
+        self._done(f"query_r{rnd}", time.perf_counter() - t0)
+        return targets
+
+    def load_targets(self, rnd: int) -> Targets:
+        data = np.load(self.run_dir / f"targets_r{rnd}.npz")
+        feats = {k[5:]: data[k] for k in data.files if k.startswith("feat:")}
+        return Targets(data["probs"], feats)
+
+    def distill(self, rnd: int, targets: Targets):
+        t0 = time.perf_counter()
+        student = self.new_student()
+        if rnd > 1:
+            student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
+        _, images = self.proxy()
+        history = distill_student(student, images, targets, self.cfg.distill,
+                                  self.cfg.runtime.seed, self.log, tag=f"distill r{rnd}")
+        torch.save(student.net.state_dict(), self.run_dir / f"student_r{rnd}.pt")
+        self.state.rounds.setdefault(str(rnd), {})["distill"] = {"history": history}
+        self._done(f"distill_r{rnd}", time.perf_counter() - t0)
+
+    def evaluate(self, rnd: int) -> None:
+        t0 = time.perf_counter()
+        weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
+        content = evaluate_request(self.cfg, weights)
+        nodes = self.site_nodes()
+        results: dict[str, dict] = {}
+
+        def on_reply(node: int, reply: Message) -> None:
+            site = nodes[node]
+            if reply.has_error():
+                self._exclude(f"evaluate_r{rnd}", site, reply.error.reason)
+                return
+            results[site] = dict(reply.content["metrics"])
+            self.log(f"[server] student r{rnd} at {site}: Dice {results[site]['dice_mean']:.4f} "
+                     f"HD95 {results[site]['hd95_mean']:.1f} mm")
+
+        missing = exchange(self.grid, {n: content for n in nodes}, EVALUATE_STUDENT,
+                           f"evaluate_r{rnd}", self.timeout * 10 + 600, on_reply)
+        for node in missing:
+            self._exclude(f"evaluate_r{rnd}", nodes[node], "no reply before the timeout")
+        n = sum(r["n_cases"] for r in results.values())
+        summary = {"sites": results,
+                   "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
+                   if n else float("nan")}
+        self.state.rounds.setdefault(str(rnd), {})["evaluate"] = summary
+        self._done(f"evaluate_r{rnd}", time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        nodes = wait_for_nodes(self.grid, self.cfg.federation.min_sites, self.timeout, self.log)
+        known = set(self.state.nodes)
+        if "train" in self.state.completed and known <= {str(n) for n in nodes}:
+            self.log("[server] skipping step train (done)")
+        else:
+            if "train" in self.state.completed:
+                self.state.completed.remove("train")
+            self.train_teachers(nodes)
+        targets: Optional[Targets] = None
+        for rnd in range(1, self.cfg.federation.rounds + 1):
+            q = rnd if self.cfg.federation.requery_teachers else 1
+            if self._pending(f"query_r{q}"):
+                targets = self.query_and_aggregate(q)
+            if self._pending(f"distill_r{rnd}"):
+                self.distill(rnd, targets or self.load_targets(q))
+            if self._pending(f"evaluate_r{rnd}"):
+                self.evaluate(rnd)
+        report = self.report(time.perf_counter() - t0)
+        from server.export import export_student
+
+        export_student(self.cfg, self.run_dir / f"student_r{self.cfg.federation.rounds}.pt",
+                       self.run_dir / "export", report, self.log)
+        return report
+
+    def report(self, seconds: float) -> dict:
+        from server.report import write_report
+
+        student = self.new_student()
+        report = {"name": self.cfg.name, "config": self.cfg.to_dict(), "state": self.state.__dict__,
+                  "student_parameters": count_parameters(student), "wall_seconds": seconds}
+        write_report(report, self.run_dir, self.log)
+        return report
+
+
+def run_federation(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = LOG.info) -> dict:
+    return Coordinator(grid, cfg, log).run()
