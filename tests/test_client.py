@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
-from client.site import load_proxy_cases, resolve_node
+from client.site import load_private, load_proxy_cases, resolve_node
 from common.data import proxy_slice_ids
 from common.config import ConfigError, load_config
 from common.models import FeatureNet
@@ -139,12 +139,10 @@ def test_evaluation_against_known_models(fed, trained):
     assert m["n_cases"] == 2 and m["dice_mean"] == 0.0 and m["dice_max"] == 0.0
     assert m["hd95_min"] > 64 * 2.0  # at least the in-plane extent in mm
     # 2. a random student: the site's figures equal a direct evaluation of the same weights
-    from client.site import load_private, resolve_node as rn
-
     torch.manual_seed(3)
     student = FeatureNet(cfg.model.student)
     reply = send(evaluate_request(cfg, student.net.state_dict()), EVALUATE_STUDENT, node)
-    direct = evaluate_cases(student, load_private(cfg, rn(node, {})).test)
+    direct = evaluate_cases(student, load_private(cfg, resolve_node(node, {})).test)
     m = reply.content["metrics"]
     assert m["dice_mean"] == pytest.approx(direct["dice"]["mean"], abs=1e-6)
     assert m["hd95_median"] == pytest.approx(direct["hd95"]["median"], abs=1e-5)
@@ -236,9 +234,7 @@ def test_audit_no_reply_array_is_shaped_like_private_data(fed, trained):
         ids = all_ids[:n]
         replies.append((send(query_request(cfg, ids, ["enc1", "enc2", "bottleneck", "dec2"],
                                            precision, 3), QUERY_PROXY, node), n))
-    private_shapes = {c.image.shape for c in
-                      __import__("client.site", fromlist=["load_private"]).load_private(
-                          cfg, resolve_node(node, {})).test}
+    private_shapes = {c.image.shape for c in load_private(cfg, resolve_node(node, {})).test}
     for reply, n in replies:
         assert not reply.has_error(), reply.error
         arrays = [(name, key, arr) for name, rec in reply.content.array_records.items()

@@ -17,7 +17,7 @@ from common.protocol import EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
 from common.synthetic import write_dataset
 from server.export import load_exported
 from server.predict import predict_file
-from server.workflow import Coordinator, FederationError, run_federation
+from server.workflow import FederationError, run_federation
 from simulations.local_grid import LocalGrid
 
 SETTINGS = ["data.size=[64,64]", "data.spacing=[2.0,2.0]",

@@ -36,7 +36,7 @@ def test_masks_are_binary_gland_sized_and_match_image_geometry(tiny_synth):
 def test_deterministic_by_seed(tmp_path):
     a = write_dataset(tmp_path / "a", 1, 2, 0, seed=3, log=lambda s: None)
     b = write_dataset(tmp_path / "b", 1, 2, 0, seed=3, log=lambda s: None)
-    c = write_dataset(tmp_path / "c", 1, 2, 0, seed=4, log=lambda s: None)
+    write_dataset(tmp_path / "c", 1, 2, 0, seed=4, log=lambda s: None)
     assert a == b
     for name in ("Case00.nii.gz", "Case01_segmentation.nii.gz"):
         x = np.asarray(nib.load(tmp_path / "a/SiteA" / name).dataobj)
