@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (both create and reuse .venv):
-#   make demo   - the main job (synthetic sites -> montage -> cross-site teachers)
+#   make demo   - the main job (synthetic sites -> montage -> federated distillation simulation)
 #   make test   - the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedkd synth --out data/synthetic --sites 6 --cases 20 --seed 0 --if-missing
 	$(VENV)/bin/fedkd montage --data data/synthetic --out runs/demo/montage.png
-	$(VENV)/bin/fedkd cross-site --config configs/demo.yaml --train-sites SiteA SiteD
+	$(VENV)/bin/fedkd simulate --config configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -13,28 +13,44 @@ cause; the node then answers the next message as usual. Paths come from the node
 
 from __future__ import annotations
 
-import logging
 import traceback
 from typing import Callable
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
+from client import site as site_ops
 from common.config import ConfigError, RunConfig
 from common.data import DataError
-from common.protocol import (ERR_BAD_MESSAGE, ERR_CONFIG, ERR_DATA, ERR_INTERNAL, FEATURES, INFO,
-                             LOGITS, METRICS, QUERY, RUN, STATS, STUDENT, ProtocolError,
-                             config_from_text)
-from client import site as site_ops
+from common.logs import get_logger
+from common.protocol import (
+    ERR_BAD_MESSAGE,
+    ERR_CONFIG,
+    ERR_DATA,
+    ERR_INTERNAL,
+    FEATURES,
+    INFO,
+    LOGITS,
+    METRICS,
+    QUERY,
+    RUN,
+    STATS,
+    STUDENT,
+    ProtocolError,
+    config_from_text,
+)
 
-LOG = logging.getLogger("fedkd.client")
-if not LOG.handlers:  # the node's log: one line per step / epoch
-    _h = logging.StreamHandler()
-    _h.setFormatter(logging.Formatter("%(asctime)s fedkd %(message)s", "%H:%M:%S"))
-    LOG.addHandler(_h)
-    LOG.setLevel(logging.INFO)
-    LOG.propagate = False
+LOG = get_logger("fedkd.client")
 
 app = ClientApp()
 
@@ -56,12 +72,12 @@ def _field(msg: Message, record: str, key: str | None = None, kind: type = Confi
 def _serve(msg: Message, context: Context,
            handler: Callable[[RunConfig, site_ops.Node, Message], RecordDict]) -> Message:
     """Resolve the node, parse the run config, call ``handler``; turn failures into error replies."""
-    site = f"node {context.node_id}"
+    site = site_ops.site_label(context.node_config, context.node_id)
     try:
-        node = site_ops.resolve_node(context.node_config, context.run_config)
-        site = node.site
         cfg = config_from_text(_field(msg, RUN, "config"))
-        torch.set_num_threads(node.threads or cfg.runtime.threads)
+        node = site_ops.resolve_node(context.node_config, context.run_config, cfg)
+        site = node.site
+        torch.set_num_threads(node.threads or cfg.runtime.client_threads or cfg.runtime.threads)
         LOG.info(f"[{site}] {msg.metadata.message_type}")
         content = handler(cfg, node, msg)
         content[INFO] = ConfigRecord({**content.get(INFO, {}), "site": site})

@@ -17,16 +17,15 @@ key                meaning
 =================  ==============================================================================
 
 In a simulation the node config has only ``partition-id``: partition *i* is the *i*-th site
-folder (sorted, ``PROXY`` excluded) under the run config's ``data-root`` (default: the run
-config's ``data.root``), the proxy set is ``data-root/PROXY`` and the state directory is
-``state-root/SITE`` (``state-root`` from the run config, default ``runs/state``).
+folder (sorted, ``PROXY`` excluded) under the Flower run config's ``data-root`` (default: the
+YAML run config's ``data.root``), the proxy set is ``data-root/PROXY`` and the state directory is
+``state-root/SITE``. ``data.sites`` (if set) lists the simulated sites in partition order (``state-root`` from the Flower run config, default ``output.state_root``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,13 +35,23 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, RunConfig, TrainConfig, build_section
-from common.data import (CaseVolume, DataError, SiteData, discover_liu_site, discover_manifest,
-                         discover_msd, load_case, load_site, slice_stack)
+from common.data import (
+    CaseVolume,
+    DataError,
+    SiteData,
+    discover_liu_site,
+    discover_manifest,
+    discover_msd,
+    load_case,
+    load_site,
+    slice_stack,
+)
+from common.logs import get_logger
 from common.models import FeatureNet, build_teacher, feature_names
 from common.protocol import PRECISIONS, ProtocolError, encode_array
 from common.training import evaluate_cases, load_checkpoint, train_segmenter
 
-LOG = logging.getLogger("fedkd.client")
+LOG = get_logger("fedkd.client")
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,12 @@ class Node:
         return self.state_dir / "teacher.pt"
 
 
-def resolve_node(node_config: dict, run_config: dict, default_root: str = "data/synthetic") -> Node:
-    """Read the node config (see the module docstring). ConfigError names the bad key."""
+def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] = None) -> Node:
+    """Read the node config (see the module docstring). ConfigError names the bad key.
+
+    In a simulation the data root and state root default to the run config's ``data.root`` and
+    ``output.state_root`` (``cfg``, as the server sent it)."""
+    cfg = cfg or RunConfig()
     nc = dict(node_config)
     overrides = tuple(sorted((k[len("train."):], v) for k, v in nc.items() if k.startswith("train.")))
     threads = nc.get("threads")
@@ -80,21 +93,34 @@ def resolve_node(node_config: dict, run_config: dict, default_root: str = "data/
         state = Path(str(nc.get("state-dir") or Path.home() / ".fedkd" / "state" / site))
         return Node(site, data_path, layout, proxy, state.expanduser(), threads, overrides)
     if "partition-id" in nc:
-        root = Path(str(run_config.get("data-root") or default_root))
+        root = Path(str(run_config.get("data-root") or cfg.data.root))
         if not root.is_dir():
             raise DataError(f"{root}: simulation data root not found (run `fedkd synth --out "
                             f"{root}`)")
-        sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name != "PROXY"
-                       and not p.name.startswith("."))
+        sites = [root / s for s in cfg.data.sites] if cfg.data.sites else sorted(
+            p for p in root.iterdir() if p.is_dir() and p.name != Path(cfg.data.proxy).name
+            and not p.name.startswith("."))
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(sites):
             raise ConfigError(f"node config partition-id: {pid} but {root} has {len(sites)} "
                               f"site folders")
-        state_root = Path(str(run_config.get("state-root") or "runs/state"))
-        return Node(sites[pid].name, sites[pid], "liu", root / "PROXY",
+        state_root = Path(str(run_config.get("state-root") or cfg.output.state_root))
+        return Node(sites[pid].name, sites[pid], "liu", root / Path(cfg.data.proxy).name,
                     state_root / sites[pid].name, threads, overrides)
     raise ConfigError("node config: needs data-path (a hospital node) or partition-id "
                       "(a simulation)")
+
+
+def site_label(node_config: dict, node_id: int) -> str:
+    """A name for error messages before the node config is fully resolved."""
+    if node_config.get("site"):
+        return str(node_config["site"])
+    if node_config.get("data-path"):
+        path = Path(str(node_config["data-path"]))
+        return path.stem if node_config.get("data-layout") == "manifest" else path.name
+    if "partition-id" in node_config:
+        return f"partition {node_config['partition-id']}"
+    return f"node {node_id}"
 
 
 def site_train_config(cfg: RunConfig, node: Node) -> TrainConfig:

@@ -90,6 +90,13 @@ def cmd_cross_site(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import simulate
+
+    simulate(_config(args))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from server.export import load_exported
     from server.predict import predict_files
@@ -109,6 +116,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "montage": ("PNG montage: one preprocessed slice per site with the mask outline", cmd_montage),
     "cross-site": ("train local teachers and test each on every site (domain shift matrix)",
                    cmd_cross_site),
+    "simulate": ("run a federation of the synthetic sites in Flower's Simulation Engine",
+                 cmd_simulate),
     "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
 }
 

@@ -157,11 +157,15 @@ class FederationConfig:
 @dataclass
 class OutputConfig:
     run_dir: str = _f("runs/default")
+    state_root: str = _f("runs/state", doc="simulation: where simulated sites keep teacher "
+                         "checkpoints (shared by runs, so equal teachers are trained once)")
 
 
 @dataclass
 class RuntimeConfig:
-    threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads")
+    threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads (server and CLI)")
+    client_threads: int = _f(0, lo=0, hi=256, doc="torch threads of a site node; 0 = threads "
+                             "(a simulation of parallel sites should use cores / parallel sites)")
     seed: int = _f(0)
 
 

@@ -7,21 +7,14 @@ Run config keys (``flwr run ... --run-config`` or ``[tool.flwr.app.config]``):
 
 from __future__ import annotations
 
-import logging
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_config
+from common.logs import get_logger
 from server.workflow import run_federation
 
-LOG = logging.getLogger("fedkd.server")
-if not LOG.handlers:
-    _h = logging.StreamHandler()
-    _h.setFormatter(logging.Formatter("%(asctime)s fedkd %(message)s", "%H:%M:%S"))
-    LOG.addHandler(_h)
-    LOG.setLevel(logging.INFO)
-    LOG.propagate = False
+LOG = get_logger("fedkd.server")
 
 app = ServerApp()
 

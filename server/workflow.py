@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +30,22 @@ from flwr.serverapp import Grid
 from common.aggregation import StreamingAggregator, Targets
 from common.config import RunConfig, dump_config
 from common.data import load_proxy, proxy_slice_ids, slice_stack
+from common.logs import get_logger
 from common.models import build_student, count_parameters
-from common.protocol import (EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER, ProtocolError,
-                             config_to_text, decode_proxy_reply, evaluate_request, query_request,
-                             train_request)
+from common.protocol import (
+    EVALUATE_STUDENT,
+    QUERY_PROXY,
+    TRAIN_TEACHER,
+    ProtocolError,
+    config_to_text,
+    decode_proxy_reply,
+    evaluate_request,
+    query_request,
+    train_request,
+)
 from server.distill import distill_student
 
-LOG = logging.getLogger("fedkd.server")
+LOG = get_logger("fedkd.server")
 
 
 class FederationError(RuntimeError):
