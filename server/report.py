@@ -26,7 +26,9 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"## Round {rnd}", ""]
         q = r.get("query")
         if q:
-            lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.", "",
+            truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
+                     if "target_dice" in q else "")
+            lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.{truth}", "",
                       "| site | weight share | agreement | proxy entropy | reply MB |",
                       "|---|---|---|---|---|"]
             for site, fig in sorted(q["sites"].items()):

@@ -29,7 +29,8 @@ from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
 from common.config import RunConfig, dump_config
-from common.data import load_proxy, proxy_slice_ids, slice_stack
+from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
+from common.metrics import dice_score
 from common.logs import get_logger
 from common.models import build_student, count_parameters
 from common.protocol import (
@@ -171,15 +172,34 @@ class Coordinator:
         self.log(f"[server] {step}: excluding {site}: {reason}")
 
     def proxy(self):
-        """The server's copy of the public proxy set: (slice ids, images (N, C, H, W))."""
+        """The server's copy of the public proxy set: (slice ids, images (N, C, H, W), labels
+        (N, H, W) or None). Labels are used only to report how good the targets are."""
         if self._proxy is None:
-            cases = {c.case_id: c for c in load_proxy(self.cfg.data)}
+            try:
+                vols = load_proxy(self.cfg.data, with_labels=True)
+            except DataError:
+                vols = load_proxy(self.cfg.data)
+            cases = {c.case_id: c for c in vols}
             ids = proxy_slice_ids(cases)
-            images = np.stack([slice_stack(cases[i.rsplit("/", 1)[0]].image,
-                                           int(i.rsplit("/", 1)[1]), self.cfg.data.context_slices)
-                               for i in ids]).astype(np.float32)
-            self._proxy = (ids, images)
+            where = [(cases[i.rsplit("/", 1)[0]], int(i.rsplit("/", 1)[1])) for i in ids]
+            images = np.stack([slice_stack(c.image, z, self.cfg.data.context_slices)
+                               for c, z in where]).astype(np.float32)
+            labels = None
+            if all(c.label is not None for c in cases.values()):
+                labels = np.stack([c.label[z] for c, z in where])
+            self._proxy = (ids, images, labels)
         return self._proxy
+
+    @staticmethod
+    def target_dice(ids: list[str], probs: np.ndarray, labels: np.ndarray) -> float:
+        """Mean over proxy cases of the 3D Dice between the targets' argmax and the truth."""
+        pred = probs.argmax(axis=1)
+        cases = [i.rsplit("/", 1)[0] for i in ids]
+        scores = []
+        for case in dict.fromkeys(cases):
+            rows = [k for k, c in enumerate(cases) if c == case]
+            scores.append(dice_score(pred[rows], labels[rows]))
+        return float(np.mean(scores))
 
     def site_nodes(self) -> dict[int, str]:
         return {int(n): s for n, s in self.state.nodes.items()}
@@ -225,7 +245,7 @@ class Coordinator:
 
     def query_and_aggregate(self, rnd: int) -> Targets:
         t0 = time.perf_counter()
-        ids, images = self.proxy()
+        ids, images, labels = self.proxy()
         features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
         precision = self.cfg.federation.precision
         agg = StreamingAggregator(self.cfg.aggregation, self.run_dir / f"spill_r{rnd}")
@@ -261,9 +281,13 @@ class Coordinator:
         targets = agg.finalize()
         np.savez(self.run_dir / f"targets_r{rnd}.npz", probs=targets.probs,
                  **{f"feat:{k}": v for k, v in targets.features.items()})
-        self.state.rounds.setdefault(str(rnd), {})["query"] = {
-            "sites": figures, "site_weights": targets.site_weights,
-            "agreement": targets.agreement, "n_slices": len(ids), "precision": precision}
+        query = {"sites": figures, "site_weights": targets.site_weights,
+                 "agreement": targets.agreement, "n_slices": len(ids), "precision": precision}
+        if labels is not None:  # synthetic proxy sets ship masks: how good are the targets?
+            query["target_dice"] = self.target_dice(ids, targets.probs, labels)
+            self.log(f"[server] aggregated targets vs proxy ground truth: Dice "
+                     f"{query['target_dice']:.4f}")
+        self.state.rounds.setdefault(str(rnd), {})["query"] = query
         self._done(f"query_r{rnd}", time.perf_counter() - t0)
         return targets
 
@@ -277,7 +301,7 @@ class Coordinator:
         student = self.new_student()
         if rnd > 1:
             student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
-        _, images = self.proxy()
+        _, images, _ = self.proxy()
         history = distill_student(student, images, targets, self.cfg.distill,
                                   self.cfg.runtime.seed, self.log, tag=f"distill r{rnd}")
         torch.save(student.net.state_dict(), self.run_dir / f"student_r{rnd}.pt")

@@ -79,11 +79,12 @@ def test_federation_distils_a_student_that_beats_an_untrained_one(adaptive_run, 
     assert dice > np.mean(base) + 0.1
     assert set(rnd["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
     assert sum(rnd["query"]["site_weights"].values()) == pytest.approx(1.0)
+    assert 0.0 < rnd["query"]["target_dice"] <= 1.0  # the synthetic proxy set has masks
     # steps, report and export
     assert report["state"]["completed"] == ["train", "query_r1", "distill_r1", "evaluate_r1"]
     assert sent_types(grid)[:7] == [TRAIN_TEACHER] * 3 + [QUERY_PROXY] * 3 + [EVALUATE_STUDENT]
     md = (run_dir / "report.md").read_text()
-    assert "| SiteB |" in md and "student Dice" in md
+    assert "| SiteB |" in md and "student Dice" in md and "proxy ground truth: Dice" in md
     assert json.loads((run_dir / "report.json").read_text())["student_parameters"] == 10340
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     assert card["sites"] == ["SiteA", "SiteB", "SiteC"] and "torchscript" in card["formats"]
