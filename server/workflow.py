@@ -171,6 +171,23 @@ class Coordinator:
         self.state.excluded[f"{step}/{site}"] = reason
         self.log(f"[server] {step}: excluding {site}: {reason}")
 
+    def _broadcast(self, step: str, nodes: dict[int, str], content: RecordDict,
+                   message_type: str, timeout: float,
+                   handle: Callable[[str, Message], None]) -> None:
+        """Send ``content`` to ``nodes`` ({node id: site}); error replies and silent nodes are
+        excluded from ``step`` with their reason; ``handle(site, reply)`` gets the others as
+        they arrive."""
+        def on_reply(node: int, reply: Message) -> None:
+            if reply.has_error():
+                self._exclude(step, nodes[node], reply.error.reason)
+            else:
+                handle(nodes[node], reply)
+
+        missing = exchange(self.grid, {n: content for n in nodes}, message_type, step, timeout,
+                           on_reply)
+        for node in missing:
+            self._exclude(step, nodes[node], "no reply before the timeout")
+
     def proxy(self):
         """The server's copy of the public proxy set: (slice ids, images (N, C, H, W), labels
         (N, H, W) or None). Labels are used only to report how good the targets are."""
@@ -208,23 +225,17 @@ class Coordinator:
     def train_teachers(self, nodes: list[int]) -> None:
         t0 = time.perf_counter()
         self.state.nodes = {}
-        content = train_request(self.cfg)
+        names = {n: f"node {n}" for n in nodes}
 
-        def on_reply(node: int, reply: Message) -> None:
-            if reply.has_error():
-                self._exclude("train", f"node {node}", reply.error.reason)
-                return
+        def on_reply(_label: str, reply: Message) -> None:
             site = str(reply.content["info"]["site"])
-            self.state.nodes[str(node)] = site
-            self.state.teachers[site] = dict(reply.content["metrics"])
-            m = reply.content["metrics"]
+            self.state.nodes[str(reply.metadata.src_node_id)] = site
+            self.state.teachers[site] = m = dict(reply.content["metrics"])
             how = "reused" if m["reused"] else f"{int(m['epochs_run'])} epochs"
             self.log(f"[server] teacher {site}: val Dice {m['val_dice']:.4f} ({how})")
 
-        missing = exchange(self.grid, {n: content for n in nodes}, TRAIN_TEACHER, "train",
-                           self.timeout * 10 + 3600, on_reply)
-        for node in missing:
-            self._exclude("train", f"node {node}", "no reply before the timeout")
+        self._broadcast("train", names, train_request(self.cfg), TRAIN_TEACHER,
+                        self.timeout * 10 + 3600, on_reply)
         if len(self.state.nodes) < self.cfg.federation.min_sites:
             raise FederationError(f"only {len(self.state.nodes)} site(s) trained a teacher; "
                                   f"federation.min_sites={self.cfg.federation.min_sites}")
@@ -250,14 +261,9 @@ class Coordinator:
         precision = self.cfg.federation.precision
         agg = StreamingAggregator(self.cfg.aggregation, self.run_dir / f"spill_r{rnd}")
         content = query_request(self.cfg, ids, features, precision)
-        targets_nodes = self.teachers_to_query()
         figures: dict[str, dict] = {}
 
-        def on_reply(node: int, reply: Message) -> None:
-            site = targets_nodes[node]
-            if reply.has_error():
-                self._exclude(f"query_r{rnd}", site, reply.error.reason)
-                return
+        def on_reply(site: str, reply: Message) -> None:
             try:
                 logits, feats = decode_proxy_reply(reply.content)
                 check_proxy_arrays(logits, feats, len(ids), images.shape[-2:], features)
@@ -272,10 +278,8 @@ class Coordinator:
             self.log(f"[server] proxy reply from {site}: {stats['reply_bytes'] / 1e6:.2f} MB, "
                      f"entropy {stats['proxy_entropy']:.4f}")
 
-        missing = exchange(self.grid, {n: content for n in targets_nodes}, QUERY_PROXY,
-                           f"query_r{rnd}", self.timeout * 10 + 600, on_reply)
-        for node in missing:
-            self._exclude(f"query_r{rnd}", targets_nodes[node], "no reply before the timeout")
+        self._broadcast(f"query_r{rnd}", self.teachers_to_query(), content, QUERY_PROXY,
+                        self.timeout * 10 + 600, on_reply)
         if not agg.sites:
             raise FederationError(f"round {rnd}: no usable teacher reply")
         targets = agg.finalize()
@@ -312,22 +316,15 @@ class Coordinator:
         t0 = time.perf_counter()
         weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
         content = evaluate_request(self.cfg, weights)
-        nodes = self.site_nodes()
         results: dict[str, dict] = {}
 
-        def on_reply(node: int, reply: Message) -> None:
-            site = nodes[node]
-            if reply.has_error():
-                self._exclude(f"evaluate_r{rnd}", site, reply.error.reason)
-                return
+        def on_reply(site: str, reply: Message) -> None:
             results[site] = dict(reply.content["metrics"])
             self.log(f"[server] student r{rnd} at {site}: Dice {results[site]['dice_mean']:.4f} "
                      f"HD95 {results[site]['hd95_mean']:.1f} mm")
 
-        missing = exchange(self.grid, {n: content for n in nodes}, EVALUATE_STUDENT,
-                           f"evaluate_r{rnd}", self.timeout * 10 + 600, on_reply)
-        for node in missing:
-            self._exclude(f"evaluate_r{rnd}", nodes[node], "no reply before the timeout")
+        self._broadcast(f"evaluate_r{rnd}", self.site_nodes(), content, EVALUATE_STUDENT,
+                        self.timeout * 10 + 600, on_reply)
         n = sum(r["n_cases"] for r in results.values())
         summary = {"sites": results,
                    "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
