@@ -97,6 +97,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from simulations.experiment import run_experiment
+
+    run_experiment(_config(args), only=args.only)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from server.export import load_exported
     from server.predict import predict_files
@@ -118,6 +125,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                    cmd_cross_site),
     "simulate": ("run a federation of the synthetic sites in Flower's Simulation Engine",
                  cmd_simulate),
+    "experiment": ("run experiment.methods x experiment.seeds and tabulate them", cmd_experiment),
     "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
 }
 
@@ -142,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["montage"]
     p.add_argument("--data", help="dataset root (data.root)")
     p.add_argument("--out", type=Path, default=Path("montage.png"), help="PNG to write")
+    parsers["experiment"].add_argument("--only", nargs="+", default=None,
+                                       help="run only these methods of the grid")
     p = parsers["predict"]
     p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")

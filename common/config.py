@@ -162,6 +162,15 @@ class OutputConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """``fedkd experiment``: methods (name -> ``key.path=value`` overrides of this config) x
+    seeds, each run in the Simulation Engine on the same data and splits."""
+
+    methods: dict[str, list[str]] = _f(factory=lambda: {"adaptive-kd": []})
+    seeds: list[int] = _f(factory=lambda: [0])
+
+
+@dataclass
 class RuntimeConfig:
     threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads (server and CLI)")
     client_threads: int = _f(0, lo=0, hi=256, doc="torch threads of a site node; 0 = threads "
@@ -180,6 +189,7 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +309,15 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"data.clip_percentiles: lower ({lo}) must be below upper ({hi})")
     if cfg.data.layout == "manifest" and not cfg.data.manifest:
         raise ConfigError("data.manifest: required when data.layout is 'manifest'")
+    if not cfg.experiment.methods or not cfg.experiment.seeds:
+        raise ConfigError("experiment: needs at least one method and one seed")
+    for name, items in cfg.experiment.methods.items():
+        for item in items:
+            key = parse_override(item)[0] if "=" in item else item
+            if "=" not in item or key.split(".")[0] in ("experiment", "output"):
+                raise ConfigError(f"experiment.methods.{name}: {item!r} is not a key.path=value "
+                                  f"override of the run (experiment.* and output.* are set by "
+                                  f"the runner)")
     specs = [("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)]
     specs += [(f"model.site_teachers.{k}", v) for k, v in cfg.model.site_teachers.items()]
     for key, spec in specs:
