@@ -166,8 +166,14 @@ def load_private(cfg: RunConfig, node: Node) -> SiteData:
         elif node.layout == "msd":
             records = discover_msd(node.data_path)
         else:
-            records = [r for r in discover_manifest(node.data_path) if r.site == node.site] \
-                or discover_manifest(node.data_path)
+            listed = discover_manifest(node.data_path)
+            sites = sorted({r.site for r in listed})
+            records = [r for r in listed if r.site == node.site]
+            if not records and len(sites) == 1:  # a one-site manifest needs no site name
+                records = listed
+            if not records:
+                raise ConfigError(f"node config site: {node.site!r} is not in "
+                                  f"{node.data_path} (sites: {', '.join(sites)})")
         _CACHE[key] = load_site(dcfg, records, log=LOG.info)
     return _CACHE[key]
 

@@ -121,6 +121,9 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     history: list[dict] = []
     first_epoch, spent = 1, 0.0
     saved = load_checkpoint(checkpoint, checkpoint_key) if checkpoint else None
+    if saved is None and checkpoint and checkpoint.is_file():
+        log(f"[{tag}] {checkpoint} was made with other settings or data (or is unreadable): "
+            f"training from scratch")
     if saved is not None:
         model.load_state_dict(saved["model"])
         best, best_epoch, best_state = saved["best"], saved["best_epoch"], saved["best_state"]

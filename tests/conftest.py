@@ -31,3 +31,23 @@ def real_data() -> Path:
                     f"../shared/data/real-prostate beside the repository; set FEDKD_REAL_DATA "
                     f"to point elsewhere)")
     return REAL_DATA
+
+
+def tiny_sim_config(tmp_path: Path, **sections) -> Path:
+    """A YAML run config for a fast Simulation Engine run: 2 synthetic sites x 5 cases at
+    64 x 64, small teacher and student, 2 epochs each; ``sections`` are merged on top."""
+    import yaml
+
+    cfg = {
+        "data": {"root": str(tmp_path / "data"), "size": [64, 64], "spacing": [2.0, 2.0]},
+        "synth": {"sites": 2, "cases": 5, "proxy_cases": 2, "seed": 1},
+        "model": {"teacher": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
+                              "num_res_units": 1},
+                  "student": {"channels": [4, 8, 16, 32], "num_res_units": 0},
+                  "max_student_fraction": 0.25},
+        "train": {"epochs": 2}, "distill": {"epochs": 2},
+    }
+    cfg.update(sections)
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

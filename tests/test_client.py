@@ -244,3 +244,16 @@ def test_audit_no_reply_array_is_shaped_like_private_data(fed, trained):
         for name, key, arr in arrays:
             assert arr.shape[0] == n, (name, key, arr.shape)
             assert tuple(arr.shape) not in private_shapes
+
+
+def test_manifest_node_must_name_a_listed_site(fed, tmp_path):
+    root, cfg, node = fed
+    man = tmp_path / "cases.csv"
+    man.write_text("site,image,label\n" + "\n".join(
+        f"{s},{root}/{s}/Case0{i}.nii.gz,{root}/{s}/Case0{i}_segmentation.nii.gz"
+        for s in ("SiteA", "SiteB") for i in range(5)))
+    local = {"data-path": str(man), "data-layout": "manifest", "site": "SiteC",
+             "proxy-path": str(root / "PROXY"), "state-dir": str(tmp_path / "s")}
+    reply = send(train_request(cfg), TRAIN_TEACHER, local)
+    assert reply.has_error() and reply.error.code == ERR_CONFIG
+    assert "'SiteC' is not in" in reply.error.reason and "SiteA, SiteB" in reply.error.reason

@@ -3,27 +3,16 @@
 import json
 
 import pytest
-import yaml
 
 from common.cli import main
 from common.config import ConfigError, load_config
+from conftest import tiny_sim_config
 from simulations.experiment import method_configs
 
 
 def tiny(tmp_path, methods, seeds=(0,)):
-    cfg = {
-        "data": {"root": str(tmp_path / "data"), "size": [64, 64], "spacing": [2.0, 2.0]},
-        "synth": {"sites": 2, "cases": 5, "proxy_cases": 2, "seed": 1},
-        "model": {"teacher": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1},
-                  "student": {"channels": [4, 8, 16, 32], "num_res_units": 0},
-                  "max_student_fraction": 0.25},
-        "train": {"epochs": 2}, "distill": {"epochs": 2},
-        "output": {"run_dir": str(tmp_path / "exp")},
-        "experiment": {"methods": methods, "seeds": list(seeds)},
-    }
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_sim_config(tmp_path, output={"run_dir": str(tmp_path / "exp")},
+                           experiment={"methods": methods, "seeds": list(seeds)})
 
 
 def test_grid_configs_are_validated_before_anything_runs(tmp_path):
