@@ -159,7 +159,8 @@ def load_private(cfg: RunConfig, node: Node) -> SiteData:
     """This site's private data, split by case, preprocessed as the run config says."""
     dcfg = _site_data_config(cfg, node)
     key = json.dumps(["private", str(node.data_path), node.layout, _preprocessing_key(cfg),
-                      asdict(cfg.data.split), cfg.data.seed], sort_keys=True)
+                      asdict(cfg.data.split), cfg.data.seed, cfg.data.group_pattern],
+                     sort_keys=True)
     if key not in _CACHE:
         if node.layout == "liu":
             records = discover_liu_site(node.data_path)

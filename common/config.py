@@ -66,6 +66,8 @@ class DataConfig:
     clip_percentiles: list[float] = _f(factory=lambda: [1.0, 99.0], lo=0.0, hi=100.0)
     split: SplitConfig = field(default_factory=SplitConfig)
     seed: int = _f(0, doc="seed of the case split")
+    group_pattern: Optional[str] = _f(None, doc="regex whose first group is the patient id of a "
+                                      "case id: a patient's cases stay in one split")
 
 
 @dataclass

@@ -321,7 +321,9 @@ def _group_of(case_id: str, pattern: Optional[str]) -> str:
 def split_cases(records: list[CaseRecord], cfg: DataConfig, group_pattern: Optional[str] = None
                 ) -> dict[str, list[CaseRecord]]:
     """Deterministic train/val/test split *by case* (or by patient via ``group_pattern``, a regex
-    whose first group is the patient id). Depends only on the seed, the site and the case ids."""
+    whose first group is the patient id; default ``cfg.group_pattern``). Depends only on the
+    seed, the site and the case ids."""
+    group_pattern = group_pattern or cfg.group_pattern
     if not records:
         raise DataError("empty site: no cases to split")
     site = records[0].site

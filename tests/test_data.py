@@ -250,3 +250,10 @@ def test_real_prostate158_slices_load_and_split_by_patient(real_data):
     assert not (pid["train"] & pid["test"]) and not (pid["train"] & pid["val"])
     vol = load_case(recs[0], cfg)
     assert vol.image.shape == (1, 128, 128) and vol.label.any()
+
+
+def test_group_pattern_from_the_config(tmp_path):
+    recs = [CaseRecord("P", f"Case{p}_{z}", tmp_path / "x", None) for p in range(10) for z in (3, 9)]
+    parts = split_cases(recs, DataConfig(group_pattern=r"^(Case\d+)_\d+$"))
+    patients = {k: {r.case_id.split("_")[0] for r in v} for k, v in parts.items()}
+    assert not (patients["train"] & patients["test"]) and len(parts["test"]) % 2 == 0
