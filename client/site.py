@@ -42,12 +42,12 @@ from common.data import (
     discover_liu_site,
     discover_manifest,
     discover_msd,
-    load_case,
+    load_proxy,
     load_site,
     slice_stack,
 )
 from common.logs import get_logger
-from common.models import FeatureNet, build_teacher, feature_names
+from common.models import FeatureNet, build_teacher, feature_names, input_channels
 from common.protocol import PRECISIONS, ProtocolError, encode_array
 from common.training import evaluate_cases, load_checkpoint, train_segmenter
 
@@ -185,10 +185,8 @@ def load_proxy_cases(cfg: RunConfig, node: Node) -> dict[str, CaseVolume]:
         raise ConfigError("node config proxy-path: not set (needed to answer proxy queries)")
     key = json.dumps(["proxy", str(node.proxy_path), _preprocessing_key(cfg)], sort_keys=True)
     if key not in _CACHE:
-        dcfg = replace(cfg.data, layout="liu")
-        records = discover_liu_site(node.proxy_path, require_labels=False)
-        _CACHE[key] = {r.case_id: load_case(replace(r, label=None), dcfg, require_label=False)
-                       for r in records}
+        dcfg = replace(cfg.data, layout="liu", proxy=str(node.proxy_path.resolve()))
+        _CACHE[key] = {c.case_id: c for c in load_proxy(dcfg)}
     return _CACHE[key]
 
 
@@ -204,17 +202,13 @@ def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def in_channels(cfg: RunConfig) -> int:
-    return 2 * cfg.data.context_slices + 1
-
-
 def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.info) -> dict:
     """Train (or reuse/resume) this site's teacher. Returns metrics only."""
     t0 = time.perf_counter()
     data = load_private(cfg, node)
     tcfg = site_train_config(cfg, node)
     torch.manual_seed(cfg.runtime.seed)
-    model = build_teacher(cfg.teacher_spec(node.site), in_channels(cfg))
+    model = build_teacher(cfg.teacher_spec(node.site), input_channels(cfg.data))
     res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"{node.site} teacher",
                           checkpoint=node.teacher_checkpoint,
@@ -246,7 +240,7 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
     if state is None or not state.get("done"):
         raise ProtocolError(f"no trained teacher for these settings in {node.state_dir} "
                             f"(send train.teacher first)")
-    model = build_teacher(spec, in_channels(cfg))
+    model = build_teacher(spec, input_channels(cfg.data))
     model.load_state_dict(state["best_state"] or state["model"])
     model.eval()
     return model, float(max(state["best"], 0.0))
@@ -318,7 +312,7 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
 def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor]) -> dict:
     """Dice and HD95 of the student on the private test split: summary figures only."""
     t0 = time.perf_counter()
-    model = FeatureNet(cfg.model.student, in_channels(cfg))
+    model = FeatureNet(cfg.model.student, input_channels(cfg.data))
     expected = model.net.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))

@@ -72,7 +72,8 @@ class CaseVolume:
         return int(self.image.shape[0])
 
 
-def _stem(path: Path) -> str:
+def nifti_stem(path: Path) -> str:
+    """File name without .nii / .nii.gz (the case id)."""
     name = path.name
     for suf in NIFTI_SUFFIXES:
         if name.endswith(suf):
@@ -92,11 +93,11 @@ def discover_liu_site(folder: Path, require_labels: bool = True) -> list[CaseRec
     if not folder.is_dir():
         raise DataError(f"{folder}: site folder not found")
     files = sorted(p for p in folder.iterdir() if _is_nifti(p))
-    labels = {_SEG_RE.sub("", _stem(p)): p for p in files if _SEG_RE.search(_stem(p))}
-    images = [p for p in files if not _SEG_RE.search(_stem(p))]
+    labels = {_SEG_RE.sub("", nifti_stem(p)): p for p in files if _SEG_RE.search(nifti_stem(p))}
+    images = [p for p in files if not _SEG_RE.search(nifti_stem(p))]
     cases = []
     for img in images:
-        cid = _stem(img)
+        cid = nifti_stem(img)
         lab = labels.pop(cid, None)
         if lab is None and require_labels:
             raise DataError(f"{img}: image without label (expected {cid}_segmentation.nii.gz "
@@ -104,7 +105,8 @@ def discover_liu_site(folder: Path, require_labels: bool = True) -> list[CaseRec
         cases.append(CaseRecord(folder.name, cid, img, lab))
     if labels:
         orphan = next(iter(labels.values()))
-        raise DataError(f"{orphan}: label without image (expected {_SEG_RE.sub('', _stem(orphan))}"
+        stem = _SEG_RE.sub("", nifti_stem(orphan))
+        raise DataError(f"{orphan}: label without image (expected {stem}"
                         f".nii.gz beside it)")
     if not cases:
         raise DataError(f"{folder}: empty site: no NIfTI images (*.nii, *.nii.gz) found")
@@ -122,7 +124,7 @@ def discover_msd(root: Path) -> list[CaseRecord]:
         lab = lab_dir / img.name
         if not lab.is_file():
             raise DataError(f"{img}: image without label (expected {lab})")
-        cases.append(CaseRecord(root.name, _stem(img), img, lab))
+        cases.append(CaseRecord(root.name, nifti_stem(img), img, lab))
     if not cases:
         raise DataError(f"{img_dir}: empty site: no NIfTI images found")
     return cases
@@ -149,7 +151,7 @@ def discover_manifest(path: Path) -> list[CaseRecord]:
             raise DataError(f"{path}: entry {i}: needs 'site' and 'image' (and 'label')")
         img = (path.parent / str(row["image"])).resolve()
         lab = (path.parent / str(row["label"])).resolve() if row.get("label") else None
-        cid = str(row.get("case") or _stem(img))
+        cid = str(row.get("case") or nifti_stem(img))
         cases.append(CaseRecord(str(row["site"]), cid, img, lab))
     return cases
 
@@ -264,8 +266,14 @@ def read_case(rec: CaseRecord, cfg: DataConfig, require_label: bool = True
 # --------------------------------------------------------------------------------------------
 def preprocess_transform(cfg: DataConfig, with_label: bool = True):
     """The MONAI dictionary pipeline applied to a channel-less (X, Y, Z) volume (+ label)."""
-    from monai.transforms import (Compose, EnsureChannelFirstd, Orientationd,
-                                  ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
+    )
 
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
@@ -447,8 +455,15 @@ def foreground_slices(cases: list[CaseVolume]) -> tuple[list[tuple[int, int]], l
 
 def augmentation():
     """Training augmentation (MONAI): left-right flip, small rotation/zoom, intensity jitter."""
-    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd,
-                                  RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd)
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
 
     return Compose([
         RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),

@@ -115,6 +115,9 @@ def attention_map(feat: torch.Tensor) -> torch.Tensor:
 class FeatureDistillLoss(nn.Module):
     """Feature distillation between student and teacher maps with the same names.
 
+    A teacher key may carry a suffix, ``name@group`` (the server's per-architecture targets,
+    ``enc2@32``): it is compared with the student map ``name``, through its own adapter.
+
     ``mse``: student map -> learnable 1x1 conv adapter (C_s -> C_t) -> bilinear resize to the
     teacher's H, W -> mean squared error against the teacher map.
     ``attention``: attention-transfer distance between the channel-pooled maps (no adapter; the
@@ -125,19 +128,21 @@ class FeatureDistillLoss(nn.Module):
                  mode: str = "mse"):
         super().__init__()
         self.mode = mode
-        self.names = [n for n in teacher_channels if n in student_channels]
+        self.source = {k: k.split("@")[0] for k in teacher_channels}
+        self.names = [k for k in teacher_channels if self.source[k] in student_channels]
         if not self.names:
             raise ValueError(f"no feature maps in common between student "
                              f"({sorted(student_channels)}) and teacher ({sorted(teacher_channels)})")
         self.adapters = nn.ModuleDict({
-            n: nn.Conv2d(student_channels[n], teacher_channels[n], kernel_size=1)
+            n: nn.Conv2d(student_channels[self.source[n]], teacher_channels[n], kernel_size=1)
             for n in self.names} if mode == "mse" else {})
 
     def forward(self, student_feats: dict[str, torch.Tensor],
                 teacher_feats: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
         for n in self.names:
-            s, t = student_feats[n], teacher_feats[n].to(student_feats[n].dtype)
+            s = student_feats[self.source[n]]
+            t = teacher_feats[n].to(s.dtype)
             if self.mode == "mse":
                 s = self.adapters[n](s)
             if s.shape[-2:] != t.shape[-2:]:

@@ -126,6 +126,11 @@ class FeatureNet(nn.Module):
         return {name: tap.channels for name, tap in self.taps.items()}
 
 
+def input_channels(data_cfg) -> int:
+    """Input channels of the networks: the slice and ``data.context_slices`` neighbours per side."""
+    return 2 * data_cfg.context_slices + 1
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -3,7 +3,8 @@
 loss = w_kl      * T^2 KL(p_teachers^(1/T) || softmax(student / T))
      + w_lovasz  * Lovasz-softmax(student, argmax p_teachers)
      + w_dice    * Dice(student, argmax p_teachers)
-     + w_feature * feature loss(student features -> 1x1 adapter per feature group, teacher targets)
+     + w_feature * feature loss(student features -> 1x1 adapter per feature group, teacher targets;
+                 common.losses.FeatureDistillLoss)
 
 Weights and T come from ``distill`` in the run config; a weight of 0 switches a term off (for
 ablations: ``--set distill.w_feature=0``). Shapes: proxy images (N, C_in, H, W); target
@@ -17,46 +18,22 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from common.aggregation import Targets
 from common.config import DistillConfig
-from common.losses import dice_loss, kd_kl_loss, lovasz_softmax, probs_to_logits, attention_map
+from common.losses import (
+    FeatureDistillLoss,
+    dice_loss,
+    kd_kl_loss,
+    lovasz_softmax,
+    probs_to_logits,
+)
 from common.models import FeatureNet
-
-
-class GroupFeatureLoss(nn.Module):
-    """Feature loss against grouped teacher targets (``name@channels``): one 1x1 adapter per
-    group in ``mse`` mode; channel-pooled attention maps in ``attention`` mode."""
-
-    def __init__(self, student_channels: dict[str, int], groups: dict[str, int], mode: str):
-        super().__init__()
-        self.mode = mode
-        self.groups = {g: g.split("@")[0] for g in groups if g.split("@")[0] in student_channels}
-        self.adapters = nn.ModuleDict({
-            g.replace("@", "_"): nn.Conv2d(student_channels[name], groups[g], 1)
-            for g, name in self.groups.items()} if mode == "mse" else {})
-
-    def forward(self, student_feats: dict[str, torch.Tensor],
-                targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros(())
-        for g, name in self.groups.items():
-            s, t = student_feats[name], targets[g]
-            if self.mode == "mse":
-                s = self.adapters[g.replace("@", "_")](s)
-            if s.shape[-2:] != t.shape[-2:]:
-                s = nn.functional.interpolate(s, size=t.shape[-2:], mode="bilinear",
-                                              align_corners=False)
-            if self.mode == "mse":
-                total = total + nn.functional.mse_loss(s, t)
-            else:
-                total = total + (attention_map(s) - attention_map(t)).pow(2).sum(dim=1).mean()
-        return total / max(1, len(self.groups))
 
 
 def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, cfg: DistillConfig,
                     seed: int = 0, log: Callable[[str], None] = print, tag: str = "distill",
-                    feature_loss: Optional[GroupFeatureLoss] = None) -> list[dict]:
+                    feature_loss: Optional[FeatureDistillLoss] = None) -> list[dict]:
     """Train ``student`` in place on ``images`` (N, C_in, H, W) toward ``targets``.
 
     Returns the per-epoch history: total loss and each term's mean.
@@ -70,9 +47,9 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
     label_all = p_all.argmax(dim=1)
     feat_all = {g: torch.from_numpy(f.astype(np.float32)) for g, f in targets.features.items()}
     if feature_loss is None and cfg.w_feature > 0 and feat_all:
-        feature_loss = GroupFeatureLoss(student.feature_channels(),
-                                        {g: f.shape[1] for g, f in feat_all.items()},
-                                        cfg.feature_loss)
+        feature_loss = FeatureDistillLoss(student.feature_channels(),
+                                          {g: f.shape[1] for g, f in feat_all.items()},
+                                          cfg.feature_loss)
     params = list(student.parameters()) + (list(feature_loss.parameters()) if feature_loss else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from common.config import RunConfig, from_dict, to_plain
-from common.models import FeatureNet, count_parameters
+from common.models import FeatureNet, count_parameters, input_channels
 
 CARD = "model_card.json"
 
@@ -18,7 +18,7 @@ CARD = "model_card.json"
 def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
                    log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    in_ch = 2 * cfg.data.context_slices + 1
+    in_ch = input_channels(cfg.data)
     model = FeatureNet(cfg.model.student, in_ch)
     model.net.load_state_dict(torch.load(weights))
     model.eval()

@@ -16,16 +16,14 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data import CaseRecord, preprocess_transform, read_case, slice_stack
+from common.data import (
+    CaseRecord,
+    nifti_stem,
+    preprocess_transform,
+    read_case,
+    slice_stack,
+)
 from common.models import FeatureNet
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 @torch.no_grad()
@@ -33,7 +31,7 @@ def predict_file(model: FeatureNet, cfg: RunConfig, path: Path) -> np.ndarray:
     """The gland mask of ``path`` on its own voxel grid: (X, Y, Z) uint8 (4D input: X, Y, Z)."""
     from monai.data import MetaTensor
 
-    img, _, affine = read_case(CaseRecord("predict", _stem(path), path, None), cfg.data,
+    img, _, affine = read_case(CaseRecord("predict", nifti_stem(path), path, None), cfg.data,
                                require_label=False)
     transform = preprocess_transform(cfg.data, with_label=False)
     data = transform({"image": MetaTensor(torch.from_numpy(img), affine=torch.from_numpy(affine))})
@@ -68,7 +66,7 @@ def predict_files(model: FeatureNet, cfg: RunConfig, inputs: list[Path], out_dir
             header.set_data_shape(mask.shape)
         header.set_data_dtype(np.uint8)
         header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-        target = out_dir / f"{_stem(path)}_mask.nii.gz"
+        target = out_dir / f"{nifti_stem(path)}_mask.nii.gz"
         nib.save(nib.Nifti1Image(mask, src.affine, header), str(target))
         log(f"[predict] {path} -> {target} ({int(mask.sum())} gland voxels)")
         written.append(target)

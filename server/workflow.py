@@ -30,9 +30,9 @@ from flwr.serverapp import Grid
 from common.aggregation import StreamingAggregator, Targets
 from common.config import RunConfig, dump_config
 from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
-from common.metrics import dice_score
 from common.logs import get_logger
-from common.models import build_student, count_parameters
+from common.metrics import dice_score
+from common.models import build_student, count_parameters, input_channels
 from common.protocol import (
     EVALUATE_STUDENT,
     QUERY_PROXY,
@@ -145,7 +145,7 @@ class Coordinator:
         self.state = RunState.load(self.run_dir, config_digest(cfg))
         dump_config(cfg, self.run_dir / "config.yaml")
         self.timeout = cfg.federation.wait_timeout_s
-        self.in_channels = 2 * cfg.data.context_slices + 1
+        self.in_channels = input_channels(cfg.data)
         self._proxy = None
         self.new_student()  # a student over its size budget is a config error before any work
 

@@ -17,7 +17,7 @@ import torch
 
 from common.config import RunConfig, dump_config
 from common.data import DataError, discover_sites, load_site
-from common.models import build_teacher
+from common.models import build_teacher, input_channels
 from common.training import evaluate_cases, seed_everything, train_segmenter
 
 
@@ -52,7 +52,7 @@ def run_cross_site(cfg: RunConfig, train_sites: Optional[list[str]] = None) -> d
     if unknown:
         raise DataError(f"{cfg.data.root}: no site {unknown[0]!r} (sites: {', '.join(records)})")
     data = {s: load_site(cfg.data, recs, log=print) for s, recs in records.items()}
-    in_ch = 2 * cfg.data.context_slices + 1
+    in_ch = input_channels(cfg.data)
     result = {"config": cfg.to_dict(), "teachers": {}, "matrix": {}, "hd95": {}}
     for site in train_sites:
         torch.manual_seed(cfg.runtime.seed)
