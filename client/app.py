@@ -6,6 +6,14 @@ Three handlers, one per message type of :mod:`common.protocol`:
 * ``query.proxy``     the teacher's logits and features on named public proxy slices;
 * ``evaluate.student`` the student's Dice / HD95 on the private test split.
 
+and the two of Flower's built-in strategies (``FedAvg`` / ``FedProx``, the weight-sharing
+baseline ``federation.strategy: fedavg | fedprox``):
+
+* ``train``           local epochs of the global student on the private train split (FedProx's
+                      proximal term when the config carries ``proximal-mu``); replies
+                      ``arrays`` + ``metrics`` with ``num-examples``;
+* ``evaluate``        the global student's Dice / HD95 on the private test split.
+
 Any failure becomes a Flower error reply whose reason names the site, the file or field and the
 cause; the node then answers the next message as usual. Paths come from the node config
 (see :mod:`client.site`).
@@ -39,11 +47,14 @@ from common.protocol import (
     ERR_DATA,
     ERR_INTERNAL,
     FEATURES,
+    FLWR_ARRAYS,
+    FLWR_CONFIG,
     INFO,
     LOGITS,
     METRICS,
     QUERY,
     RUN,
+    RUN_CONFIG_KEY,
     STATS,
     STUDENT,
     ProtocolError,
@@ -69,12 +80,21 @@ def _field(msg: Message, record: str, key: str | None = None, kind: type = Confi
     return rec[key]
 
 
+def _run_config(msg: Message) -> RunConfig:
+    """The run config: ``run.config`` in fedkd's messages, ``config.run-config`` in the
+    messages of Flower's strategies (their train/evaluate config record)."""
+    if msg.has_content() and RUN not in msg.content and FLWR_CONFIG in msg.content:
+        return config_from_text(_field(msg, FLWR_CONFIG, RUN_CONFIG_KEY),
+                                f"message field {FLWR_CONFIG}.{RUN_CONFIG_KEY}")
+    return config_from_text(_field(msg, RUN, "config"))
+
+
 def _serve(msg: Message, context: Context,
            handler: Callable[[RunConfig, site_ops.Node, Message], RecordDict]) -> Message:
     """Resolve the node, parse the run config, call ``handler``; turn failures into error replies."""
     site = site_ops.site_label(context.node_config, context.node_id)
     try:
-        cfg = config_from_text(_field(msg, RUN, "config"))
+        cfg = _run_config(msg)
         node = site_ops.resolve_node(context.node_config, context.run_config, cfg)
         site = node.site
         torch.set_num_threads(node.threads or cfg.runtime.client_threads or cfg.runtime.threads)
@@ -131,12 +151,7 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
 
 
 def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
-    rec = _field(msg, STUDENT, kind=ArrayRecord)
-    try:
-        state = rec.to_torch_state_dict()
-    except Exception as exc:
-        raise ProtocolError(f"student: cannot decode the weights ({exc})") from None
-    metrics = site_ops.evaluate_student(cfg, node, state)
+    metrics = site_ops.evaluate_student(cfg, node, _weights(msg, STUDENT))
     LOG.info(f"[{node.site}] student: Dice {metrics['dice_mean']:.4f} "
              f"HD95 {metrics['hd95_mean']:.1f} mm on {metrics['n_cases']} test cases")
     return RecordDict({METRICS: MetricRecord(metrics)})
@@ -155,3 +170,38 @@ def query_proxy(msg: Message, context: Context) -> Message:
 @app.evaluate("student")
 def evaluate_student(msg: Message, context: Context) -> Message:
     return _serve(msg, context, _evaluate)
+
+
+def _weights(msg: Message, record: str) -> dict[str, torch.Tensor]:
+    try:
+        return _field(msg, record, kind=ArrayRecord).to_torch_state_dict()
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"{record}: cannot decode the weights ({exc})") from None
+
+
+def _fedavg_train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    conf = _field(msg, FLWR_CONFIG)
+    rnd = int(conf.get("server-round", 0))
+    mu = float(conf.get("proximal-mu", 0.0))
+    state, metrics = site_ops.train_student_local(cfg, node, _weights(msg, FLWR_ARRAYS), rnd, mu)
+    LOG.info(f"[{node.site}] student round {rnd}: loss {metrics['loss']:.4f} "
+             f"({metrics['seconds']:.1f}s{f', proximal mu {mu}' if mu else ''})")
+    return RecordDict({FLWR_ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
+
+
+def _fedavg_evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    m = site_ops.evaluate_student(cfg, node, _weights(msg, FLWR_ARRAYS))
+    return RecordDict({METRICS: MetricRecord({"dice": m["dice_mean"], "hd95": m["hd95_mean"],
+                                              "num-examples": int(m["n_cases"])})})
+
+
+@app.train()
+def train_global_student(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _fedavg_train)
+
+
+@app.evaluate()
+def evaluate_global_student(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _fedavg_evaluate)

@@ -309,9 +309,9 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
 # --------------------------------------------------------------------------------------------
 # 3. Evaluate a student
 # --------------------------------------------------------------------------------------------
-def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor]) -> dict:
-    """Dice and HD95 of the student on the private test split: summary figures only."""
-    t0 = time.perf_counter()
+def load_student(cfg: RunConfig, state_dict: dict[str, torch.Tensor]) -> FeatureNet:
+    """The ``model.student`` network with ``state_dict``; ProtocolError names a missing or
+    unexpected key, a wrong shape, or NaN/inf weights."""
     model = FeatureNet(cfg.model.student, input_channels(cfg.data))
     expected = model.net.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -326,6 +326,13 @@ def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Ten
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ProtocolError(f"student.{k}: NaN/inf values")
     model.net.load_state_dict(state_dict)
+    return model
+
+
+def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor]) -> dict:
+    """Dice and HD95 of the student on the private test split: summary figures only."""
+    t0 = time.perf_counter()
+    model = load_student(cfg, state_dict)
     data = load_private(cfg, node)
     if not data.test:
         raise DataError(f"{node.data_path}: site {node.site} has no test cases")
@@ -338,3 +345,33 @@ def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Ten
     out["seconds"] = time.perf_counter() - t0
     return out
 
+
+# --------------------------------------------------------------------------------------------
+# 4. FedAvg / FedProx baseline: local epochs of the student architecture on private data
+# --------------------------------------------------------------------------------------------
+def train_student_local(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor],
+                        server_round: int, proximal_mu: float = 0.0,
+                        log: Callable[[str], None] = LOG.info) -> tuple[dict, dict]:
+    """``federation.local_epochs`` of supervised training of the global student on the private
+    train split, plus FedProx's ``mu/2 ||w - w_global||^2`` when ``proximal_mu > 0``.
+
+    Returns (new state dict, metrics with ``num-examples`` = training slices, FedAvg's weight).
+    """
+    t0 = time.perf_counter()
+    model = load_student(cfg, state_dict)
+    data = load_private(cfg, node)
+    tcfg = replace(site_train_config(cfg, node), epochs=cfg.federation.local_epochs)
+    regularizer = None
+    if proximal_mu > 0:
+        anchor = [p.detach().clone() for p in model.parameters()]
+
+        def regularizer(m: torch.nn.Module) -> torch.Tensor:
+            return 0.5 * proximal_mu * sum(((p - a) ** 2).sum()
+                                           for p, a in zip(m.parameters(), anchor))
+    res = train_segmenter(model, data.train, [], tcfg, cfg.data.context_slices,
+                          cfg.runtime.seed * 1000 + server_round, log=log,
+                          tag=f"{node.site} student r{server_round}", regularizer=regularizer)
+    metrics = {"num-examples": sum(c.num_slices for c in data.train),
+               "loss": float(res.history[-1]["loss"]) if res.history else float("nan"),
+               "seconds": time.perf_counter() - t0}
+    return model.net.state_dict(), metrics

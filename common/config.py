@@ -154,6 +154,13 @@ class FederationConfig:
     requery_teachers: bool = _f(False)
     wait_timeout_s: float = _f(120.0, lo=0.0)
     precision: Literal["float32", "float16", "int8"] = _f("float16")
+    strategy: Literal["kd", "fedavg", "fedprox", "local", "central", "central-student",
+                      "central-kd"] = _f(
+        "kd", doc="kd: federated distillation; fedavg / fedprox: Flower's strategies on the "
+        "student architecture; local, central, central-student, central-kd: baselines on "
+        "pooled data, simulation only")
+    local_epochs: int = _f(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
+    proximal_mu: float = _f(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
 
 
 @dataclass
@@ -170,6 +177,9 @@ class ExperimentConfig:
 
     methods: dict[str, list[str]] = _f(factory=lambda: {"adaptive-kd": []})
     seeds: list[int] = _f(factory=lambda: [0])
+    unseen_sites: list[str] = _f(factory=list, doc="sites (folders of data.root) outside the "
+                                 "federation; every run's final model is also tested on all "
+                                 "their cases")
 
 
 @dataclass

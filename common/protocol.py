@@ -56,6 +56,11 @@ INFO = "info"          # ConfigRecord in replies
 LOGITS = "logits"      # ArrayRecord in proxy replies
 FEATURES = "features"  # ArrayRecord in proxy replies
 SCALE_SUFFIX = ".scale"
+# Flower's built-in strategies (FedAvg / FedProx baseline) send ``arrays`` + ``config``; the run
+# config travels in their config record under RUN_CONFIG_KEY.
+FLWR_ARRAYS = "arrays"
+FLWR_CONFIG = "config"
+RUN_CONFIG_KEY = "run-config"
 
 PRECISIONS = ("float32", "float16", "int8")
 

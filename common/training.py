@@ -92,7 +92,8 @@ def load_checkpoint(path: Path, key: str) -> Optional[dict]:
 def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
                     val_cases: list[CaseVolume], cfg: TrainConfig, context: int = 0,
                     seed: int = 0, log: Callable[[str], None] = print, tag: str = "train",
-                    checkpoint: Optional[Path] = None, checkpoint_key: str = ""
+                    checkpoint: Optional[Path] = None, checkpoint_key: str = "",
+                    regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None
                     ) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
@@ -103,6 +104,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     ``checkpoint_key`` (a digest of the settings and data). A later call with the same key
     reuses a finished run without training (``TrainResult.reused``) or resumes an unfinished
     one after its last completed epoch (``TrainResult.resumed_from``); another key retrains.
+
+    ``regularizer(model)``, if given, is added to every step's loss (FedProx's proximal term).
     """
     from monai.losses import DiceCELoss
 
@@ -159,6 +162,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
                 break
             logits, _ = model(batch["image"].float())
             loss = loss_fn(logits, batch["label"])
+            if regularizer is not None:
+                loss = loss + regularizer(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -14,7 +14,8 @@ def _f(x, digits=4) -> str:
 def report_markdown(report: dict) -> str:
     st = report["state"]
     lines = [f"# Federated distillation run `{report['name']}`", "",
-             f"Aggregation `{report['config']['aggregation']['method']}`, "
+             f"Strategy `{report['config']['federation']['strategy']}`, aggregation "
+             f"`{report['config']['aggregation']['method']}`, "
              f"{report['config']['federation']['rounds']} round(s), student "
              f"{report['student_parameters']:,} parameters, wall time "
              f"{report['wall_seconds']:.0f} s.", "", "## Teachers (local training)", "",
@@ -35,6 +36,14 @@ def report_markdown(report: dict) -> str:
                 lines.append(f"| {site} | {_f(q['site_weights'].get(site), 3)} | "
                              f"{_f(q['agreement'].get(site), 3)} | {_f(fig['proxy_entropy'])} | "
                              f"{fig['reply_bytes'] / 1e6:.2f} |")
+        w = r.get("weights")
+        if w:
+            lines += [f"{w['strategy']} of the student over {w['sites']} sites: "
+                      f"{w['bytes_per_site_round'] / 1e6:.2f} MB from each site per round (and "
+                      f"as much back).", "", "| round | mean site Dice | mean HD95 mm |",
+                      "|---|---|---|"]
+            lines += [f"| {h['round']} | {_f(h.get('dice'))} | {_f(h.get('hd95'), 1)} |"
+                      for h in w["history"]]
         ev = r.get("evaluate")
         if ev:
             lines += ["", "| site | student Dice (mean +- std) | HD95 mm (mean) | test cases |",

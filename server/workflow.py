@@ -9,6 +9,12 @@ Checkpoints: after each completed step the state goes to ``RUN_DIR/state.json`` 
 student files). A restarted server with the same run directory skips completed steps; sites keep
 their teacher checkpoints, so a repeated ``train.teacher`` only confirms them.
 
+With ``federation.strategy: fedavg | fedprox`` the same server runs the weight-sharing baseline
+instead: Flower's built-in ``FedAvg`` / ``FedProx`` strategy trains the student architecture
+for ``federation.rounds`` rounds of ``federation.local_epochs`` site epochs, then every site
+evaluates the result exactly as it evaluates a distilled student. The pooled-data baselines
+(``local``, ``central*``) exist only in simulation (:mod:`simulations.baselines`).
+
 A site that fails (error reply, no reply before the timeout, malformed arrays: wrong shape or
 dtype, NaN) is excluded from that step with a logged reason, which the report names.
 """
@@ -24,7 +30,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
@@ -35,6 +41,7 @@ from common.metrics import dice_score
 from common.models import build_student, count_parameters, input_channels
 from common.protocol import (
     EVALUATE_STUDENT,
+    RUN_CONFIG_KEY,
     QUERY_PROXY,
     TRAIN_TEACHER,
     ProtocolError,
@@ -51,6 +58,9 @@ LOG = get_logger("fedkd.server")
 
 class FederationError(RuntimeError):
     """The run cannot go on (too few sites, a different run in the run directory, ...)."""
+
+
+SIMULATION_ONLY = ("local", "central", "central-student", "central-kd")
 
 
 @dataclass
@@ -312,18 +322,19 @@ class Coordinator:
         self.state.rounds.setdefault(str(rnd), {})["distill"] = {"history": history}
         self._done(f"distill_r{rnd}", time.perf_counter() - t0)
 
-    def evaluate(self, rnd: int) -> None:
+    def evaluate(self, rnd: int, nodes: Optional[dict[int, str]] = None) -> None:
         t0 = time.perf_counter()
         weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
         content = evaluate_request(self.cfg, weights)
         results: dict[str, dict] = {}
 
-        def on_reply(site: str, reply: Message) -> None:
+        def on_reply(label: str, reply: Message) -> None:
+            site = str(reply.content["info"]["site"]) if "info" in reply.content else label
             results[site] = dict(reply.content["metrics"])
             self.log(f"[server] student r{rnd} at {site}: Dice {results[site]['dice_mean']:.4f} "
                      f"HD95 {results[site]['hd95_mean']:.1f} mm")
 
-        self._broadcast(f"evaluate_r{rnd}", self.site_nodes(), content, EVALUATE_STUDENT,
+        self._broadcast(f"evaluate_r{rnd}", nodes or self.site_nodes(), content, EVALUATE_STUDENT,
                         self.timeout * 10 + 600, on_reply)
         n = sum(r["n_cases"] for r in results.values())
         summary = {"sites": results,
@@ -332,10 +343,51 @@ class Coordinator:
         self.state.rounds.setdefault(str(rnd), {})["evaluate"] = summary
         self._done(f"evaluate_r{rnd}", time.perf_counter() - t0)
 
+    def weight_sharing(self, nodes: list[int]) -> None:
+        """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""
+        from flwr.serverapp.strategy import FedAvg, FedProx
+
+        t0 = time.perf_counter()
+        fed = self.cfg.federation
+        n = max(fed.min_sites, 1)
+        kwargs = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
+        strategy = (FedProx(proximal_mu=fed.proximal_mu, **kwargs) if fed.strategy == "fedprox"
+                    else FedAvg(**kwargs))
+        student = self.new_student()
+        conf = ConfigRecord({RUN_CONFIG_KEY: config_to_text(self.cfg)})
+        self.log(f"[server] {type(strategy).__name__} of the student: {fed.rounds} round(s) of "
+                 f"{fed.local_epochs} local epoch(s) on {len(nodes)} site(s)")
+        result = strategy.start(self.grid, ArrayRecord(student.net.state_dict()), fed.rounds,
+                                self.timeout * 10 + 3600, train_config=conf,
+                                evaluate_config=conf)
+        if not result.arrays:
+            raise FederationError(f"{type(strategy).__name__}: no round produced a model (no "
+                                  f"site replied; see the log)")
+        state = result.arrays.to_torch_state_dict()
+        torch.save(state, self.run_dir / f"student_r{fed.rounds}.pt")
+        upload = int(sum(v.numel() * v.element_size() for v in state.values()))
+        history = [{"round": int(r), **{k: float(v) for k, v in m.items()}}
+                   for r, m in sorted(result.evaluate_metrics_clientapp.items())]
+        self.state.rounds.setdefault(str(fed.rounds), {})["weights"] = {
+            "strategy": type(strategy).__name__, "history": history,
+            "bytes_per_site_round": upload, "sites": len(nodes)}
+        self._done("weights", time.perf_counter() - t0)
+
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
         t0 = time.perf_counter()
+        strategy = self.cfg.federation.strategy
+        if strategy in SIMULATION_ONLY:
+            raise FederationError(f"federation.strategy={strategy!r} is a baseline on pooled "
+                                  f"data: it runs only in `fedkd simulate` / `fedkd experiment`")
         nodes = wait_for_nodes(self.grid, self.cfg.federation.min_sites, self.timeout, self.log)
+        if strategy in ("fedavg", "fedprox"):
+            rounds = self.cfg.federation.rounds
+            if self._pending("weights"):
+                self.weight_sharing(nodes)
+            if self._pending(f"evaluate_r{rounds}"):
+                self.evaluate(rounds, {n: f"node {n}" for n in nodes})
+            return self.finish(t0)
         known = set(self.state.nodes)
         if "train" in self.state.completed and known <= {str(n) for n in nodes}:
             self.log("[server] skipping step train (done)")
@@ -352,6 +404,10 @@ class Coordinator:
                 self.distill(rnd, targets or self.load_targets(q))
             if self._pending(f"evaluate_r{rnd}"):
                 self.evaluate(rnd)
+        return self.finish(t0)
+
+    def finish(self, t0: float) -> dict:
+        """Write the report and export the final student."""
         report = self.report(time.perf_counter() - t0)
         from server.export import export_student
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 
 class LocalGrid(Grid):
@@ -29,6 +30,11 @@ class LocalGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
         self._run = None
+        for attr, value in (("run_id", 1), ("node_id", 0), ("task_id", 0)):
+            try:  # messages built by Flower's strategies take the ids of the current task
+                getattr(TaskIdentity, attr)
+            except RuntimeError:
+                setattr(TaskIdentity, attr, value)
 
     def set_run(self, run) -> None:
         self._run = run
@@ -50,6 +56,8 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
+            if not msg.metadata.message_id:  # built by a strategy, not by create_message
+                msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             node = msg.metadata.dst_node_id
             self.sent.append(msg)
             if node not in self.dropped:
