@@ -49,7 +49,7 @@ from common.data import (
 from common.logs import get_logger
 from common.models import FeatureNet, build_teacher, feature_names, input_channels
 from common.protocol import PRECISIONS, ProtocolError, encode_array
-from common.training import evaluate_cases, load_checkpoint, train_segmenter
+from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
 LOG = get_logger("fedkd.client")
 
@@ -336,12 +336,7 @@ def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Ten
     data = load_private(cfg, node)
     if not data.test:
         raise DataError(f"{node.data_path}: site {node.site} has no test cases")
-    ev = evaluate_cases(model, data.test, cfg.data.context_slices)
-    out: dict[str, float] = {"n_cases": len(data.test), "seconds": 0.0}
-    for metric in ("dice", "hd95"):
-        for stat, value in ev[metric].items():
-            if stat != "n":
-                out[f"{metric}_{stat}"] = float(value)
+    out = summary_metrics(evaluate_cases(model, data.test, cfg.data.context_slices))
     out["seconds"] = time.perf_counter() - t0
     return out
 

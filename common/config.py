@@ -330,6 +330,13 @@ def _check_consistency(cfg: RunConfig) -> None:
                 raise ConfigError(f"experiment.methods.{name}: {item!r} is not a key.path=value "
                                   f"override of the run (experiment.* and output.* are set by "
                                   f"the runner)")
+    unseen = cfg.experiment.unseen_sites
+    if unseen and not cfg.data.sites:
+        raise ConfigError("experiment.unseen_sites: data.sites must list the federation's sites "
+                          "(the unseen ones stay out of it)")
+    both = [s for s in unseen if s in cfg.data.sites]
+    if both:
+        raise ConfigError(f"experiment.unseen_sites: {both[0]!r} is also in data.sites")
     specs = [("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)]
     specs += [(f"model.site_teachers.{k}", v) for k, v in cfg.model.site_teachers.items()]
     for key, spec in specs:

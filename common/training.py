@@ -70,6 +70,17 @@ def evaluate_cases(model: torch.nn.Module, cases: list[CaseVolume], context: int
     return out
 
 
+def summary_metrics(ev: dict) -> dict[str, float]:
+    """Flatten :func:`evaluate_cases` output into ``dice_mean, dice_std, ..., hd95_*, n_cases``
+    (figures only: what a site may report)."""
+    out: dict[str, float] = {"n_cases": len(ev["per_case"])}
+    for metric in ("dice", "hd95"):
+        for stat, value in ev.get(metric, {}).items():
+            if stat != "n":
+                out[f"{metric}_{stat}"] = float(value)
+    return out
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)

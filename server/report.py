@@ -16,9 +16,9 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Federated distillation run `{report['name']}`", "",
              f"Strategy `{report['config']['federation']['strategy']}`, aggregation "
              f"`{report['config']['aggregation']['method']}`, "
-             f"{report['config']['federation']['rounds']} round(s), student "
+             f"{report['config']['federation']['rounds']} round(s), final model "
              f"{report['student_parameters']:,} parameters, wall time "
-             f"{report['wall_seconds']:.0f} s.", "", "## Teachers (local training)", "",
+             f"{report['wall_seconds']:.0f} s.", "", "## Teachers (local training)" if st["teachers"] else "", "",
              "| site | val Dice | train cases | epochs | seconds | reused |", "|---|---|---|---|---|---|"]
     for site, m in sorted(st["teachers"].items()):
         lines.append(f"| {site} | {_f(m['val_dice'])} | {int(m['train_cases'])} | "
@@ -29,9 +29,10 @@ def report_markdown(report: dict) -> str:
         if q:
             truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
                      if "target_dice" in q else "")
-            lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.{truth}", "",
-                      "| site | weight share | agreement | proxy entropy | reply MB |",
-                      "|---|---|---|---|---|"]
+            lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.{truth}", ""]
+            if q["sites"]:
+                lines += ["| site | weight share | agreement | proxy entropy | reply MB |",
+                          "|---|---|---|---|---|"]
             for site, fig in sorted(q["sites"].items()):
                 lines.append(f"| {site} | {_f(q['site_weights'].get(site), 3)} | "
                              f"{_f(q['agreement'].get(site), 3)} | {_f(fig['proxy_entropy'])} | "
@@ -46,12 +47,32 @@ def report_markdown(report: dict) -> str:
                       for h in w["history"]]
         ev = r.get("evaluate")
         if ev:
-            lines += ["", "| site | student Dice (mean +- std) | HD95 mm (mean) | test cases |",
+            who = ("site's own teacher" if report["config"]["federation"]["strategy"] == "local"
+                   else "teacher" if report["config"]["federation"]["strategy"] == "central"
+                   else "student")
+            lines += ["", f"| site | {who} Dice (mean +- std) | HD95 mm (mean) | test cases |",
                       "|---|---|---|---|"]
             for site, m in sorted(ev["sites"].items()):
                 lines.append(f"| {site} | {m['dice_mean']:.4f} +- {m['dice_std']:.4f} | "
                              f"{m['hd95_mean']:.1f} | {int(m['n_cases'])} |")
             lines.append(f"| **all** | **{_f(ev['dice_mean'])}** | | |")
+        loc = r.get("local")
+        if loc:
+            cols = sorted(next(iter(loc["matrix"].values())))
+            extra = sorted(next(iter(loc["unseen"].values()), {}))
+            lines += ["", "Local teachers on every site (rows: teacher, columns: test site; "
+                      "unseen sites: all their cases):", "",
+                      "| teacher | " + " | ".join(cols + [f"{s} (unseen)" for s in extra]) + " |",
+                      "|---" * (len(cols) + len(extra) + 1) + "|"]
+            for t, row in sorted(loc["matrix"].items()):
+                vals = [row[c] for c in cols] + [loc["unseen"][t][c] for c in extra]
+                lines.append(f"| {t} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+        un = r.get("unseen")
+        if un:
+            lines += ["", "| unseen site (all cases) | Dice (mean) | HD95 mm (mean) | cases |",
+                      "|---|---|---|---|"]
+            lines += [f"| {s} | {m['dice_mean']:.4f} | {m['hd95_mean']:.1f} | {int(m['n_cases'])} |"
+                      for s, m in sorted(un.items())]
     if st["excluded"]:
         lines += ["", "## Excluded", ""] + [f"- `{k}`: {v}" for k, v in sorted(st["excluded"].items())]
     return "\n".join(lines) + "\n"

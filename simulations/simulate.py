@@ -13,10 +13,13 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from common.config import RunConfig
 from common.data import discover_sites
 from common.logs import get_logger
 from common.synthetic import existing_matches, write_dataset
+from server.workflow import SIMULATION_ONLY
 
 LOG = get_logger("fedkd.server")
 
@@ -45,10 +48,17 @@ def simulate(cfg: RunConfig) -> dict:
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from server.report import report_markdown
     from server.workflow import run_federation
 
     ensure_data(cfg)
+    if cfg.federation.strategy in SIMULATION_ONLY:
+        from simulations.baselines import run_baseline
+
+        print(f"[simulate] baseline {cfg.federation.strategy!r} on pooled data (one process, "
+              f"simulation only); run directory {cfg.output.run_dir}")
+        result = run_baseline(cfg, LOG.info)
+        _print_summary(result, cfg)
+        return result
     sites = list(discover_sites(cfg.data))
     cores = os.cpu_count() or 1
     parallel = parallel_clients(cores, len(sites))
@@ -72,7 +82,32 @@ def simulate(cfg: RunConfig) -> dict:
     if not result:
         raise RuntimeError("the simulation ended without a report (see the log above)")
     print(f"[simulate] done in {time.perf_counter() - t0:.0f} s")
-    summary = report_markdown(result).split("## Round")[-1]
-    print("## Round" + summary)
-    print(f"[simulate] report: {Path(cfg.output.run_dir) / 'report.md'}")
+    if cfg.experiment.unseen_sites:
+        add_unseen(cfg, result)
+    _print_summary(result, cfg)
     return result
+
+
+def add_unseen(cfg: RunConfig, report: dict) -> None:
+    """Test the run's final student on the sites outside the federation (in this process: a
+    simulation-only figure) and add it to the report."""
+    from server.report import write_report
+    from server.workflow import Coordinator
+    from simulations.baselines import evaluate_unseen
+
+    rounds = cfg.federation.rounds
+    run_dir = Path(cfg.output.run_dir)
+    student = Coordinator(None, cfg).new_student()
+    student.net.load_state_dict(torch.load(run_dir / f"student_r{rounds}.pt"))
+    unseen = evaluate_unseen(cfg, student)
+    report["state"]["rounds"][str(rounds)]["unseen"] = unseen
+    write_report(report, run_dir, LOG.info)
+    for site, m in unseen.items():
+        print(f"[simulate] unseen site {site}: Dice {m['dice_mean']:.4f} on {int(m['n_cases'])} cases")
+
+
+def _print_summary(report: dict, cfg: RunConfig) -> None:
+    from server.report import report_markdown
+
+    print("## Round" + report_markdown(report).split("## Round")[-1])
+    print(f"[simulate] report: {Path(cfg.output.run_dir) / 'report.md'}")

@@ -1,0 +1,189 @@
+"""Baselines that read several sites' data in one process (simulation only).
+
+``federation.strategy`` selects one:
+
+* ``local``            every site's own teacher (the KD runs' teacher checkpoints, reused), tested
+                       on every site's test split: the cross-site matrix. The headline figure of
+                       site k is its own teacher's Dice there.
+* ``central``          one teacher-architecture network trained on the pooled train splits of all
+                       sites (model selection on the pooled validation splits): an upper bound.
+* ``central-student``  the same with the student architecture.
+* ``central-kd``       single-teacher KD: the student distilled on the proxy set from the
+                       ``central`` teacher (same distillation code and settings as the federated
+                       runs).
+
+Each writes the same ``report.json`` / ``report.md`` as a federated run (the per-site figures
+under ``state.rounds["1"].evaluate``), and its final network to ``RUN_DIR/model.pt`` together
+with ``RUN_DIR/model.json`` (which architecture). :func:`evaluate_unseen` tests any final
+network on sites outside the federation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from client.site import Node, load_private, load_teacher, resolve_node, train_teacher
+from common.aggregation import StreamingAggregator
+from common.config import ModelSpec, RunConfig, dump_config
+from common.data import CaseVolume, discover_sites
+from common.models import FeatureNet, build_student, build_teacher, count_parameters, input_channels
+from common.training import evaluate_cases, summary_metrics, train_segmenter
+
+
+def site_nodes(cfg: RunConfig) -> list[Node]:
+    """The federation's sites as the Simulation Engine's partitions see them."""
+    return [resolve_node({"partition-id": i}, {}, cfg) for i in range(len(discover_sites(cfg.data)))]
+
+
+def unseen_nodes(cfg: RunConfig) -> list[Node]:
+    root = Path(cfg.data.root)
+    return [Node(s, root / s, "liu", root / Path(cfg.data.proxy).name,
+                 Path(cfg.output.state_root) / s, None) for s in cfg.experiment.unseen_sites]
+
+
+def test_metrics(model: torch.nn.Module, cases: list[CaseVolume], cfg: RunConfig) -> dict:
+    return summary_metrics(evaluate_cases(model, cases, cfg.data.context_slices))
+
+
+def evaluate_unseen(cfg: RunConfig, model: torch.nn.Module) -> dict[str, dict]:
+    """Dice / HD95 of ``model`` on every case of each ``experiment.unseen_sites`` site."""
+    out = {}
+    for node in unseen_nodes(cfg):
+        data = load_private(cfg, node)
+        out[node.site] = test_metrics(model, data.train + data.val + data.test, cfg)
+    return out
+
+
+def _pooled(cfg: RunConfig, nodes: list[Node]) -> tuple[list[CaseVolume], list[CaseVolume]]:
+    datas = [load_private(cfg, n) for n in nodes]
+    return [c for d in datas for c in d.train], [c for d in datas for c in d.val]
+
+
+def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str], None]
+                  ) -> tuple[FeatureNet, dict]:
+    """A network of ``spec`` trained on the pooled splits; its checkpoint lives in
+    ``output.state_root/central-KIND`` and is reused by runs with the same settings."""
+    nodes = site_nodes(cfg)
+    train, val = _pooled(cfg, nodes)
+    torch.manual_seed(cfg.runtime.seed)
+    model = FeatureNet(spec, input_channels(cfg.data))
+    key = hashlib.sha256(json.dumps({
+        "spec": asdict(spec), "train": asdict(cfg.train), "seed": cfg.runtime.seed,
+        "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
+        "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
+    res = train_segmenter(model, train, val, cfg.train, cfg.data.context_slices,
+                          cfg.runtime.seed, log=log, tag=f"central {kind}",
+                          checkpoint=Path(cfg.output.state_root) / f"central-{kind}" / "model.pt",
+                          checkpoint_key=key)
+    info = {"val_dice": res.best_val_dice, "train_cases": len(train), "val_cases": len(val),
+            "epochs_run": res.epochs_run, "seconds": res.seconds, "reused": int(res.reused),
+            "history": res.history}
+    return model, info
+
+
+@torch.no_grad()
+def proxy_outputs(model: FeatureNet, images: np.ndarray, batch: int = 32
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Probabilities (N, 2, H, W) and feature maps {name: (N, C, h, w)} on the proxy images."""
+    model.eval()
+    probs, feats = [], {}
+    for start in range(0, len(images), batch):
+        logits, f = model(torch.from_numpy(images[start:start + batch]))
+        probs.append(logits.softmax(dim=1).numpy())
+        for k, v in f.items():
+            feats.setdefault(k, []).append(v.numpy())
+    return np.concatenate(probs), {k: np.concatenate(v) for k, v in feats.items()}
+
+
+def _per_site(cfg: RunConfig, model: torch.nn.Module, nodes: list[Node]) -> dict[str, dict]:
+    return {n.site: test_metrics(model, load_private(cfg, n).test, cfg) for n in nodes}
+
+
+def _save(run_dir: Path, model: FeatureNet, arch: str) -> None:
+    torch.save(model.net.state_dict(), run_dir / "model.pt")
+    (run_dir / "model.json").write_text(json.dumps({"arch": arch}))
+
+
+def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the pooled-data baseline ``federation.strategy``; returns the run report."""
+    from server.distill import distill_student
+    from server.report import write_report
+    from server.workflow import Coordinator
+
+    t0 = time.perf_counter()
+    strategy = cfg.federation.strategy
+    run_dir = Path(cfg.output.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    torch.set_num_threads(cfg.runtime.threads)
+    nodes = site_nodes(cfg)
+    rnd: dict = {}
+    teachers: dict = {}
+    params = 0
+    if strategy == "local":
+        matrix: dict[str, dict] = {}
+        unseen: dict[str, dict] = {}
+        for node in nodes:
+            teachers[node.site] = train_teacher(cfg, node, log=log)
+            model, _ = load_teacher(cfg, node)
+            params = count_parameters(model)
+            matrix[node.site] = _per_site(cfg, model, nodes)
+            unseen[node.site] = evaluate_unseen(cfg, model)
+            log(f"[local] teacher {node.site}: " + ", ".join(
+                f"{s} {m['dice_mean']:.3f}" for s, m in matrix[node.site].items()))
+        sites = {s: matrix[s][s] for s in matrix}
+        rnd["local"] = {"matrix": {t: {s: m["dice_mean"] for s, m in row.items()}
+                                   for t, row in matrix.items()},
+                        "unseen": {t: {s: m["dice_mean"] for s, m in row.items()}
+                                   for t, row in unseen.items()}}
+        rnd["unseen"] = {s: {"dice_mean": float(np.mean([unseen[t][s]["dice_mean"] for t in unseen])),
+                             "hd95_mean": float(np.mean([unseen[t][s]["hd95_mean"] for t in unseen])),
+                             "n_cases": next(iter(unseen.values()))[s]["n_cases"]}
+                         for s in cfg.experiment.unseen_sites}
+    else:
+        if strategy in ("central", "central-kd"):
+            model, info = train_central(cfg, cfg.model.teacher, "teacher", log)
+        else:
+            student = build_student(cfg.model.student, cfg.model.teacher, input_channels(cfg.data),
+                                    cfg.model.max_student_fraction)
+            model, info = train_central(cfg, student.spec, "student", log)
+        teachers["central"] = {k: v for k, v in info.items() if k != "history"}
+        rnd["central"] = {"history": info["history"]}
+        if strategy == "central-kd":
+            coord = Coordinator(None, cfg, log)
+            ids, images, labels = coord.proxy()
+            probs, feats = proxy_outputs(model, images)
+            agg = StreamingAggregator(cfg.aggregation)
+            agg.add("central", probs, info["val_dice"],
+                    {k: feats[k] for k in cfg.model.student.features if k in feats}
+                    if cfg.distill.w_feature > 0 else {})
+            targets = agg.finalize()
+            query = {"sites": {}, "site_weights": targets.site_weights,
+                     "agreement": targets.agreement, "n_slices": len(ids), "precision": "float32"}
+            if labels is not None:
+                query["target_dice"] = coord.target_dice(ids, targets.probs, labels)
+            model = coord.new_student()
+            history = distill_student(model, images, targets, cfg.distill, cfg.runtime.seed, log,
+                                      tag="central-kd distill")
+            rnd.update(query=query, distill={"history": history})
+        params = count_parameters(model)
+        sites = _per_site(cfg, model, nodes)
+        rnd["unseen"] = evaluate_unseen(cfg, model)
+        _save(run_dir, model, "teacher" if strategy == "central" else "student")
+    n = sum(m["n_cases"] for m in sites.values())
+    rnd["evaluate"] = {"sites": sites,
+                       "dice_mean": sum(m["dice_mean"] * m["n_cases"] for m in sites.values()) / n}
+    report = {"name": cfg.name, "config": cfg.to_dict(),
+              "state": {"completed": [strategy], "nodes": {}, "teachers": teachers,
+                        "excluded": {}, "rounds": {"1": rnd}, "timings": {}},
+              "student_parameters": params, "wall_seconds": time.perf_counter() - t0}
+    write_report(report, run_dir, log)
+    return report
