@@ -34,7 +34,7 @@ from client.site import Node, load_private, load_teacher, resolve_node, train_te
 from common.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config
 from common.data import CaseVolume, discover_sites
-from common.models import FeatureNet, build_student, build_teacher, count_parameters, input_channels
+from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.training import evaluate_cases, summary_metrics, train_segmenter
 
 

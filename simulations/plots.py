@@ -49,3 +49,132 @@ def site_montage(cfg: DataConfig, out: str | Path, cases_per_site: int = 1) -> P
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment figures (fedkd experiment)
+# --------------------------------------------------------------------------------------------
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    _pyplot().close(fig)
+    return out
+
+
+def _by_method(results: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in results:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def per_site_dice_plot(results: list[dict], out: Path) -> Path:
+    """Grouped bars: Dice per site (unseen sites marked) per method, mean +- std over seeds."""
+    plt = _pyplot()
+    groups = _by_method(results)
+    sites = sorted({s for r in results for s in r["site_dice"]})
+    unseen = sorted({s for r in results for s in r["unseen_dice"]})
+    cols = sites + unseen
+    width = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cols) * max(1, len(groups)) * 0.35), 4))
+    for k, (method, rows) in enumerate(groups.items()):
+        vals = [[(r["site_dice"] | r["unseen_dice"]).get(s, np.nan) for r in rows] for s in cols]
+        ax.bar(np.arange(len(cols)) + k * width, [np.nanmean(v) for v in vals], width,
+               yerr=[np.nanstd(v) for v in vals], label=method, capsize=2)
+    ax.set_xticks(np.arange(len(cols)) + width * (len(groups) - 1) / 2,
+                  sites + [f"{s}\n(unseen)" for s in unseen])
+    ax.set_ylabel("Dice (test cases)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out)
+
+
+def dice_vs_bytes_plot(results: list[dict], out: Path) -> Path:
+    """Mean Dice vs megabytes sent to the server in the whole run (log scale), per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rows in _by_method(results).items():
+        if rows[0]["bytes_to_server"] is None:
+            continue
+        dice = [r["dice_mean"] for r in rows]
+        mb = np.mean([r["bytes_to_server"] for r in rows]) / 1e6
+        ax.errorbar(mb, np.mean(dice), yerr=np.std(dice), fmt="o", capsize=3)
+        ax.annotate(method, (mb, np.mean(dice)), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent to the server (all sites, whole run)")
+    ax.set_ylabel("Dice (sites' test splits)")
+    return _save(fig, out)
+
+
+def learning_curves_plot(results: list[dict], out: Path) -> Path:
+    """One panel per kind of curve (distillation loss, FedAvg rounds, pooled training); one line
+    per method (first seed)."""
+    plt = _pyplot()
+    first = {}
+    for r in results:
+        if r["curve"] and r["method"] not in first:
+            first[r["method"]] = r["curve"]
+    kinds = list(dict.fromkeys((c["x"], c["y"]) for c in first.values())) or [("", "")]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.5), squeeze=False)
+    for ax, (x, y) in zip(axes[0], kinds):
+        for method, c in first.items():
+            if (c["x"], c["y"]) == (x, y):
+                pts = np.array(c["points"], dtype=float)
+                ax.plot(pts[:, 0], pts[:, 1], marker=".", label=method)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def prediction_montage(cfg, model, out: Path, title: str) -> Path:
+    """One test case per site (and per unseen site): the slice with the largest gland, ground
+    truth outlined in green and the model's prediction in red, with the case's Dice."""
+    from common.metrics import dice_score
+    from common.training import predict_volume
+    from simulations.baselines import load_private, site_nodes, unseen_nodes
+
+    plt = _pyplot()
+    nodes = [(n, False) for n in site_nodes(cfg)] + [(n, True) for n in unseen_nodes(cfg)]
+    fig, axes = plt.subplots(1, len(nodes), figsize=(2.4 * len(nodes), 2.9), squeeze=False)
+    for ax, (node, unseen) in zip(axes[0], nodes):
+        data = load_private(cfg, node)
+        case = (data.test or data.val or data.train)[0]
+        pred = predict_volume(model, case, cfg.data.context_slices)
+        z = int(np.argmax(case.label.reshape(case.num_slices, -1).sum(axis=1)))
+        ax.imshow(case.image[z].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        for mask, color in ((case.label[z], "lime"), (pred[z], "red")):
+            if mask.any():
+                ax.contour(mask.T, levels=[0.5], colors=color, linewidths=1.0, origin="lower")
+        ax.set_title(f"{node.site}{' (unseen)' if unseen else ''}\n{case.case_id} "
+                     f"Dice {dice_score(pred, case.label):.2f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{title}: ground truth green, prediction red", fontsize=9)
+    return _save(fig, out)
+
+
+def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:
+    """The four PNGs of an experiment report, in ``root``."""
+    import torch
+
+    from common.models import FeatureNet, input_channels
+
+    paths = [per_site_dice_plot(results, root / "per_site_dice.png"),
+             dice_vs_bytes_plot(results, root / "dice_vs_bytes.png"),
+             learning_curves_plot(results, root / "learning_curves.png")]
+    students = [r for r in results if r["model"] == "student" and r["dice_mean"] is not None]
+    if students:
+        best = max(_by_method(students).items(),
+                   key=lambda kv: np.mean([r["dice_mean"] for r in kv[1]]))[1][0]
+        cfg = next(c for m, s, c in runs if m == best["method"] and s == best["seed"])
+        run_dir = Path(cfg.output.run_dir)
+        weights = run_dir / "model.pt"
+        if not weights.is_file():
+            weights = run_dir / f"student_r{cfg.federation.rounds}.pt"
+        model = FeatureNet(cfg.model.student, input_channels(cfg.data))
+        model.net.load_state_dict(torch.load(weights))
+        paths.append(prediction_montage(cfg, model, root / "montage.png",
+                                        f"student of {best['method']} (seed {best['seed']})"))
+    return paths

@@ -49,5 +49,5 @@ def tiny_sim_config(tmp_path: Path, **sections) -> Path:
     }
     cfg.update(sections)
     path = tmp_path / "sim.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from common.cli import main
 from common.config import ConfigError, load_config
@@ -30,16 +31,52 @@ def test_grid_configs_are_validated_before_anything_runs(tmp_path):
         load_config(tiny(tmp_path, {"x": ["output.run_dir=/elsewhere"]}))
 
 
-def test_tiny_grid_runs_end_to_end(tmp_path, capsys):
-    path = tiny(tmp_path, {"adaptive-kd": [], "mean-kd": ["aggregation.method=mean"]})
+def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
+    """KD and FedAvg through the Simulation Engine, the pooled-data baselines in process; two
+    sites in the federation and a third one unseen."""
+    methods = {"adaptive-kd": [], "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
+               "local": ["federation.strategy=local"], "central": ["federation.strategy=central"],
+               "central-kd": ["federation.strategy=central-kd"]}
+    path = tiny_sim_config(tmp_path, output={"run_dir": str(tmp_path / "exp")},
+                           experiment={"methods": methods, "seeds": [0],
+                                       "unseen_sites": ["SiteC"]},
+                           synth={"sites": 3, "cases": 5, "proxy_cases": 2, "seed": 1})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["sites"] = ["SiteA", "SiteB"]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["experiment", "--config", str(path)]) == 0
-    results = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in results] == [("adaptive-kd", 0), ("mean-kd", 0)]
-    for r in results:
+    out = capsys.readouterr().out
+    assert "[experiment] (5/5) central-kd seed 0" in out and "min left" in out
+    exp = tmp_path / "exp"
+    results = json.loads((exp / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["method"] for r in runs] == list(methods)
+    for r in runs:
         assert 0.0 <= r["dice_mean"] <= 1.0 and set(r["site_dice"]) == {"SiteA", "SiteB"}
-        assert r["bytes_to_server"] > 0 and 0.0 <= r["target_dice"] <= 1.0
-    report = (tmp_path / "exp" / "report.md").read_text()
-    assert "| adaptive-kd | 1 |" in report and "| mean-kd | 1 |" in report
-    # the second method reused the first one's teachers (same seed, shared state root)
-    mean_report = json.loads((tmp_path / "exp" / "mean-kd" / "seed_0" / "report.json").read_text())
-    assert all(t["reused"] == 1 for t in mean_report["state"]["teachers"].values())
+        assert set(r["unseen_dice"]) == {"SiteC"} and 0.0 <= r["unseen_dice"]["SiteC"] <= 1.0
+        assert r["curve"].get("points") or r["method"] == "local"
+    by = {r["method"]: r for r in runs}
+    student_bytes = 4 * results["models"]["student"]["parameters"]
+    assert by["fedavg"]["bytes_per_site_round"] == student_bytes
+    assert by["fedavg"]["bytes_to_server"] == student_bytes * 2 * 2  # 2 sites x 2 rounds
+    assert by["adaptive-kd"]["bytes_to_server"] > 0 and 0.0 <= by["adaptive-kd"]["target_dice"] <= 1
+    assert by["local"]["bytes_to_server"] is None and by["local"]["model"] == "teacher"
+    # the local baseline's headline figure is each site's own teacher on its own test split
+    assert by["local"]["site_dice"] == {s: by["local"]["local_matrix"][s][s] for s in ("SiteA", "SiteB")}
+    t, s = results["models"]["teacher"], results["models"]["student"]
+    assert t["parameters"] > s["parameters"] and t["macs_per_slice"] > s["macs_per_slice"] > 0
+    assert s["slice_ms"] > 0 and s["volume_ms"] > s["slice_ms"]
+    report = (exp / "report.md").read_text()
+    for m in methods:
+        assert f"| {m} | 1 |" in report
+    assert "Dice, unseen SiteC" in report and "MMACs per slice" in report
+    for png in ("per_site_dice", "dice_vs_bytes", "learning_curves", "montage"):
+        assert (exp / f"{png}.png").stat().st_size > 5000, png
+    # the KD run reused the teachers that the local baseline (same seed) trained, or vice versa
+    kd = json.loads((exp / "adaptive-kd" / "seed_0" / "report.json").read_text())
+    loc = json.loads((exp / "local" / "seed_0" / "report.json").read_text())
+    assert all(t["reused"] == 1 for t in loc["state"]["teachers"].values())
+    assert kd["state"]["teachers"]["SiteA"]["val_dice"] == loc["state"]["teachers"]["SiteA"]["val_dice"]
+    # central-kd distilled from the checkpoint that central trained
+    assert json.loads((exp / "central-kd" / "seed_0" / "report.json").read_text())[
+        "state"]["teachers"]["central"]["reused"] == 1

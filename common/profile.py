@@ -1,0 +1,81 @@
+"""Size and speed of a network on this machine's CPU: parameters, MACs, latency.
+
+MACs count the multiply-accumulates of convolutions, transposed convolutions and linear layers
+for one slice (normalisation and activations are left out, as is customary). Latency is the
+median wall time of ``torch.inference_mode`` forward passes with ``threads`` torch threads:
+one slice (batch 1), and one volume of ``depth`` slices in batches of 32 (how
+:func:`common.training.predict_volume` segments a case).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from common.models import FeatureNet, count_parameters
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of ``x`` (B, C, H, W), divided by B."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.ConvTranspose2d):  # every input pixel scatters a kernel
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += inputs[0].numel() * module.out_channels // module.groups * k
+        elif isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * module.in_channels // module.groups * k
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // x.shape[0]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, oneDNN kernel selection)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def profile_network(model: FeatureNet, size: tuple[int, int], depth: int = 24, threads: int = 1,
+                    repeats: int = 10) -> dict:
+    """``{"parameters", "macs_per_slice", "slice_ms", "volume_ms", "threads", "depth",
+    "size"}`` of ``model`` on (1, C, H, W) slices and a ``depth``-slice volume."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net = model.export_network().eval()
+        one = torch.rand(1, model.in_channels, *size)
+        vol = torch.rand(depth, model.in_channels, *size)
+
+        def run_volume():
+            with torch.inference_mode():
+                for start in range(0, depth, 32):
+                    net(vol[start:start + 32])
+
+        def run_slice():
+            with torch.inference_mode():
+                net(one)
+
+        return {"parameters": count_parameters(model), "macs_per_slice": count_macs(net, one),
+                "slice_ms": 1000 * _median_seconds(run_slice, repeats),
+                "volume_ms": 1000 * _median_seconds(run_volume, max(3, repeats // 3)),
+                "threads": threads, "depth": depth, "size": list(size)}
+    finally:
+        torch.set_num_threads(old)
