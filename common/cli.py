@@ -98,9 +98,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from simulations.experiment import run_experiment
+    from simulations.experiment import report_only, run_experiment
 
-    run_experiment(_config(args), only=args.only)
+    if args.report_only:
+        report_only(_config(args))
+    else:
+        run_experiment(_config(args), only=args.only)
     return 0
 
 
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("montage.png"), help="PNG to write")
     parsers["experiment"].add_argument("--only", nargs="+", default=None,
                                        help="run only these methods of the grid")
+    parsers["experiment"].add_argument("--report-only", action="store_true",
+                                       help="rewrite report.md and the plots from results.json")
     p = parsers["predict"]
     p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")

@@ -26,6 +26,13 @@ message type           server -> site (content)                     site -> serv
                                                                     ``info``: site
 =====================  ===========================================  ===========================================
 
+The FedAvg / FedProx baseline (``federation.strategy: fedavg | fedprox``) uses Flower's built-in
+strategies and their message types unchanged: ``train`` and ``evaluate`` with ``arrays`` (the
+global student's state dict) and ``config`` (Flower's ``server-round``, FedProx's
+``proximal-mu``, and the run config as YAML under ``run-config``). A site replies ``train`` with
+``arrays`` (its locally trained student) and ``metrics`` {num-examples (training slices), loss,
+seconds}, and ``evaluate`` with ``metrics`` {dice, hd95, num-examples (test cases)}.
+
 N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
 derived from its private images except metrics; every array in a reply has N as its leading
 dimension (the audit test walks every reply to check this).

@@ -159,7 +159,6 @@ def machine() -> dict:
 
 
 def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dict]:
-    from simulations.plots import experiment_plots
     from simulations.simulate import ensure_data, simulate
 
     root = Path(cfg.output.run_dir)
@@ -188,22 +187,45 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
               f"{results[-1]['dice_mean']:.4f}", flush=True)
         _write(root, cfg, results, models, time.perf_counter() - t0)
     wall = time.perf_counter() - t0
+    _write(root, cfg, results, models, wall)
+    write_report(cfg, results, models, wall, runs)
+    return results
+
+
+def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
+                 runs: Optional[list] = None) -> Path:
+    """``report.md`` and the plots of an experiment from its figures (``fedkd experiment
+    --report-only`` calls it on an existing ``results.json``)."""
+    from simulations.plots import experiment_plots
+
+    root = Path(cfg.output.run_dir)
     table = summary_markdown(results, models)
-    plots = experiment_plots(results, runs, root)
+    plots = experiment_plots(results, runs or method_configs(cfg), root)
+    host = machine()
     (root / "report.md").write_text(
         f"# Experiment `{cfg.name}`\n\nDice: mean over each site's test-split cases, then mean "
         f"+- std over seeds {sorted({r['seed'] for r in results})}; unseen sites take no part in "
         f"training and are tested on all their cases. MB: what each site sends to the server "
-        f"(KD: teacher outputs on the proxy set; FedAvg/FedProx: the model, every round); "
-        f"pooled-data baselines send the data itself and have no figure.\n\n{table}\n\n"
-        + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
-        + f"\nMachine: {machine()['processor']}, {machine()['cpus']} CPUs; wall time "
-        f"{wall / 60:.1f} min.\n")
-    _write(root, cfg, results, models, wall)
+        f"(KD: teacher outputs on the proxy set, once; FedAvg/FedProx: the model, every round); "
+        f"the pooled-data baselines need the data itself and have no figure. Wall s: the run "
+        f"itself; the first run of a seed also trains the seed's site teachers, which the "
+        f"other runs of that seed reuse (as `central-kd` reuses `central`'s teacher).\n\n"
+        f"{table}\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+        + f"\nMachine: {host['processor']}, {host['cpus']} CPUs, torch {host['torch']}; "
+        f"wall time {wall / 60:.1f} min.\n")
     print(table)
-    print(f"[experiment] done in {wall / 60:.1f} min; results: {root / 'results.json'}; "
-          f"report: {root / 'report.md'}")
-    return results
+    print(f"[experiment] {len(results)} runs in {wall / 60:.1f} min; results: "
+          f"{root / 'results.json'}; report: {root / 'report.md'}")
+    return root / "report.md"
+
+
+def report_only(cfg: RunConfig) -> Path:
+    """Rewrite ``report.md`` and the plots from ``RUN_DIR/results.json`` without running."""
+    path = Path(cfg.output.run_dir) / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found (run the experiment first)")
+    data = json.loads(path.read_text())
+    return write_report(cfg, data["runs"], data["models"], data["wall_seconds"])
 
 
 def _write(root: Path, cfg: RunConfig, results: list[dict], models: dict, wall: float) -> None:

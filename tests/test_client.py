@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
-from client.site import load_private, load_proxy_cases, resolve_node
+from client.site import load_private, load_proxy_cases, resolve_node, train_student_local
 from common.data import proxy_slice_ids
 from common.config import ConfigError, load_config
 from common.models import FeatureNet
@@ -257,3 +257,21 @@ def test_manifest_node_must_name_a_listed_site(fed, tmp_path):
     reply = send(train_request(cfg), TRAIN_TEACHER, local)
     assert reply.has_error() and reply.error.code == ERR_CONFIG
     assert "'SiteC' is not in" in reply.error.reason and "SiteA, SiteB" in reply.error.reason
+
+
+def test_fedprox_proximal_term_keeps_local_weights_near_the_global_model(fed):
+    root, cfg, node_config = fed
+    cfg = load_config(None, ["data.size=[64,64]", "data.spacing=[2.0,2.0]",
+                             "model.student.channels=[4,8,16,32]", "model.student.num_res_units=0",
+                             "federation.local_epochs=2"])
+    node = resolve_node(node_config, {}, cfg)
+    torch.manual_seed(0)
+    start = FeatureNet(cfg.model.student).net.state_dict()
+    n_slices = sum(c.num_slices for c in load_private(cfg, node).train)
+
+    def drift(mu):
+        state, metrics = train_student_local(cfg, node, start, 1, mu, log=lambda s: None)
+        assert metrics["num-examples"] == n_slices and math.isfinite(metrics["loss"])
+        return sum(float((state[k].float() - start[k].float()).norm()) for k in start)
+
+    assert drift(100.0) < 0.5 * drift(0.0)

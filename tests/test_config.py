@@ -91,3 +91,14 @@ def test_a_partial_section_keeps_its_own_defaults(tmp_path):
     cfg = load_config(write(tmp_path, {"model": {"student": {"channels": [4, 8, 16, 32]}}}))
     assert cfg.model.student.strides == [2, 2, 2]  # the student's default, not the teacher's
     assert cfg.model.student.num_res_units == 1 and cfg.model.teacher == RunConfig().model.teacher
+
+
+def test_unseen_sites_must_stay_out_of_the_federation(tmp_path):
+    with pytest.raises(ConfigError, match="data.sites must list the federation's sites"):
+        load_config(None, ["experiment.unseen_sites=[SiteF]"])
+    with pytest.raises(ConfigError, match="'SiteF' is also in data.sites"):
+        load_config(None, ["experiment.unseen_sites=[SiteF]", "data.sites=[SiteA,SiteF]"])
+    with pytest.raises(ConfigError, match="federation.strategy: expected one of"):
+        load_config(None, ["federation.strategy=fedsgd"])
+    cfg = load_config(None, ["experiment.unseen_sites=[SiteF]", "data.sites=[SiteA,SiteB]"])
+    assert cfg.experiment.unseen_sites == ["SiteF"]

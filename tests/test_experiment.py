@@ -72,6 +72,11 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert "Dice, unseen SiteC" in report and "MMACs per slice" in report
     for png in ("per_site_dice", "dice_vs_bytes", "learning_curves", "montage"):
         assert (exp / f"{png}.png").stat().st_size > 5000, png
+    # the report and plots can be rewritten from results.json alone
+    (exp / "report.md").unlink()
+    (exp / "montage.png").unlink()
+    assert main(["experiment", "--config", str(path), "--report-only"]) == 0
+    assert (exp / "report.md").read_text() == report and (exp / "montage.png").is_file()
     # the KD run reused the teachers that the local baseline (same seed) trained, or vice versa
     kd = json.loads((exp / "adaptive-kd" / "seed_0" / "report.json").read_text())
     loc = json.loads((exp / "local" / "seed_0" / "report.json").read_text())

@@ -61,3 +61,19 @@ def test_site_teachers_may_differ_in_architecture():
     fa, fb = a(torch.zeros(1, 1, 64, 64))[1], b(torch.zeros(1, 1, 64, 64))[1]
     assert fa["enc2"].shape[-2:] == fb["enc2"].shape[-2:]
     assert fa["enc2"].shape[1] != fb["enc2"].shape[1]
+
+
+def test_mac_count_of_known_layers_and_profile_fields():
+    from torch import nn
+
+    from common.profile import count_macs, profile_network
+
+    conv = nn.Conv2d(1, 4, 3, padding=1)  # 8x8 outputs x 4 channels x (1 x 3 x 3)
+    assert count_macs(conv, torch.zeros(2, 1, 8, 8)) == 8 * 8 * 4 * 9
+    up = nn.ConvTranspose2d(4, 2, 2, stride=2)  # 4x4 inputs x 4 channels scatter 2 x (2 x 2)
+    assert count_macs(up, torch.zeros(1, 4, 4, 4)) == 4 * 4 * 4 * 2 * 4
+    cfg = RunConfig()
+    p = profile_network(build_student(cfg.model.student, cfg.model.teacher), (64, 64), depth=8,
+                        threads=1, repeats=3)
+    assert p["parameters"] == 51777 and p["threads"] == 1 and p["depth"] == 8
+    assert p["macs_per_slice"] > 0 and 0 < p["slice_ms"] < p["volume_ms"]

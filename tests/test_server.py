@@ -207,3 +207,34 @@ def test_serverapp_main_reads_its_run_config(fed, tmp_path):
     server_app(grid, ctx)
     assert (tmp_path / "app" / "report.md").is_file()
     assert (tmp_path / "app" / "export" / "student.pt").is_file()
+
+
+def test_fedprox_baseline_runs_flowers_strategy_and_sites_evaluate_the_result(fed, tmp_path):
+    cfg, grid = make(fed, tmp_path, ["federation.strategy=fedprox", "federation.rounds=2",
+                                     "federation.proximal_mu=0.5"])
+    logs = []
+    report = run_federation(grid, cfg, logs.append)
+    types = sent_types(grid)
+    assert types == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3 + \
+        [EVALUATE_STUDENT] * 3  # two FedProx rounds, then fedkd's per-site evaluation
+    train_msg = next(m for m in grid.sent if m.metadata.message_type == "train")
+    assert train_msg.content["config"]["proximal-mu"] == 0.5  # set by Flower's FedProx
+    w = report["state"]["rounds"]["2"]["weights"]
+    assert w["strategy"] == "FedProx" and [h["round"] for h in w["history"]] == [1, 2]
+    assert all(0.0 <= h["dice"] <= 1.0 for h in w["history"])
+    assert w["bytes_per_site_round"] == 4 * 10340  # the float32 student, from every site
+    ev = report["state"]["rounds"]["2"]["evaluate"]
+    assert set(ev["sites"]) == {"SiteA", "SiteB", "SiteC"}
+    # the evaluated and exported model is the strategy's final global model
+    final = torch.load(tmp_path / "student_r2.pt")
+    initial = FeatureNet(cfg.model.student).net.state_dict()
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    assert (tmp_path / "export" / "student.ts").is_file()
+    assert "FedProx of the student over 3 sites" in (tmp_path / "report.md").read_text()
+
+
+def test_pooled_data_baselines_are_refused_outside_a_simulation(fed, tmp_path):
+    cfg, grid = make(fed, tmp_path, ["federation.strategy=central"])
+    with pytest.raises(FederationError, match="baseline on pooled data: it runs only in"):
+        run_federation(grid, cfg, lambda s: None)
+    assert grid.sent == []
