@@ -107,6 +107,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench import run_bench
+
+    run_bench(args.name, _config(args))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from server.export import load_exported
     from server.predict import predict_files
@@ -129,6 +136,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "simulate": ("run a federation of the synthetic sites in Flower's Simulation Engine",
                  cmd_simulate),
     "experiment": ("run experiment.methods x experiment.seeds and tabulate them", cmd_experiment),
+    "bench": ("benchmarks: comm (bytes vs Dice), compress (teacher vs student speed), scale "
+              "(aggregation and simulation with more sites)", cmd_bench),
     "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
 }
 
@@ -157,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="run only these methods of the grid")
     parsers["experiment"].add_argument("--report-only", action="store_true",
                                        help="rewrite report.md and the plots from results.json")
+    parsers["bench"].add_argument("name", choices=["comm", "compress", "scale"],
+                                  help="which benchmark")
     p = parsers["predict"]
     p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")

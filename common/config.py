@@ -183,6 +183,23 @@ class ExperimentConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``fedkd bench NAME`` settings (see :mod:`simulations.bench`)."""
+
+    rounds: int = _f(10, lo=1, hi=1000, doc="comm: FedAvg rounds (KD needs one query)")
+    target_dice: float = _f(0.5, lo=0.0, hi=1.0, doc="comm: the Dice whose cost in bytes is reported")
+    image_size: list[int] = _f(factory=lambda: [128, 128], lo=16, hi=1024, doc="compress and scale: slice size "
+                               "of the timed networks and of the simulated replies")
+    volume_slices: int = _f(24, lo=1, hi=1000, doc="compress: slices of the timed volume")
+    repeats: int = _f(10, lo=1, hi=1000, doc="compress: timed repetitions (median)")
+    scale_sites: list[int] = _f(factory=lambda: [6, 24, 96], doc="scale: site counts for "
+                                "server aggregation")
+    proxy_slices: int = _f(477, lo=1, hi=100000, doc="scale: proxy slices per simulated reply")
+    engine_sites: list[int] = _f(factory=lambda: [2, 6, 12], doc="scale: site counts for the "
+                                 "Simulation Engine wall time")
+
+
+@dataclass
 class RuntimeConfig:
     threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads (server and CLI)")
     client_threads: int = _f(0, lo=0, hi=256, doc="torch threads of a site node; 0 = threads "
@@ -202,6 +219,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,7 +331,8 @@ def _check_consistency(cfg: RunConfig) -> None:
     if s.train <= 0:
         raise ConfigError("data.split.train: expected a value > 0")
     for key, n in (("data.spacing", len(cfg.data.spacing)), ("data.size", len(cfg.data.size)),
-                   ("data.clip_percentiles", len(cfg.data.clip_percentiles))):
+                   ("data.clip_percentiles", len(cfg.data.clip_percentiles)),
+                   ("bench.image_size", len(cfg.bench.image_size))):
         if n != 2:
             raise ConfigError(f"{key}: expected a list of 2 values, got {n}")
     lo, hi = cfg.data.clip_percentiles
@@ -436,6 +455,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source_note = " (with --set overrides)"
         if not source.endswith(source_note):
             source += source_note
+    return from_dict(data, source)
+
+
+def with_overrides(cfg: RunConfig, items: list, source: str = "overrides") -> RunConfig:
+    """A validated copy of ``cfg`` with ``key.path=value`` texts (or ``(key, value)`` pairs)."""
+    data = to_plain(cfg)
+    for item in items:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        _set_path(data, key, value)
     return from_dict(data, source)
 
 

@@ -53,29 +53,38 @@ def _median_seconds(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def latency_ms(run, in_channels: int, size: tuple[int, int], depth: int, repeats: int,
+               to_input=lambda t: t) -> tuple[float, float]:
+    """Median milliseconds of ``run(batch)`` for one slice and for a ``depth``-slice volume in
+    batches of 32. ``to_input`` converts the (B, C, H, W) float tensor (e.g. to numpy)."""
+    one = to_input(torch.rand(1, in_channels, *size))
+    vol = [to_input(b) for b in torch.rand(depth, in_channels, *size).split(32)]
+
+    def run_volume():
+        for b in vol:
+            run(b)
+
+    return (1000 * _median_seconds(lambda: run(one), repeats),
+            1000 * _median_seconds(run_volume, max(3, repeats // 3)))
+
+
 def profile_network(model: FeatureNet, size: tuple[int, int], depth: int = 24, threads: int = 1,
                     repeats: int = 10) -> dict:
     """``{"parameters", "macs_per_slice", "slice_ms", "volume_ms", "threads", "depth",
-    "size"}`` of ``model`` on (1, C, H, W) slices and a ``depth``-slice volume."""
+    "size"}`` of ``model`` (eager PyTorch) on (1, C, H, W) slices and a ``depth``-slice volume."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         net = model.export_network().eval()
-        one = torch.rand(1, model.in_channels, *size)
-        vol = torch.rand(depth, model.in_channels, *size)
 
-        def run_volume():
+        def run(x):
             with torch.inference_mode():
-                for start in range(0, depth, 32):
-                    net(vol[start:start + 32])
+                net(x)
 
-        def run_slice():
-            with torch.inference_mode():
-                net(one)
-
-        return {"parameters": count_parameters(model), "macs_per_slice": count_macs(net, one),
-                "slice_ms": 1000 * _median_seconds(run_slice, repeats),
-                "volume_ms": 1000 * _median_seconds(run_volume, max(3, repeats // 3)),
+        slice_ms, volume_ms = latency_ms(run, model.in_channels, size, depth, repeats)
+        macs = count_macs(net, torch.zeros(1, model.in_channels, *size))
+        return {"parameters": count_parameters(model), "macs_per_slice": macs,
+                "slice_ms": slice_ms, "volume_ms": volume_ms,
                 "threads": threads, "depth": depth, "size": list(size)}
     finally:
         torch.set_num_threads(old)

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common.config import RunConfig, dump_config, from_dict, parse_override, to_plain
+from common.config import RunConfig, dump_config, with_overrides
 
 STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "central-student", "central-kd")
 
@@ -38,19 +38,10 @@ def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:
     runs = []
     for seed in cfg.experiment.seeds:
         for method, items in cfg.experiment.methods.items():
-            data = to_plain(cfg)
-            for item in items:
-                key, value = parse_override(item)
-                node = data
-                parts = key.split(".")
-                for part in parts[:-1]:
-                    node = node.setdefault(part, {})
-                node[parts[-1]] = value
-            data["runtime"]["seed"] = seed
-            data["output"] = {"run_dir": str(root / method / f"seed_{seed}"),
-                              "state_root": str(root / "state")}
-            data["name"] = f"{cfg.name}/{method}/seed_{seed}"
-            runs.append((method, seed, from_dict(data, f"experiment.methods.{method}")))
+            runs.append((method, seed, with_overrides(cfg, [
+                *items, ("runtime.seed", seed), ("name", f"{cfg.name}/{method}/seed_{seed}"),
+                ("output", {"run_dir": str(root / method / f"seed_{seed}"),
+                            "state_root": str(root / "state")})], f"experiment.methods.{method}")))
     return runs
 
 

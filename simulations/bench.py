@@ -1,0 +1,354 @@
+"""``fedkd bench NAME``: the figures a user would pick this system on, measured in one run.
+
+* ``comm``      bytes each site sends per round: KD with float32 / float16 / int8 teacher outputs,
+                with and without feature maps, vs FedAvg of the student and of the teacher; the
+                Dice each reaches, and the bytes each needs to reach ``bench.target_dice``. The
+                federation runs in this process over :class:`simulations.local_grid.LocalGrid`
+                (the same ServerApp workflow and ClientApp as a deployment).
+* ``compress``  teacher vs student: parameters, MACs, CPU latency per slice and per volume
+                (eager PyTorch, TorchScript, ONNX Runtime when installed), peak memory of a
+                volume's inference (measured in a fresh process).
+* ``scale``     server aggregation time and peak memory (tracemalloc) for ``bench.scale_sites``
+                simulated teacher replies of realistic size, and the Simulation Engine's wall
+                time for ``bench.engine_sites`` sites.
+
+Each writes ``RUN_DIR/bench_NAME.json`` and ``RUN_DIR/bench_NAME.png`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common.config import RunConfig, to_plain, with_overrides
+from common.models import FeatureNet, build_teacher, input_channels
+from common.profile import latency_ms, profile_network
+
+
+def _pyplot():
+    from simulations.plots import _pyplot as plt
+
+    return plt()
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _finish(cfg: RunConfig, name: str, result: dict, table: str, fig) -> dict:
+    root = Path(cfg.output.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    result = {"bench": name, "machine": _machine(), "config": to_plain(cfg), **result}
+    (root / f"bench_{name}.json").write_text(json.dumps(result, indent=1))
+    fig.tight_layout()
+    fig.savefig(root / f"bench_{name}.png", dpi=90)
+    _pyplot().close(fig)
+    print(table)
+    print(f"[bench] {name}: {root / f'bench_{name}.json'}, {root / f'bench_{name}.png'}")
+    return result
+
+
+def _machine() -> dict:
+    from simulations.experiment import machine
+
+    return machine()
+
+
+# --------------------------------------------------------------------------------------------
+# compress
+# --------------------------------------------------------------------------------------------
+_PEAK = """
+import json, resource, sys, torch
+from common.config import ModelSpec
+from common.models import FeatureNet
+spec, ch, size, depth, threads = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+net = FeatureNet(ModelSpec(**spec), ch).export_network().eval()
+x = torch.rand(depth, ch, *size)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode():
+    for b in x.split(32):
+        net(b)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+
+
+def peak_inference_mb(model: FeatureNet, size: tuple[int, int], depth: int, threads: int) -> float:
+    """Extra peak resident memory (MB) of one volume's inference, in a fresh interpreter."""
+    from dataclasses import asdict
+
+    arg = json.dumps([asdict(model.spec), model.in_channels, list(size), depth, threads])
+    out = subprocess.run([sys.executable, "-c", _PEAK, arg], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _onnx_runner(net: torch.nn.Module, in_ch: int, size: tuple[int, int], threads: int,
+                 path: Path):
+    """An ONNX Runtime session's run function, or the reason there is none."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime not installed"
+    try:
+        torch.onnx.export(net, torch.zeros(1, in_ch, *size), str(path), input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # the exporter's own dependencies may be missing
+        return None, f"export failed: {type(exc).__name__}: {exc}"
+    return (lambda x: sess.run(None, {"image": x})), ""
+
+
+def bench_compress(cfg: RunConfig) -> dict:
+    from common.models import build_student
+
+    b, threads, size = cfg.bench, cfg.runtime.threads, tuple(cfg.bench.image_size)
+    ch = input_channels(cfg.data)
+    models = {"teacher": build_teacher(cfg.model.teacher, ch),
+              "student": build_student(cfg.model.student, cfg.model.teacher, ch,
+                                       cfg.model.max_student_fraction)}
+    out: dict = {"threads": threads, "size": list(size), "volume_slices": b.volume_slices,
+                 "models": {}}
+    torch.set_num_threads(threads)
+    for name, model in models.items():
+        p = profile_network(model, size, b.volume_slices, threads, b.repeats)
+        net = model.export_network().eval()
+        scripted = torch.jit.script(net)
+
+        def run_ts(x, m=scripted):
+            with torch.inference_mode():
+                m(x)
+
+        ts = latency_ms(run_ts, ch, size, b.volume_slices, b.repeats)
+        ort_run, why = _onnx_runner(net, ch, size, threads,
+                                    Path(cfg.output.run_dir) / f"bench_{name}.onnx")
+        ort = (latency_ms(ort_run, ch, size, b.volume_slices, b.repeats,
+                          to_input=lambda t: t.numpy()) if ort_run else None)
+        out["models"][name] = {
+            **p, "torchscript_slice_ms": ts[0], "torchscript_volume_ms": ts[1],
+            "onnxruntime_slice_ms": ort[0] if ort else None,
+            "onnxruntime_volume_ms": ort[1] if ort else None, "onnxruntime_note": why,
+            "peak_mb": peak_inference_mb(model, size, b.volume_slices, threads)}
+        print(f"[bench] compress: {name} done", flush=True)
+    t, s = out["models"]["teacher"], out["models"]["student"]
+    out["ratios"] = {"parameters": t["parameters"] / s["parameters"],
+                     "macs": t["macs_per_slice"] / s["macs_per_slice"],
+                     "slice_ms": t["slice_ms"] / s["slice_ms"],
+                     "volume_ms": t["volume_ms"] / s["volume_ms"],
+                     "peak_mb": t["peak_mb"] / max(s["peak_mb"], 1e-9)}
+
+    def ms(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    rows = [[n, f"{m['parameters']:,}", f"{m['macs_per_slice'] / 1e6:.1f}", ms(m["slice_ms"]),
+             ms(m["volume_ms"]), ms(m["torchscript_slice_ms"]), ms(m["torchscript_volume_ms"]),
+             ms(m["onnxruntime_slice_ms"]), ms(m["onnxruntime_volume_ms"]), f"{m['peak_mb']:.0f}"]
+            for n, m in out["models"].items()]
+    r = out["ratios"]
+    rows.append(["teacher / student", f"{r['parameters']:.1f}x", f"{r['macs']:.1f}x",
+                 f"{r['slice_ms']:.1f}x", f"{r['volume_ms']:.1f}x", "", "", "", "",
+                 f"{r['peak_mb']:.1f}x"])
+    table = _table(["model", "parameters", "MMACs/slice", "eager ms/slice",
+                    f"eager ms/volume ({b.volume_slices})", "TorchScript ms/slice",
+                    "TorchScript ms/volume", "ONNX RT ms/slice", "ONNX RT ms/volume",
+                    "peak MB (volume)"], rows)
+    if not s["onnxruntime_slice_ms"]:
+        table += f"\n\nONNX Runtime: {s['onnxruntime_note']}."
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    kinds = [("eager", "volume_ms"), ("TorchScript", "torchscript_volume_ms"),
+             ("ONNX Runtime", "onnxruntime_volume_ms")]
+    for k, (label, key) in enumerate(kinds):
+        vals = [out["models"][n][key] or 0 for n in ("teacher", "student")]
+        ax.bar(np.arange(2) + 0.27 * k, vals, 0.27, label=label)
+    ax.set_xticks(np.arange(2) + 0.27, ["teacher", "student"])
+    ax.set_ylabel(f"ms per {b.volume_slices}-slice volume ({threads} threads)")
+    ax.legend(fontsize=8)
+    return _finish(cfg, "compress", out, table, fig)
+
+
+# --------------------------------------------------------------------------------------------
+# scale
+# --------------------------------------------------------------------------------------------
+def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
+    """Fold ``sites`` simulated replies (probabilities and the student's feature maps, of the
+    size a teacher of ``cfg`` sends for ``slices`` proxy slices) into the streaming aggregator;
+    seconds and tracemalloc peak (MB), the reply generation included."""
+    from common.aggregation import StreamingAggregator
+
+    h, w = cfg.bench.image_size
+    teacher = build_teacher(cfg.model.teacher, input_channels(cfg.data))
+    taps = {n: (c, s) for n, c, s in ((n, t.channels, t.stride) for n, t in teacher.taps.items())}
+    rng = np.random.default_rng(0)
+    agg = StreamingAggregator(cfg.aggregation)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    reply_mb = 0.0
+    for k in range(sites):
+        logits = rng.standard_normal((slices, 2, h, w), dtype=np.float32)
+        probs = 1.0 / (1.0 + np.exp(logits[:, :1] - logits[:, 1:]))
+        probs = np.concatenate([1.0 - probs, probs], axis=1)
+        feats = {n: rng.standard_normal((slices, c, h // s, w // s), dtype=np.float32)
+                 .astype(np.float16) for n, (c, s) in taps.items()}
+        reply_mb = (logits.nbytes / 2 + sum(f.nbytes for f in feats.values())) / 1e6  # float16
+        agg.add(f"site{k}", probs, 0.5 + 0.4 * rng.random(), feats)
+        del logits, probs, feats
+    agg.finalize()
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"sites": sites, "seconds": seconds, "peak_mb": peak / 1e6, "reply_mb": reply_mb}
+
+
+def engine_wall_time(cfg: RunConfig, sites: int, log: Callable[[str], None] = print) -> dict:
+    from simulations.simulate import simulate
+
+    root = Path(cfg.output.run_dir) / "engine"
+    run = with_overrides(cfg, [
+        ("synth.sites", sites), ("data.root", str(root / f"data_{sites}")), ("data.sites", []),
+        ("output.run_dir", str(root / f"run_{sites}")),
+        ("output.state_root", str(root / f"state_{sites}")), ("experiment.unseen_sites", [])],
+        "bench scale")
+    t0 = time.perf_counter()
+    report = simulate(run)
+    return {"sites": sites, "seconds": time.perf_counter() - t0,
+            "dice_mean": report["state"]["rounds"]["1"]["evaluate"]["dice_mean"]}
+
+
+def bench_scale(cfg: RunConfig) -> dict:
+    b = cfg.bench
+    agg = []
+    for k in b.scale_sites:
+        agg.append(aggregation_cost(cfg, k, b.proxy_slices))
+        print(f"[bench] scale: {k} sites aggregated in {agg[-1]['seconds']:.1f} s, peak "
+              f"{agg[-1]['peak_mb']:.0f} MB", flush=True)
+    engine = [engine_wall_time(cfg, k) for k in b.engine_sites]
+    base = agg[0]
+    for a in agg:
+        a["memory_ratio"] = a["peak_mb"] / base["peak_mb"]
+        a["time_ratio"] = a["seconds"] / base["seconds"]
+    for e in engine:
+        e["time_ratio"] = e["seconds"] / engine[0]["seconds"]
+    out = {"aggregation": agg, "engine": engine, "proxy_slices": b.proxy_slices,
+           "memory_within_1_5x": all(a["memory_ratio"] <= 1.5 for a in agg)}
+    table = _table(["sites", "aggregation s", "time ratio", "peak MB", "memory ratio",
+                    "reply MB (float16)"],
+                   [[a["sites"], f"{a['seconds']:.1f}", f"{a['time_ratio']:.1f}x",
+                     f"{a['peak_mb']:.0f}", f"{a['memory_ratio']:.2f}x", f"{a['reply_mb']:.1f}"]
+                    for a in agg])
+    table += "\n\n" + _table(["sites (Simulation Engine)", "wall s", "ratio", "student Dice"],
+                             [[e["sites"], f"{e['seconds']:.0f}", f"{e['time_ratio']:.1f}x",
+                               f"{e['dice_mean']:.3f}"] for e in engine])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    x = [a["sites"] for a in agg]
+    axes[0].plot(x, [a["seconds"] for a in agg], "o-", label="seconds")
+    ax2 = axes[0].twinx()
+    ax2.plot(x, [a["peak_mb"] for a in agg], "s--", color="C1", label="peak MB")
+    axes[0].set_xlabel("sites (server aggregation)")
+    axes[0].set_ylabel("seconds")
+    ax2.set_ylabel("peak MB")
+    ax2.set_ylim(0, max(a["peak_mb"] for a in agg) * 1.6)
+    axes[1].plot([e["sites"] for e in engine], [e["seconds"] for e in engine], "o-")
+    axes[1].set_xlabel("sites (Simulation Engine run)")
+    axes[1].set_ylabel("wall seconds")
+    return _finish(cfg, "scale", out, table, fig)
+
+
+# --------------------------------------------------------------------------------------------
+# comm
+# --------------------------------------------------------------------------------------------
+def _federate(cfg: RunConfig, log: Callable[[str], None]) -> dict:
+    """One federation of ``data.sites`` in this process (LocalGrid), as a deployment runs it."""
+    from client.app import app
+    from common.data import discover_sites
+    from server.workflow import run_federation
+    from simulations.local_grid import LocalGrid
+
+    sites = list(discover_sites(cfg.data))
+    grid = LocalGrid(app, {i + 1: {"partition-id": i} for i in range(len(sites))},
+                     {"data-root": cfg.data.root, "state-root": cfg.output.state_root})
+    return run_federation(grid, cfg, log)
+
+
+def bench_comm(cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    from simulations.simulate import ensure_data
+
+    ensure_data(cfg)
+    root = Path(cfg.output.run_dir) / "comm"
+    b = cfg.bench
+    common = [("output.state_root", str(root / "state"))]
+    variants = [(f"KD {p}" + (" + features" if feat else ""),
+                 [("federation.precision", p), ("distill.w_feature", cfg.distill.w_feature if feat else 0.0)])
+                for feat in (True, False) for p in ("float32", "float16", "int8")]
+    variants += [("FedAvg student", [("federation.strategy", "fedavg"), ("federation.rounds", b.rounds)]),
+                 ("FedAvg teacher", [("federation.strategy", "fedavg"), ("federation.rounds", b.rounds),
+                                     ("model.student", to_plain(cfg)["model"]["teacher"]),
+                                     ("model.max_student_fraction", 1.0)])]
+    rows = []
+    torch.set_num_threads(cfg.runtime.threads)
+    for name, items in variants:
+        run = with_overrides(cfg, [*common, *items, ("output.run_dir", str(root / name.replace(" ", "_")))],
+                             f"bench comm {name}")
+        t0 = time.perf_counter()
+        report = _federate(run, log)
+        last = report["state"]["rounds"][str(run.federation.rounds)]
+        if "weights" in last:
+            w = last["weights"]
+            per_round = w["bytes_per_site_round"]
+            curve = [(h["round"], h["dice"]) for h in w["history"]]
+        else:
+            q = report["state"]["rounds"]["1"]["query"]
+            per_round = float(np.mean([s["reply_bytes"] for s in q["sites"].values()]))
+            curve = [(1, last["evaluate"]["dice_mean"])]
+        n_sites = len(last["evaluate"]["sites"])
+        reach = next((r for r, d in curve if d >= b.target_dice), None)
+        rows.append({"method": name, "bytes_per_site_round": per_round, "sites": n_sites,
+                     "rounds": len(curve), "dice_round1": curve[0][1],
+                     "dice_final": last["evaluate"]["dice_mean"], "curve": curve,
+                     "bytes_to_target": per_round * n_sites * reach if reach else None,
+                     "seconds": time.perf_counter() - t0})
+        print(f"[bench] comm: {name}: {per_round / 1e6:.2f} MB per site per round, Dice "
+              f"{rows[-1]['dice_final']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    ref = next(r for r in rows if r["method"] == "FedAvg student")["bytes_per_site_round"]
+    for r in rows:
+        r["ratio_to_fedavg_student"] = r["bytes_per_site_round"] / ref
+    out = {"target_dice": b.target_dice, "rounds": b.rounds, "methods": rows}
+
+    def mb(x):
+        return "not reached" if x is None else f"{x / 1e6:.2f}"
+
+    table = _table(["method", "MB per site per round", "x FedAvg student", "rounds",
+                    "Dice after round 1", "final Dice", f"MB (all sites) to Dice {b.target_dice}"],
+                   [[r["method"], f"{r['bytes_per_site_round'] / 1e6:.3f}",
+                     f"{r['ratio_to_fedavg_student']:.1f}x", r["rounds"], f"{r['dice_round1']:.3f}",
+                     f"{r['dice_final']:.3f}", mb(r["bytes_to_target"])] for r in rows])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        xs = [r["bytes_per_site_round"] * r["sites"] * k / 1e6 for k, _ in r["curve"]]
+        ax.plot(xs, [d for _, d in r["curve"]], "o-" if len(xs) > 1 else "o", label=r["method"])
+    ax.axhline(b.target_dice, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent to the server (all sites, cumulative)")
+    ax.set_ylabel("Dice (sites' test splits)")
+    ax.legend(fontsize=7)
+    return _finish(cfg, "comm", out, table, fig)
+
+
+BENCHES = {"comm": bench_comm, "compress": bench_compress, "scale": bench_scale}
+
+
+def run_bench(name: str, cfg: RunConfig) -> dict:
+    return BENCHES[name](cfg)
