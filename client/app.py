@@ -46,6 +46,7 @@ from common.protocol import (
     ERR_CONFIG,
     ERR_DATA,
     ERR_INTERNAL,
+    EVAL,
     FEATURES,
     FLWR_ARRAYS,
     FLWR_CONFIG,
@@ -151,9 +152,14 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
 
 
 def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
-    metrics = site_ops.evaluate_student(cfg, node, _weights(msg, STUDENT))
+    split = "test"
+    if msg.content.get(EVAL) is not None:
+        split = _field(msg, EVAL, "split")
+        if split not in ("test", "val"):
+            raise ProtocolError(f"evaluate.split: expected 'test' or 'val', got {split!r}")
+    metrics = site_ops.evaluate_student(cfg, node, _weights(msg, STUDENT), split)
     LOG.info(f"[{node.site}] student: Dice {metrics['dice_mean']:.4f} "
-             f"HD95 {metrics['hd95_mean']:.1f} mm on {metrics['n_cases']} test cases")
+             f"HD95 {metrics['hd95_mean']:.1f} mm on {metrics['n_cases']} {split} cases")
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 

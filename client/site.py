@@ -329,14 +329,16 @@ def load_student(cfg: RunConfig, state_dict: dict[str, torch.Tensor]) -> Feature
     return model
 
 
-def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor]) -> dict:
-    """Dice and HD95 of the student on the private test split: summary figures only."""
+def evaluate_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor],
+                     split: str = "test") -> dict:
+    """Dice and HD95 of the student on the private ``split`` (test, or val for model
+    selection): summary figures only."""
     t0 = time.perf_counter()
     model = load_student(cfg, state_dict)
-    data = load_private(cfg, node)
-    if not data.test:
-        raise DataError(f"{node.data_path}: site {node.site} has no test cases")
-    out = summary_metrics(evaluate_cases(model, data.test, cfg.data.context_slices))
+    cases = getattr(load_private(cfg, node), split)
+    if not cases:
+        raise DataError(f"{node.data_path}: site {node.site} has no {split} cases")
+    out = summary_metrics(evaluate_cases(model, cases, cfg.data.context_slices))
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -183,6 +183,25 @@ class ExperimentConfig:
 
 
 @dataclass
+class CapacityConfig:
+    """Adaptive student capacity (server, see :mod:`server.capacity`): distil a family of
+    students from the same aggregated targets, smallest first, and keep the smallest that meets
+    the Dice target (on the sites' validation splits) within the CPU latency budget."""
+
+    enabled: bool = _f(False)
+    widths: list[float] = _f(factory=lambda: [0.25, 0.5, 1.0, 2.0], lo=0.05, hi=16.0,
+                             doc="candidates: channel multipliers of model.student")
+    deeper: bool = _f(True, doc="also a candidate with one more level than model.student")
+    dice_target: float = _f(0.0, lo=0.0, hi=1.0, doc="absolute target; 0 = none")
+    relative_target: float = _f(0.0, lo=0.0, hi=1.0, doc="fraction of the teachers' mean "
+                                "validation Dice; 0 = none (the larger target applies)")
+    max_slice_ms: float = _f(0.0, lo=0.0, doc="CPU latency budget per slice; 0 = none")
+    max_volume_ms: float = _f(0.0, lo=0.0, doc="CPU latency budget per volume; 0 = none")
+    volume_slices: int = _f(24, lo=1, hi=1000, doc="slices of the timed volume")
+    map_all: bool = _f(False, doc="distil every candidate instead of stopping at the first fit")
+
+
+@dataclass
 class BenchConfig:
     """``fedkd bench NAME`` settings (see :mod:`simulations.bench`)."""
 
@@ -217,6 +236,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -349,6 +369,9 @@ def _check_consistency(cfg: RunConfig) -> None:
                 raise ConfigError(f"experiment.methods.{name}: {item!r} is not a key.path=value "
                                   f"override of the run (experiment.* and output.* are set by "
                                   f"the runner)")
+    if cfg.capacity.enabled and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
+        raise ConfigError("capacity.enabled: needs federation.strategy 'kd' and "
+                          "federation.rounds 1 (the family is distilled from one set of targets)")
     unseen = cfg.experiment.unseen_sites
     if unseen and not cfg.data.sites:
         raise ConfigError("experiment.unseen_sites: data.sites must list the federation's sites "

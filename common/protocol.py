@@ -21,8 +21,9 @@ message type           server -> site (content)                     site -> serv
                                                                     proxy_entropy, n_slices, reply_bytes,
                                                                     seconds; ``info``: site, slice_ids
 ``evaluate.student``   ``run``: {config}; ``student``              ``metrics`` (MetricRecord): dice_mean,
-                       (ArrayRecord): the student's state dict      dice_std, dice_median, dice_min, dice_max,
-                                                                    dice_p25, dice_p75, hd95_* (same), n_cases
+                       (ArrayRecord): the student's state dict;     dice_std, dice_median, dice_min, dice_max,
+                       ``evaluate``: {split: "test" (default) |
+                       "val"}                                       dice_p25, dice_p75, hd95_* (same), n_cases
                                                                     ``info``: site
 =====================  ===========================================  ===========================================
 
@@ -57,6 +58,7 @@ EVALUATE_STUDENT = "evaluate.student"
 RUN = "run"            # ConfigRecord: {"config": YAML text of the RunConfig}
 QUERY = "query"        # ConfigRecord of a proxy query
 STUDENT = "student"    # ArrayRecord: student state dict
+EVAL = "evaluate"      # ConfigRecord of evaluate.student: {"split": "test" | "val"} (optional)
 METRICS = "metrics"    # MetricRecord in replies
 STATS = "stats"        # MetricRecord in proxy replies
 INFO = "info"          # ConfigRecord in replies
@@ -161,12 +163,14 @@ def query_request(cfg: RunConfig, slice_ids: list[str], features: list[str],
                                             "precision": precision, "batch_size": batch_size})})
 
 
-def evaluate_request(cfg: RunConfig, student_state: dict):
-    """Content of an ``evaluate.student`` instruction (``student_state``: torch state dict)."""
+def evaluate_request(cfg: RunConfig, student_state: dict, split: str = "test"):
+    """Content of an ``evaluate.student`` instruction (``student_state``: torch state dict of
+    ``cfg.model.student``; ``split``: the private split to evaluate on, test or val)."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
-                       STUDENT: ArrayRecord(student_state)})
+                       STUDENT: ArrayRecord(student_state),
+                       EVAL: ConfigRecord({"split": split})})
 
 
 def decode_proxy_reply(content) -> tuple[np.ndarray, dict[str, np.ndarray]]:

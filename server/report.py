@@ -45,6 +45,11 @@ def report_markdown(report: dict) -> str:
                       "|---|---|---|"]
             lines += [f"| {h['round']} | {_f(h.get('dice'))} | {_f(h.get('hd95'), 1)} |"
                       for h in w["history"]]
+        cap = r.get("capacity")
+        if cap and "chosen" in cap:
+            from server.capacity import capacity_markdown
+
+            lines += [""] + capacity_markdown(cap) + ["", "![capacity](capacity.png)"]
         ev = r.get("evaluate")
         if ev:
             who = ("site's own teacher" if report["config"]["federation"]["strategy"] == "local"

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,11 +35,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
-from common.config import RunConfig, dump_config
+from common.config import ModelSpec, RunConfig, build_section, dump_config
 from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
 from common.logs import get_logger
 from common.metrics import dice_score
-from common.models import build_student, count_parameters, input_channels
+from common.models import (
+    FeatureNet,
+    build_student,
+    build_teacher,
+    count_parameters,
+    input_channels,
+)
 from common.protocol import (
     EVALUATE_STUDENT,
     RUN_CONFIG_KEY,
@@ -322,26 +329,106 @@ class Coordinator:
         self.state.rounds.setdefault(str(rnd), {})["distill"] = {"history": history}
         self._done(f"distill_r{rnd}", time.perf_counter() - t0)
 
-    def evaluate(self, rnd: int, nodes: Optional[dict[int, str]] = None) -> None:
-        t0 = time.perf_counter()
-        weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
-        content = evaluate_request(self.cfg, weights)
+    def site_metrics(self, cfg: RunConfig, weights: dict, split: str, step: str,
+                     nodes: Optional[dict[int, str]] = None) -> dict:
+        """Every site's Dice / HD95 of the student ``weights`` (architecture
+        ``cfg.model.student``) on its private ``split``: ``{"sites": {site: metrics},
+        "dice_mean": case-weighted mean}``."""
+        content = evaluate_request(cfg, weights, split)
         results: dict[str, dict] = {}
 
         def on_reply(label: str, reply: Message) -> None:
             site = str(reply.content["info"]["site"]) if "info" in reply.content else label
             results[site] = dict(reply.content["metrics"])
-            self.log(f"[server] student r{rnd} at {site}: Dice {results[site]['dice_mean']:.4f} "
-                     f"HD95 {results[site]['hd95_mean']:.1f} mm")
+            self.log(f"[server] {step} at {site}: Dice {results[site]['dice_mean']:.4f} "
+                     f"HD95 {results[site]['hd95_mean']:.1f} mm ({split})")
 
-        self._broadcast(f"evaluate_r{rnd}", nodes or self.site_nodes(), content, EVALUATE_STUDENT,
+        self._broadcast(step, nodes or self.site_nodes(), content, EVALUATE_STUDENT,
                         self.timeout * 10 + 600, on_reply)
         n = sum(r["n_cases"] for r in results.values())
-        summary = {"sites": results,
-                   "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
-                   if n else float("nan")}
+        return {"sites": results,
+                "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
+                if n else float("nan")}
+
+    def evaluate(self, rnd: int, nodes: Optional[dict[int, str]] = None) -> None:
+        t0 = time.perf_counter()
+        weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
+        summary = self.site_metrics(self.cfg, weights, "test", f"evaluate_r{rnd}", nodes)
         self.state.rounds.setdefault(str(rnd), {})["evaluate"] = summary
         self._done(f"evaluate_r{rnd}", time.perf_counter() - t0)
+
+    def capacity_search(self, targets: Targets) -> None:
+        """Distil the candidate students from ``targets``, smallest first (server.capacity)."""
+        from common.profile import profile_network
+        from server import capacity as cap
+
+        t0 = time.perf_counter()
+        c = self.cfg.capacity
+        result = self.state.rounds.setdefault("1", {}).setdefault("capacity", {"candidates": {}})
+        result.update(dice_target=cap.dice_target(self.cfg, self.state.teachers),
+                      max_slice_ms=c.max_slice_ms, max_volume_ms=c.max_volume_ms,
+                      volume_slices=c.volume_slices, threads=self.cfg.runtime.threads,
+                      sites=sorted(set(self.site_nodes().values())))
+        rows = result["candidates"]
+        budget = self.cfg.model.max_student_fraction * count_parameters(
+            build_teacher(self.cfg.model.teacher, self.in_channels))
+        _, images, _ = self.proxy()
+        self.log(f"[server] capacity: Dice target {result['dice_target']:.4f}; candidates "
+                 + ", ".join(f"{n} ({p:,})" for n, _, p in cap.candidate_specs(self.cfg)))
+        for name, spec, params in cap.candidate_specs(self.cfg):
+            row = rows.get(name, {})
+            if not ("val_dice" in row or "skipped" in row):  # not done before a restart
+                row = {"parameters": params, "channels": list(spec.channels)}
+                if params > budget:
+                    row["skipped"] = "over model.max_student_fraction"
+                else:
+                    student = cap.new_candidate(self.cfg, spec)
+                    history = distill_student(student, images, targets, self.cfg.distill,
+                                              self.cfg.runtime.seed, self.log,
+                                              tag=f"distill {name}")
+                    weights = student.net.state_dict()
+                    path = self.run_dir / f"capacity_{len(rows)}.pt"
+                    torch.save(weights, path)
+                    ccfg = cap.student_config(self.cfg, spec)
+                    val = self.site_metrics(ccfg, weights, "val", f"capacity/{name}/val")
+                    test = self.site_metrics(ccfg, weights, "test", f"capacity/{name}/test")
+                    prof = profile_network(student, tuple(self.cfg.data.size), c.volume_slices,
+                                           self.cfg.runtime.threads)
+                    ok = cap.within_budget(self.cfg, prof)
+                    row.update(spec=asdict(spec), weights=path.name, val_dice=val["dice_mean"],
+                               test_dice=test["dice_mean"], test=test,
+                               site_test_dice={s: m["dice_mean"] for s, m in test["sites"].items()},
+                               macs_per_slice=prof["macs_per_slice"], slice_ms=prof["slice_ms"],
+                               volume_ms=prof["volume_ms"], within_budget=ok,
+                               meets=ok and val["dice_mean"] >= result["dice_target"],
+                               distill_loss=history[-1]["loss"])
+                    self.log(f"[server] capacity: {name}: val Dice {val['dice_mean']:.4f}, "
+                             f"{prof['slice_ms']:.1f} ms/slice, "
+                             f"{'meets' if row['meets'] else 'misses'} the target")
+                rows[name] = row
+                self.state.save(self.run_dir)
+            if row.get("meets") and not c.map_all:
+                break
+        if not any("val_dice" in r for r in rows.values()):
+            raise FederationError("capacity: every candidate is over model.max_student_fraction")
+        chosen, met = cap.choose(self.cfg, rows)
+        result.update(chosen=chosen, met=met)
+        shutil.copyfile(self.run_dir / rows[chosen]["weights"], self.run_dir / "student_r1.pt")
+        self.state.rounds["1"]["evaluate"] = rows[chosen]["test"]
+        cap.capacity_plot(result, self.run_dir / "capacity.png")
+        self.log(f"[server] capacity: chose {chosen} ({rows[chosen]['parameters']:,} parameters)"
+                 + ("" if met else ": NO candidate meets the target; exporting the best one"))
+        self._done("capacity", time.perf_counter() - t0)
+
+    def export_config(self) -> RunConfig:
+        """The run config describing the exported student (the chosen capacity candidate)."""
+        cap = self.state.rounds.get("1", {}).get("capacity")
+        if not cap:
+            return self.cfg
+        from server.capacity import student_config
+
+        return student_config(self.cfg, build_section(ModelSpec, cap["candidates"][cap["chosen"]]["spec"],
+                                                      "capacity"))
 
     def weight_sharing(self, nodes: list[int]) -> None:
         """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""
@@ -400,6 +487,10 @@ class Coordinator:
             q = rnd if self.cfg.federation.requery_teachers else 1
             if self._pending(f"query_r{q}"):
                 targets = self.query_and_aggregate(q)
+            if self.cfg.capacity.enabled:  # one round (checked by the config)
+                if self._pending("capacity"):
+                    self.capacity_search(targets or self.load_targets(q))
+                continue
             if self._pending(f"distill_r{rnd}"):
                 self.distill(rnd, targets or self.load_targets(q))
             if self._pending(f"evaluate_r{rnd}"):
@@ -411,14 +502,14 @@ class Coordinator:
         report = self.report(time.perf_counter() - t0)
         from server.export import export_student
 
-        export_student(self.cfg, self.run_dir / f"student_r{self.cfg.federation.rounds}.pt",
+        export_student(self.export_config(), self.run_dir / f"student_r{self.cfg.federation.rounds}.pt",
                        self.run_dir / "export", report, self.log)
         return report
 
     def report(self, seconds: float) -> dict:
         from server.report import write_report
 
-        student = self.new_student()
+        student = FeatureNet(self.export_config().model.student, self.in_channels)
         report = {"name": self.cfg.name, "config": self.cfg.to_dict(), "state": self.state.__dict__,
                   "student_parameters": count_parameters(student), "wall_seconds": seconds}
         write_report(report, self.run_dir, self.log)

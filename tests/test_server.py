@@ -238,3 +238,63 @@ def test_pooled_data_baselines_are_refused_outside_a_simulation(fed, tmp_path):
     with pytest.raises(FederationError, match="baseline on pooled data: it runs only in"):
         run_federation(grid, cfg, lambda s: None)
     assert grid.sent == []
+
+
+CAPACITY = ["capacity.enabled=true", "capacity.widths=[0.5,1.0]", "capacity.deeper=true",
+            "distill.epochs=10", "model.max_student_fraction=1.0"]
+
+
+def test_capacity_with_a_loose_target_picks_the_smallest_candidate(fed, tmp_path):
+    cfg, grid = make(fed, tmp_path, [*CAPACITY, "capacity.dice_target=0.0"])
+    logs = []
+    report = run_federation(grid, cfg, logs.append)
+    cap = report["state"]["rounds"]["1"]["capacity"]
+    names = list(cap["candidates"])
+    assert names == ["width x0.5"]  # the smallest met the target: nothing else was distilled
+    assert cap["chosen"] == "width x0.5" and cap["met"]
+    row = cap["candidates"]["width x0.5"]
+    assert row["channels"] == [2, 4, 8, 16] and row["slice_ms"] > 0 and row["macs_per_slice"] > 0
+    # the teachers were queried once; the candidate was evaluated on val, then test splits
+    types = sent_types(grid)
+    assert types.count(QUERY_PROXY) == 3 and types.count(EVALUATE_STUDENT) == 6
+    splits = [m.content["evaluate"]["split"] for m in grid.sent
+              if m.metadata.message_type == EVALUATE_STUDENT]
+    assert splits == ["val"] * 3 + ["test"] * 3
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["parameters"] == row["parameters"] == report["student_parameters"]
+    model, _ = load_exported(tmp_path / "export")
+    assert model.spec.channels == [2, 4, 8, 16]
+    md = (tmp_path / "report.md").read_text()
+    assert "Chosen: `width x0.5`, which meets the target" in md
+    assert (tmp_path / "capacity.png").stat().st_size > 5000
+
+
+def test_capacity_with_an_impossible_target_maps_all_and_exports_the_best(fed, tmp_path):
+    cfg, grid = make(fed, tmp_path, [*CAPACITY, "capacity.dice_target=1.0"])
+    report = run_federation(grid, cfg, lambda s: None)
+    cap = report["state"]["rounds"]["1"]["capacity"]
+    rows = cap["candidates"]
+    assert list(rows) == ["width x0.5", "width x1", "deeper"]  # fewest parameters first
+    assert [r["parameters"] for r in rows.values()] == sorted(r["parameters"] for r in rows.values())
+    assert not cap["met"] and not any(r["meets"] for r in rows.values())
+    assert cap["chosen"] == max(rows, key=lambda n: rows[n]["val_dice"])
+    assert sent_types(grid).count(QUERY_PROXY) == 3  # targets computed once for all candidates
+    assert "**misses the target**" in (tmp_path / "report.md").read_text()
+    assert report["state"]["rounds"]["1"]["evaluate"] == rows[cap["chosen"]]["test"]
+
+
+def test_capacity_latency_budget_and_relative_target(fed, tmp_path):
+    from common.config import load_config as load
+    from server.capacity import candidate_specs, choose, dice_target
+
+    cfg = load(None, [*CAPACITY, "capacity.relative_target=0.5", "capacity.dice_target=0.1"])
+    assert dice_target(cfg, {"A": {"val_dice": 0.8, "val_cases": 1},
+                             "B": {"val_dice": 0.4, "val_cases": 3}}) == pytest.approx(0.25)
+    assert dice_target(cfg, {"A": {"val_dice": 0.1, "val_cases": 1}}) == 0.1
+    names = [n for n, _, _ in candidate_specs(cfg)]
+    assert names == ["width x0.5", "width x1", "deeper"]
+    rows = {"a": {"parameters": 1, "val_dice": 0.5, "slice_ms": 9.0, "within_budget": False, "meets": False},
+            "b": {"parameters": 2, "val_dice": 0.3, "slice_ms": 1.0, "within_budget": True, "meets": False}}
+    assert choose(cfg, rows) == ("b", False)  # the best within the latency budget
+    with pytest.raises(Exception, match="capacity.enabled: needs federation.strategy"):
+        load(None, [*CAPACITY, "federation.rounds=2"])
