@@ -91,13 +91,15 @@ def simulate(cfg: RunConfig) -> dict:
 def add_unseen(cfg: RunConfig, report: dict) -> None:
     """Test the run's final student on the sites outside the federation (in this process: a
     simulation-only figure) and add it to the report."""
+    from common.models import FeatureNet, input_channels
     from server.report import write_report
     from server.workflow import Coordinator
     from simulations.baselines import evaluate_unseen
 
     rounds = cfg.federation.rounds
     run_dir = Path(cfg.output.run_dir)
-    student = Coordinator(None, cfg).new_student()
+    spec = Coordinator(None, cfg).export_config().model.student  # the chosen capacity candidate
+    student = FeatureNet(spec, input_channels(cfg.data))
     student.net.load_state_dict(torch.load(run_dir / f"student_r{rounds}.pt"))
     unseen = evaluate_unseen(cfg, student)
     report["state"]["rounds"][str(rounds)]["unseen"] = unseen
