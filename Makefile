@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	# torch first and pinned: its CPU wheel is on disk; an unpinned resolve pulls CUDA packages
 	$(PY) -m pip install --quiet torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet -e ".[test,onnx]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, monai, flwr, nibabel, common" && touch $(STAMP)
 
 install: $(STAMP)

@@ -94,6 +94,20 @@ def test_federation_distils_a_student_that_beats_an_untrained_one(adaptive_run, 
     assert torch.allclose(scripted(x), model(x)[0], atol=1e-5)
 
 
+def test_onnx_export_matches_pytorch(adaptive_run):
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed "
+                              "(make install adds it)")
+    run_dir = adaptive_run[4]
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    assert "onnx" in card["formats"]
+    model, _ = load_exported(run_dir / "export")
+    sess = ort.InferenceSession(str(run_dir / "export" / "student.onnx"),
+                                providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 1, 64, 64)  # a batch size other than the export's
+    np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0],
+                               model(x)[0].detach().numpy(), atol=1e-4)
+
+
 def test_resume_after_a_crash_skips_completed_steps(fed, tmp_path):
     class Crash(RuntimeError):
         pass
