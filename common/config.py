@@ -168,6 +168,8 @@ class OutputConfig:
     run_dir: str = _f("runs/default")
     state_root: str = _f("runs/state", doc="simulation: where simulated sites keep teacher "
                          "checkpoints (shared by runs, so equal teachers are trained once)")
+    audit: bool = _f(False, doc="record every message (sizes, array names, shapes, dtypes) in "
+                     "RUN_DIR/audit.jsonl")
 
 
 @dataclass

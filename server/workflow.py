@@ -58,6 +58,7 @@ from common.protocol import (
     query_request,
     train_request,
 )
+from server.audit import AuditGrid
 from server.distill import distill_student
 
 LOG = get_logger("fedkd.server")
@@ -159,6 +160,8 @@ class Coordinator:
         self.grid, self.cfg, self.log = grid, cfg, log
         self.run_dir = Path(cfg.output.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.output.audit and grid is not None and not isinstance(grid, AuditGrid):
+            self.grid = AuditGrid(grid, self.run_dir / "audit.jsonl")
         self.state = RunState.load(self.run_dir, config_digest(cfg))
         dump_config(cfg, self.run_dir / "config.yaml")
         self.timeout = cfg.federation.wait_timeout_s

@@ -312,3 +312,47 @@ def test_capacity_latency_budget_and_relative_target(fed, tmp_path):
     assert choose(cfg, rows) == ("b", False)  # the best within the latency budget
     with pytest.raises(Exception, match="capacity.enabled: needs federation.strategy"):
         load(None, [*CAPACITY, "federation.rounds=2"])
+
+
+def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(tmp_path):
+    root = tmp_path / "data"
+    write_dataset(root, n_sites=3, n_cases=6, n_proxy=3, seed=2, log=lambda s: None)
+    # plant a canary pattern in a private image of SiteA
+    path = root / "SiteA" / "Case00.nii.gz"
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj).copy()
+    canary = np.array([31337, -27182, 16180, 14142, -11235, 29979], dtype=data.dtype)
+    data[0, 0, : len(canary)] = canary
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    private_shapes = {tuple(np.asanyarray(nib.load(p).dataobj).shape)
+                      for p in root.glob("Site*/Case*.nii.gz")}
+    payloads: list[tuple[str, Message]] = []
+    cfg = load_config(None, [*SETTINGS, f"data.root={root}", f"output.run_dir={tmp_path / 'run'}",
+                             "train.epochs=2", "distill.epochs=2", "output.audit=true"])
+    grid = LocalGrid(app, {i + 1: {"partition-id": i} for i in range(3)},
+                     {"data-root": str(root), "state-root": str(tmp_path / "state")})
+    from server.audit import AuditGrid, array_bytes
+
+    report = run_federation(AuditGrid(grid, tmp_path / "run" / "audit.jsonl",
+                                      lambda d, m: payloads.append((d, m))), cfg, lambda s: None)
+    n_proxy = report["state"]["rounds"]["1"]["query"]["n_slices"]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    seen = {(r["direction"], r["message_type"]) for r in lines}
+    for mtype in (TRAIN_TEACHER, QUERY_PROXY, EVALUATE_STUDENT):
+        assert ("to-site", mtype) in seen and ("from-site", mtype) in seen
+    replies = [r for r in lines if r["direction"] == "from-site" and r["message_type"] == QUERY_PROXY]
+    assert {r["site"] for r in replies} == {"SiteA", "SiteB", "SiteC"}
+    for r in replies:
+        names = {a["name"] for a in r["arrays"]}
+        assert {"logits", "enc2", "dec2"} <= names and r["bytes"] == sum(a["bytes"] for a in r["arrays"])
+        assert all(a["dtype"] == "float16" for a in r["arrays"])
+    for r in lines:
+        if r["direction"] == "from-site":
+            for a in r["arrays"]:  # every array a site sends is indexed by proxy slice
+                assert a["shape"][0] == n_proxy and tuple(a["shape"]) not in private_shapes
+    needle = canary.tobytes()
+    from_sites = [m for d, m in payloads if d == "from-site"]
+    assert len(from_sites) == 9
+    assert not any(needle in b for m in from_sites for b in array_bytes(m))
+    # the same search finds the canary where it is: in the private file's voxels
+    assert needle in np.asanyarray(nib.load(path).dataobj).tobytes()
