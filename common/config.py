@@ -185,6 +185,16 @@ class ExperimentConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Gaussian mechanism on the proxy replies of every site (see :mod:`common.privacy`)."""
+
+    noise_multiplier: float = _f(0.0, lo=0.0, doc="noise std / clip_norm; 0 = no noise")
+    clip_norm: float = _f(50.0, lo=1e-6, doc="per-slice L2 bound of a reply (logits and "
+                          "features together)")
+    delta: float = _f(1e-5, lo=1e-12, hi=0.1, doc="delta of the reported (epsilon, delta)")
+
+
+@dataclass
 class CapacityConfig:
     """Adaptive student capacity (server, see :mod:`server.capacity`): distil a family of
     students from the same aggregated targets, smallest first, and keep the smallest that meets
@@ -238,6 +248,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
