@@ -48,6 +48,7 @@ from common.data import (
 )
 from common.logs import get_logger
 from common.models import FeatureNet, build_teacher, feature_names, input_channels
+from common.privacy import clip_and_noise, epsilon
 from common.protocol import PRECISIONS, ProtocolError, encode_array
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
@@ -269,7 +270,9 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
 
     Returns ``(logits {"logits": (N, 2, H, W)}, features {name: (N, C, h, w)}, stats)``, encoded
     in ``precision`` (int8 adds ``NAME.scale`` arrays of shape (N, C)). Memory is bounded: the
-    outputs are preallocated in the wire dtype and filled ``batch_size`` slices at a time.
+    outputs are preallocated in the wire dtype and filled ``batch_size`` slices at a time. With
+    ``privacy.noise_multiplier`` > 0 every slice is clipped and noised first (common.privacy) and
+    the stats carry the release's ``dp_epsilon``.
     """
     if precision not in PRECISIONS:
         raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
@@ -286,16 +289,21 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     out_logits: dict[str, np.ndarray] = {}
     out_feats: dict[str, np.ndarray] = {}
     entropy_sum = 0.0
+    dp = cfg.privacy
+    noise = np.random.default_rng()  # fresh OS entropy: the noise must not be reproducible
     for start in range(0, n, batch_size):
         chunk = wanted[start:start + batch_size]
         x = torch.from_numpy(np.stack([slice_stack(proxy[c].image, z, cfg.data.context_slices)
                                        for c, z in chunk]))
         logits, feats = model(x)
-        probs = logits.softmax(dim=1)
+        arrays = [logits.numpy()] + [feats[f].numpy() for f in features]
+        if dp.noise_multiplier > 0:  # Gaussian mechanism: nothing unnoised leaves the site
+            arrays = clip_and_noise(arrays, dp.clip_norm, dp.noise_multiplier, noise)
+        probs = torch.from_numpy(arrays[0]).softmax(dim=1)
         entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean(dim=(1, 2)).sum())
-        for dest, name, arr in [(out_logits, "logits", logits)] + [
-                (out_feats, f, feats[f]) for f in features]:
-            for suffix, enc in encode_array(arr.numpy(), precision).items():
+        for dest, name, arr in [(out_logits, "logits", arrays[0])] + [
+                (out_feats, f, a) for f, a in zip(features, arrays[1:])]:
+            for suffix, enc in encode_array(arr, precision).items():
                 key = name + suffix
                 if key not in dest:
                     dest[key] = np.empty((n, *enc.shape[1:]), dtype=enc.dtype)
@@ -303,6 +311,9 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     reply_bytes = sum(a.nbytes for a in (*out_logits.values(), *out_feats.values()))
     stats = {"val_dice": val_dice, "proxy_entropy": entropy_sum / n, "n_slices": n,
              "reply_bytes": reply_bytes, "seconds": time.perf_counter() - t0}
+    if dp.noise_multiplier > 0:
+        stats.update(dp_noise_multiplier=dp.noise_multiplier, dp_clip_norm=dp.clip_norm,
+                     dp_epsilon=epsilon(dp.noise_multiplier, n, dp.delta), dp_delta=dp.delta)
     return out_logits, out_feats, stats
 
 

@@ -30,6 +30,12 @@ def report_markdown(report: dict) -> str:
             truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
                      if "target_dice" in q else "")
             lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.{truth}", ""]
+            dp = {s: f for s, f in q["sites"].items() if "epsilon" in f}
+            if dp:
+                lines += ["Differential privacy (Gaussian mechanism on every reply, "
+                          "common.privacy): " + ", ".join(
+                              f"{s} epsilon {f['epsilon']:.3g}" for s, f in sorted(dp.items()))
+                          + f" at delta {next(iter(dp.values()))['delta']:g}.", ""]
             if q["sites"]:
                 lines += ["| site | weight share | agreement | proxy entropy | reply MB |",
                           "|---|---|---|---|---|"]

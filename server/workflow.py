@@ -39,6 +39,7 @@ from common.config import ModelSpec, RunConfig, build_section, dump_config
 from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
 from common.logs import get_logger
 from common.metrics import dice_score
+from common.privacy import epsilon
 from common.models import (
     FeatureNet,
     build_student,
@@ -295,6 +296,10 @@ class Coordinator:
             agg.add(site, probs, stats["val_dice"], feats)
             figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
                              "proxy_entropy": stats["proxy_entropy"]}
+            if "dp_epsilon" in stats:  # rounds of re-queries compose
+                figures[site]["epsilon"] = epsilon(stats["dp_noise_multiplier"], len(ids),
+                                                   stats["dp_delta"], releases=rnd)
+                figures[site]["delta"] = stats["dp_delta"]
             self.log(f"[server] proxy reply from {site}: {stats['reply_bytes'] / 1e6:.2f} MB, "
                      f"entropy {stats['proxy_entropy']:.4f}")
 

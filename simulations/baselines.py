@@ -70,7 +70,7 @@ def _pooled(cfg: RunConfig, nodes: list[Node]) -> tuple[list[CaseVolume], list[C
 def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str], None]
                   ) -> tuple[FeatureNet, dict]:
     """A network of ``spec`` trained on the pooled splits; its checkpoint lives in
-    ``output.state_root/central-KIND`` and is reused by runs with the same settings."""
+    ``output.state_root/central-KIND/seed_S`` and is reused by runs with the same settings."""
     nodes = site_nodes(cfg)
     train, val = _pooled(cfg, nodes)
     torch.manual_seed(cfg.runtime.seed)
@@ -81,7 +81,8 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
         "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
     res = train_segmenter(model, train, val, cfg.train, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"central {kind}",
-                          checkpoint=Path(cfg.output.state_root) / f"central-{kind}" / "model.pt",
+                          checkpoint=Path(cfg.output.state_root) / f"central-{kind}"
+                          / f"seed_{cfg.runtime.seed}" / "model.pt",
                           checkpoint_key=key)
     info = {"val_dice": res.best_val_dice, "train_cases": len(train), "val_cases": len(val),
             "epochs_run": res.epochs_run, "seconds": res.seconds, "reused": int(res.reused),

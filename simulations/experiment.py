@@ -89,6 +89,9 @@ def run_figures(report: dict) -> dict:
             "target_dice": next((r["query"].get("target_dice") for r in st["rounds"].values()
                                  if "query" in r), None),
             "bytes_per_site_round": per_site, "bytes_to_server": total,
+            "epsilon": max((f["epsilon"] for r in st["rounds"].values() if "query" in r
+                            for f in r["query"]["sites"].values() if "epsilon" in f),
+                           default=None),
             "local_matrix": last.get("local", {}).get("matrix"),
             "curve": _curve(strategy, last),
             "excluded": st["excluded"], "wall_seconds": report["wall_seconds"]}

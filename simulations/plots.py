@@ -77,7 +77,7 @@ def per_site_dice_plot(results: list[dict], out: Path) -> Path:
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
     cols = sites + unseen
     width = 0.8 / max(1, len(groups))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cols) * max(1, len(groups)) * 0.35), 4))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.25 * len(cols) * len(groups))), 4.5))
     for k, (method, rows) in enumerate(groups.items()):
         vals = [[(r["site_dice"] | r["unseen_dice"]).get(s, np.nan) for r in rows] for s in cols]
         ax.bar(np.arange(len(cols)) + k * width, [np.nanmean(v) for v in vals], width,
@@ -86,7 +86,8 @@ def per_site_dice_plot(results: list[dict], out: Path) -> Path:
                   sites + [f"{s}\n(unseen)" for s in unseen])
     ax.set_ylabel("Dice (test cases)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=max(1, len(groups) // 5), loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
     return _save(fig, out)
 
 
@@ -104,6 +105,28 @@ def dice_vs_bytes_plot(results: list[dict], out: Path) -> Path:
                     textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("MB sent to the server (all sites, whole run)")
+    ax.set_ylabel("Dice (sites' test splits)")
+    return _save(fig, out)
+
+
+def dice_vs_epsilon_plot(results: list[dict], out: Path) -> Path:
+    """Mean Dice per method against its (largest per-site) epsilon, log scale; a method without
+    noise is drawn as a line (epsilon = infinity)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rows in _by_method(results).items():
+        dice = [r["dice_mean"] for r in rows]
+        if rows[0].get("epsilon") is None:
+            ax.axhline(np.mean(dice), color="gray", ls="--", lw=1)
+            ax.annotate(f"{method} (no noise)", (0.02, np.mean(dice)), xycoords=("axes fraction", "data"),
+                        fontsize=7, xytext=(0, 3), textcoords="offset points")
+            continue
+        eps = np.mean([r["epsilon"] for r in rows])
+        ax.errorbar(eps, np.mean(dice), yerr=np.std(dice), fmt="o", capsize=3)
+        ax.annotate(method, (eps, np.mean(dice)), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (delta as configured; largest over sites)")
     ax.set_ylabel("Dice (sites' test splits)")
     return _save(fig, out)
 
@@ -164,7 +187,11 @@ def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:
     paths = [per_site_dice_plot(results, root / "per_site_dice.png"),
              dice_vs_bytes_plot(results, root / "dice_vs_bytes.png"),
              learning_curves_plot(results, root / "learning_curves.png")]
+    if any(r.get("epsilon") is not None for r in results):
+        paths.append(dice_vs_epsilon_plot(results, root / "dice_vs_epsilon.png"))
     students = [r for r in results if r["model"] == "student" and r["dice_mean"] is not None]
+    federated = [r for r in students if r["strategy"] in ("kd", "fedavg", "fedprox")]
+    students = federated or students  # the montage shows the best *federated* student
     if students:
         best = max(_by_method(students).items(),
                    key=lambda kv: np.mean([r["dice_mean"] for r in kv[1]]))[1][0]

@@ -275,3 +275,23 @@ def test_fedprox_proximal_term_keeps_local_weights_near_the_global_model(fed):
         return sum(float((state[k].float() - start[k].float()).norm()) for k in start)
 
     assert drift(100.0) < 0.5 * drift(0.0)
+
+
+def test_gaussian_mechanism_on_the_proxy_reply(fed, trained):
+    from common.config import with_overrides
+    from common.privacy import epsilon
+
+    root, cfg, node = fed
+    ids = [f"Case01/{z}" for z in range(6)]
+    clean, _ = decode_proxy_reply(send(query_request(cfg, ids, [], "float32"), QUERY_PROXY,
+                                       node).content)
+    assert "dp_epsilon" not in send(query_request(cfg, ids, [], "float32"), QUERY_PROXY,
+                                    node).content["stats"]
+    dp_cfg = with_overrides(cfg, ["privacy.noise_multiplier=0.5", "privacy.clip_norm=2.0"])
+    r1, r2 = (send(query_request(dp_cfg, ids, [], "float32"), QUERY_PROXY, node) for _ in "ab")
+    a, b = (decode_proxy_reply(r.content)[0] for r in (r1, r2))
+    assert r1.content["stats"]["dp_epsilon"] == pytest.approx(epsilon(0.5, 6, 1e-5))
+    assert not np.allclose(a, b)  # fresh noise on every release
+    norms = np.sqrt((clean.reshape(6, -1) ** 2).sum(axis=1))
+    clipped = clean * np.minimum(1.0, 2.0 / norms)[:, None, None, None]
+    assert (a - clipped).std() == pytest.approx(0.5 * 2.0, rel=0.05)  # noise std = z * C

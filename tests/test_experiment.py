@@ -34,7 +34,8 @@ def test_grid_configs_are_validated_before_anything_runs(tmp_path):
 def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     """KD and FedAvg through the Simulation Engine, the pooled-data baselines in process; two
     sites in the federation and a third one unseen."""
-    methods = {"adaptive-kd": [], "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
+    methods = {"adaptive-kd": [], "dp": ["privacy.noise_multiplier=0.01"],
+               "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
                "local": ["federation.strategy=local"], "central": ["federation.strategy=central"],
                "central-kd": ["federation.strategy=central-kd"]}
     path = tiny_sim_config(tmp_path, output={"run_dir": str(tmp_path / "exp")},
@@ -46,7 +47,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["experiment", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[experiment] (5/5) central-kd seed 0" in out and "min left" in out
+    assert "[experiment] (6/6) central-kd seed 0" in out and "min left" in out
     exp = tmp_path / "exp"
     results = json.loads((exp / "results.json").read_text())
     runs = results["runs"]
@@ -60,6 +61,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert by["fedavg"]["bytes_per_site_round"] == student_bytes
     assert by["fedavg"]["bytes_to_server"] == student_bytes * 2 * 2  # 2 sites x 2 rounds
     assert by["adaptive-kd"]["bytes_to_server"] > 0 and 0.0 <= by["adaptive-kd"]["target_dice"] <= 1
+    assert by["dp"]["epsilon"] > 0 and by["adaptive-kd"]["epsilon"] is None
     assert by["local"]["bytes_to_server"] is None and by["local"]["model"] == "teacher"
     # the local baseline's headline figure is each site's own teacher on its own test split
     assert by["local"]["site_dice"] == {s: by["local"]["local_matrix"][s][s] for s in ("SiteA", "SiteB")}
@@ -70,7 +72,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     for m in methods:
         assert f"| {m} | 1 |" in report
     assert "Dice, unseen SiteC" in report and "MMACs per slice" in report
-    for png in ("per_site_dice", "dice_vs_bytes", "learning_curves", "montage"):
+    for png in ("per_site_dice", "dice_vs_bytes", "learning_curves", "montage", "dice_vs_epsilon"):
         assert (exp / f"{png}.png").stat().st_size > 5000, png
     # the report and plots can be rewritten from results.json alone
     (exp / "report.md").unlink()
