@@ -67,23 +67,38 @@ def _machine() -> dict:
 # compress
 # --------------------------------------------------------------------------------------------
 _PEAK = """
-import json, resource, sys, torch
+import json, os, sys, threading, time, torch
 from common.config import ModelSpec
 from common.models import FeatureNet
 spec, ch, size, depth, threads = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 net = FeatureNet(ModelSpec(**spec), ch).export_network().eval()
 x = torch.rand(depth, ch, *size)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * page
+base, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+t = threading.Thread(target=sample)
+t.start()
 with torch.inference_mode():
-    for b in x.split(32):
-        net(b)
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+    for _ in range(3):
+        for b in x.split(32):
+            net(b)
+done.set()
+t.join()
+print(json.dumps(max(0, peak[0] - base) / 1e6))
 """
 
 
 def peak_inference_mb(model: FeatureNet, size: tuple[int, int], depth: int, threads: int) -> float:
-    """Extra peak resident memory (MB) of one volume's inference, in a fresh interpreter."""
+    """Extra peak resident memory (MB) of a volume's inference over the memory after loading the
+    network and the volume, sampled every 0.5 ms from /proc/self/statm in a fresh interpreter
+    (Linux)."""
     from dataclasses import asdict
 
     arg = json.dumps([asdict(model.spec), model.in_channels, list(size), depth, threads])
@@ -120,6 +135,7 @@ def bench_compress(cfg: RunConfig) -> dict:
                                        cfg.model.max_student_fraction)}
     out: dict = {"threads": threads, "size": list(size), "volume_slices": b.volume_slices,
                  "models": {}}
+    Path(cfg.output.run_dir).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     for name, model in models.items():
         p = profile_network(model, size, b.volume_slices, threads, b.repeats)
@@ -146,7 +162,11 @@ def bench_compress(cfg: RunConfig) -> dict:
                      "macs": t["macs_per_slice"] / s["macs_per_slice"],
                      "slice_ms": t["slice_ms"] / s["slice_ms"],
                      "volume_ms": t["volume_ms"] / s["volume_ms"],
-                     "peak_mb": t["peak_mb"] / max(s["peak_mb"], 1e-9)}
+                     "peak_mb": t["peak_mb"] / max(s["peak_mb"], 1e-9),
+                     "torchscript_volume_ms": t["torchscript_volume_ms"] / s["torchscript_volume_ms"]}
+    if s["onnxruntime_volume_ms"]:
+        out["ratios"]["onnxruntime_volume_ms"] = (t["onnxruntime_volume_ms"]
+                                                  / s["onnxruntime_volume_ms"])
 
     def ms(x):
         return "-" if x is None else f"{x:.1f}"
@@ -156,9 +176,11 @@ def bench_compress(cfg: RunConfig) -> dict:
              ms(m["onnxruntime_slice_ms"]), ms(m["onnxruntime_volume_ms"]), f"{m['peak_mb']:.0f}"]
             for n, m in out["models"].items()]
     r = out["ratios"]
+    ort_ratio = r.get("onnxruntime_volume_ms")
     rows.append(["teacher / student", f"{r['parameters']:.1f}x", f"{r['macs']:.1f}x",
-                 f"{r['slice_ms']:.1f}x", f"{r['volume_ms']:.1f}x", "", "", "", "",
-                 f"{r['peak_mb']:.1f}x"])
+                 f"{r['slice_ms']:.1f}x", f"{r['volume_ms']:.1f}x", "",
+                 f"{r['torchscript_volume_ms']:.1f}x", "",
+                 f"{ort_ratio:.1f}x" if ort_ratio else "", f"{r['peak_mb']:.1f}x"])
     table = _table(["model", "parameters", "MMACs/slice", "eager ms/slice",
                     f"eager ms/volume ({b.volume_slices})", "TorchScript ms/slice",
                     "TorchScript ms/volume", "ONNX RT ms/slice", "ONNX RT ms/volume",
@@ -211,8 +233,10 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     return {"sites": sites, "seconds": seconds, "peak_mb": peak / 1e6, "reply_mb": reply_mb}
 
 
-def engine_wall_time(cfg: RunConfig, sites: int, log: Callable[[str], None] = print) -> dict:
-    from simulations.simulate import simulate
+def engine_wall_time(cfg: RunConfig, sites: int) -> dict:
+    """Wall time of a whole ``fedkd simulate`` run of ``sites`` synthetic sites (teachers,
+    query, distillation, evaluation; data generation excluded)."""
+    from simulations.simulate import ensure_data, simulate
 
     root = Path(cfg.output.run_dir) / "engine"
     run = with_overrides(cfg, [
@@ -220,6 +244,7 @@ def engine_wall_time(cfg: RunConfig, sites: int, log: Callable[[str], None] = pr
         ("output.run_dir", str(root / f"run_{sites}")),
         ("output.state_root", str(root / f"state_{sites}")), ("experiment.unseen_sites", [])],
         "bench scale")
+    ensure_data(run)  # data generation is not part of the timed run
     t0 = time.perf_counter()
     report = simulate(run)
     return {"sites": sites, "seconds": time.perf_counter() - t0,

@@ -1,5 +1,6 @@
 """`fedkd bench comm | compress | scale` at a tiny size: every output and sane ratios."""
 
+import importlib.util
 import json
 
 import pytest
@@ -33,7 +34,10 @@ def test_bench_compress(bench_cfg, tmp_path, capsys):
     for m in (t, s):
         assert 0 < m["slice_ms"] < m["volume_ms"] and m["torchscript_volume_ms"] > 0
         assert m["peak_mb"] >= 0
-        assert m["onnxruntime_volume_ms"] is not None or m["onnxruntime_note"]
+        if importlib.util.find_spec("onnxruntime"):  # the onnx extra (make installs it)
+            assert m["onnxruntime_volume_ms"] > 0, m["onnxruntime_note"]
+        else:
+            assert m["onnxruntime_note"] == "onnxruntime not installed"
     assert "| teacher / student |" in capsys.readouterr().out
 
 
