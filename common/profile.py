@@ -43,8 +43,9 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     return total // x.shape[0]
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, oneDNN kernel selection)
+def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):  # allocations, oneDNN kernel selection, thread pool start-up
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
