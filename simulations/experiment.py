@@ -104,6 +104,10 @@ def _ms(vals: list, digits: int) -> str:
     return f"{np.mean(vals):.{digits}f} +- {np.std(vals):.{digits}f}"
 
 
+def _eps(x) -> str:
+    return "no noise" if x is None else f"{x:.3g}"
+
+
 def _mb(x) -> str:
     return "-" if x is None else f"{x / 1e6:.2f}"
 
@@ -112,17 +116,20 @@ def summary_markdown(results: list[dict], models: dict) -> str:
     """The comparison table (mean +- std over seeds) and the model profile table."""
     methods = list(dict.fromkeys(r["method"] for r in results))
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
+    dp = any(r.get("epsilon") is not None for r in results)
     lines = ["| method | seeds | Dice, sites' test splits | HD95 mm | "
              + "".join(f"Dice, unseen {s} | " for s in unseen)
-             + "targets vs proxy truth | model | MB per site per round | MB to server | wall s |",
-             "|---" * (9 + len(unseen)) + "|"]
+             + "targets vs proxy truth | " + ("epsilon | " if dp else "")
+             + "model | MB per site per round | MB to server | wall s |",
+             "|---" * (9 + len(unseen) + dp) + "|"]
     for m in methods:
         rows = [r for r in results if r["method"] == m]
         un = "".join(f"{_ms([r['unseen_dice'].get(s) for r in rows], 4)} | " for s in unseen)
         lines.append(
             f"| {m} | {len(rows)} | {_ms([r['dice_mean'] for r in rows], 4)} | "
             f"{_ms([r['hd95_mean'] for r in rows], 1)} | {un}"
-            f"{_ms([r['target_dice'] for r in rows], 4)} | {rows[0]['model']} | "
+            f"{_ms([r['target_dice'] for r in rows], 4)} | "
+            + (f"{_eps(rows[0].get('epsilon'))} | " if dp else "") + f"{rows[0]['model']} | "
             f"{_mb(rows[0]['bytes_per_site_round'])} | {_mb(rows[0]['bytes_to_server'])} | "
             f"{np.mean([r['wall_seconds'] for r in rows]):.0f} |")
     lines += ["", "| model | parameters | MMACs per slice | CPU ms per slice | CPU ms per volume "
