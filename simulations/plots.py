@@ -91,44 +91,41 @@ def per_site_dice_plot(results: list[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def dice_vs_bytes_plot(results: list[dict], out: Path) -> Path:
-    """Mean Dice vs megabytes sent to the server in the whole run (log scale), per method."""
+def _dice_against(results: list[dict], out: Path, key: str, scale: float, xlabel: str,
+                  missing: str = "") -> Path:
+    """Mean +- std Dice (over seeds) per method against the mean of ``key`` x ``scale`` (log x).
+    Methods without that figure are left out, or drawn as a labelled line with ``missing``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, rows in _by_method(results).items():
-        if rows[0]["bytes_to_server"] is None:
-            continue
         dice = [r["dice_mean"] for r in rows]
-        mb = np.mean([r["bytes_to_server"] for r in rows]) / 1e6
-        ax.errorbar(mb, np.mean(dice), yerr=np.std(dice), fmt="o", capsize=3)
-        ax.annotate(method, (mb, np.mean(dice)), fontsize=7, xytext=(4, 4),
+        if rows[0].get(key) is None:
+            if missing:
+                ax.axhline(np.mean(dice), color="gray", ls="--", lw=1)
+                ax.annotate(f"{method} ({missing})", (0.02, np.mean(dice)), fontsize=7,
+                            xycoords=("axes fraction", "data"), xytext=(0, 3),
+                            textcoords="offset points")
+            continue
+        x = np.mean([r[key] for r in rows]) * scale
+        ax.errorbar(x, np.mean(dice), yerr=np.std(dice), fmt="o", capsize=3)
+        ax.annotate(method, (x, np.mean(dice)), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("MB sent to the server (all sites, whole run)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Dice (sites' test splits)")
     return _save(fig, out)
+
+
+def dice_vs_bytes_plot(results: list[dict], out: Path) -> Path:
+    """Dice vs megabytes sent to the server in the whole run; pooled-data baselines left out."""
+    return _dice_against(results, out, "bytes_to_server", 1e-6,
+                         "MB sent to the server (all sites, whole run)")
 
 
 def dice_vs_epsilon_plot(results: list[dict], out: Path) -> Path:
-    """Mean Dice per method against its (largest per-site) epsilon, log scale; a method without
-    noise is drawn as a line (epsilon = infinity)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, rows in _by_method(results).items():
-        dice = [r["dice_mean"] for r in rows]
-        if rows[0].get("epsilon") is None:
-            ax.axhline(np.mean(dice), color="gray", ls="--", lw=1)
-            ax.annotate(f"{method} (no noise)", (0.02, np.mean(dice)), xycoords=("axes fraction", "data"),
-                        fontsize=7, xytext=(0, 3), textcoords="offset points")
-            continue
-        eps = np.mean([r["epsilon"] for r in rows])
-        ax.errorbar(eps, np.mean(dice), yerr=np.std(dice), fmt="o", capsize=3)
-        ax.annotate(method, (eps, np.mean(dice)), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("epsilon (delta as configured; largest over sites)")
-    ax.set_ylabel("Dice (sites' test splits)")
-    return _save(fig, out)
+    """Dice vs epsilon (largest over sites); a method without noise is a line (epsilon = inf)."""
+    return _dice_against(results, out, "epsilon", 1.0,
+                         "epsilon (delta as configured; largest over sites)", "no noise")
 
 
 def learning_curves_plot(results: list[dict], out: Path) -> Path:
