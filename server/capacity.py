@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Optional
 
-from common.config import ModelSpec, RunConfig
+from common.config import ModelSpec, RunConfig, build_section
 from common.models import FeatureNet, build_network, count_parameters, input_channels
 
 
@@ -65,6 +66,15 @@ def choose(cfg: RunConfig, rows: dict[str, dict]) -> tuple[str, bool]:
     if in_budget:
         return max(in_budget, key=lambda n: done[n]["val_dice"]), False
     return min(done, key=lambda n: done[n]["slice_ms"]), False
+
+
+def chosen_spec(rounds: dict) -> Optional[ModelSpec]:
+    """The architecture a finished capacity search chose (``state.json``'s ``rounds``), or
+    None when the run had no capacity search."""
+    cap = rounds.get("1", {}).get("capacity", {})
+    if "chosen" not in cap:
+        return None
+    return build_section(ModelSpec, cap["candidates"][cap["chosen"]]["spec"], "capacity")
 
 
 def student_config(cfg: RunConfig, spec: ModelSpec) -> RunConfig:

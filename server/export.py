@@ -15,6 +15,14 @@ from common.models import FeatureNet, count_parameters, input_channels
 CARD = "model_card.json"
 
 
+def export_onnx(net: torch.nn.Module, in_channels: int, size: tuple[int, int], path: Path) -> None:
+    """``net`` (logits only) as ONNX with input ``image`` (B, C, H, W) and output ``logits``, the
+    batch axis dynamic. Needs the ``onnx`` extra."""
+    torch.onnx.export(net, torch.zeros(1, in_channels, *size), str(path), input_names=["image"],
+                      output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
 def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
                    log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
@@ -29,10 +37,7 @@ def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
     try:
         import onnx  # noqa: F401
 
-        h, w = cfg.data.size
-        torch.onnx.export(net, torch.zeros(1, in_ch, h, w), str(out / "student.onnx"),
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        export_onnx(net, in_ch, tuple(cfg.data.size), out / "student.onnx")
         formats.append("onnx")
     except ImportError:
         log("[export] onnx is not installed: skipping the ONNX export")

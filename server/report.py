@@ -18,8 +18,11 @@ def report_markdown(report: dict) -> str:
              f"`{report['config']['aggregation']['method']}`, "
              f"{report['config']['federation']['rounds']} round(s), final model "
              f"{report['student_parameters']:,} parameters, wall time "
-             f"{report['wall_seconds']:.0f} s.", "", "## Teachers (local training)" if st["teachers"] else "", "",
-             "| site | val Dice | train cases | epochs | seconds | reused |", "|---|---|---|---|---|---|"]
+             f"{report['wall_seconds']:.0f} s."]
+    if st["teachers"]:  # FedAvg / FedProx train none
+        lines += ["", "## Teachers (local training)", "",
+                  "| site | val Dice | train cases | epochs | seconds | reused |",
+                  "|---|---|---|---|---|---|"]
     for site, m in sorted(st["teachers"].items()):
         lines.append(f"| {site} | {_f(m['val_dice'])} | {int(m['train_cases'])} | "
                      f"{int(m['epochs_run'])} | {m['seconds']:.0f} | {'yes' if m['reused'] else 'no'} |")

@@ -35,7 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
-from common.config import ModelSpec, RunConfig, build_section, dump_config
+from common.config import RunConfig, dump_config
 from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
 from common.logs import get_logger
 from common.metrics import dice_score
@@ -430,13 +430,10 @@ class Coordinator:
 
     def export_config(self) -> RunConfig:
         """The run config describing the exported student (the chosen capacity candidate)."""
-        cap = self.state.rounds.get("1", {}).get("capacity")
-        if not cap:
-            return self.cfg
-        from server.capacity import student_config
+        from server.capacity import chosen_spec, student_config
 
-        return student_config(self.cfg, build_section(ModelSpec, cap["candidates"][cap["chosen"]]["spec"],
-                                                      "capacity"))
+        spec = chosen_spec(self.state.rounds)
+        return self.cfg if spec is None else student_config(self.cfg, spec)
 
     def weight_sharing(self, nodes: list[int]) -> None:
         """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""

@@ -108,6 +108,27 @@ def _per_site(cfg: RunConfig, model: torch.nn.Module, nodes: list[Node]) -> dict
     return {n.site: test_metrics(model, load_private(cfg, n).test, cfg) for n in nodes}
 
 
+def final_model(cfg: RunConfig) -> FeatureNet:
+    """The final network of a finished run of ``cfg``: ``RUN_DIR/model.pt`` of a pooled-data
+    baseline (architecture in ``model.json``), else the federation's ``student_rR.pt`` (for a
+    capacity search, the chosen candidate's architecture)."""
+    from server.capacity import chosen_spec
+
+    run_dir = Path(cfg.output.run_dir)
+    weights = run_dir / "model.pt"
+    if weights.is_file():
+        arch = json.loads((run_dir / "model.json").read_text())["arch"]
+        spec = cfg.model.teacher if arch == "teacher" else cfg.model.student
+    else:
+        weights = run_dir / f"student_r{cfg.federation.rounds}.pt"
+        rounds = json.loads((run_dir / "state.json").read_text())["rounds"]
+        spec = chosen_spec(rounds) or cfg.model.student
+    model = FeatureNet(spec, input_channels(cfg.data))
+    model.net.load_state_dict(torch.load(weights))
+    model.eval()
+    return model
+
+
 def _save(run_dir: Path, model: FeatureNet, arch: str) -> None:
     torch.save(model.net.state_dict(), run_dir / "model.pt")
     (run_dir / "model.json").write_text(json.dumps({"arch": arch}))

@@ -110,13 +110,14 @@ def peak_inference_mb(model: FeatureNet, size: tuple[int, int], depth: int, thre
 def _onnx_runner(net: torch.nn.Module, in_ch: int, size: tuple[int, int], threads: int,
                  path: Path):
     """An ONNX Runtime session's run function, or the reason there is none."""
+    from server.export import export_onnx
+
     try:
         import onnxruntime as ort
     except ImportError:
         return None, "onnxruntime not installed"
     try:
-        torch.onnx.export(net, torch.zeros(1, in_ch, *size), str(path), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
+        export_onnx(net, in_ch, size, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -176,10 +176,8 @@ def prediction_montage(cfg, model, out: Path, title: str) -> Path:
 
 
 def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:
-    """The four PNGs of an experiment report, in ``root``."""
-    import torch
-
-    from common.models import FeatureNet, input_channels
+    """The PNGs of an experiment report, in ``root``."""
+    from simulations.baselines import final_model
 
     paths = [per_site_dice_plot(results, root / "per_site_dice.png"),
              dice_vs_bytes_plot(results, root / "dice_vs_bytes.png"),
@@ -193,12 +191,6 @@ def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:
         best = max(_by_method(students).items(),
                    key=lambda kv: np.mean([r["dice_mean"] for r in kv[1]]))[1][0]
         cfg = next(c for m, s, c in runs if m == best["method"] and s == best["seed"])
-        run_dir = Path(cfg.output.run_dir)
-        weights = run_dir / "model.pt"
-        if not weights.is_file():
-            weights = run_dir / f"student_r{cfg.federation.rounds}.pt"
-        model = FeatureNet(cfg.model.student, input_channels(cfg.data))
-        model.net.load_state_dict(torch.load(weights))
-        paths.append(prediction_montage(cfg, model, root / "montage.png",
+        paths.append(prediction_montage(cfg, final_model(cfg), root / "montage.png",
                                         f"student of {best['method']} (seed {best['seed']})"))
     return paths

@@ -13,8 +13,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from common.config import RunConfig
 from common.data import discover_sites
 from common.logs import get_logger
@@ -91,19 +89,12 @@ def simulate(cfg: RunConfig) -> dict:
 def add_unseen(cfg: RunConfig, report: dict) -> None:
     """Test the run's final student on the sites outside the federation (in this process: a
     simulation-only figure) and add it to the report."""
-    from common.models import FeatureNet, input_channels
     from server.report import write_report
-    from server.workflow import Coordinator
-    from simulations.baselines import evaluate_unseen
+    from simulations.baselines import evaluate_unseen, final_model
 
-    rounds = cfg.federation.rounds
-    run_dir = Path(cfg.output.run_dir)
-    spec = Coordinator(None, cfg).export_config().model.student  # the chosen capacity candidate
-    student = FeatureNet(spec, input_channels(cfg.data))
-    student.net.load_state_dict(torch.load(run_dir / f"student_r{rounds}.pt"))
-    unseen = evaluate_unseen(cfg, student)
-    report["state"]["rounds"][str(rounds)]["unseen"] = unseen
-    write_report(report, run_dir, LOG.info)
+    unseen = evaluate_unseen(cfg, final_model(cfg))
+    report["state"]["rounds"][str(cfg.federation.rounds)]["unseen"] = unseen
+    write_report(report, Path(cfg.output.run_dir), LOG.info)
     for site, m in unseen.items():
         print(f"[simulate] unseen site {site}: Dice {m['dice_mean']:.4f} on {int(m['n_cases'])} cases")
 
