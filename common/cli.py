@@ -127,6 +127,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from common import deploy
+
+    try:
+        return deploy.main(args)
+    except deploy.DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "synth": ("generate synthetic multi-site prostate data", cmd_synth),
     "check-data": ("validate every case of a dataset and summarise it", cmd_check_data),
@@ -139,6 +149,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "bench": ("benchmarks: comm (bytes vs Dice), compress (teacher vs student speed), scale "
               "(aggregation and simulation with more sites)", cmd_bench),
     "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
+    "deploy": ("real deployment: certificates, SuperNode keys, start SuperLink / SuperNode, "
+               "bundle a finished run", cmd_deploy),
 }
 
 
@@ -149,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers = {name: sub.add_parser(name, help=help_, description=help_)
                for name, (help_, _) in COMMANDS.items()}
     for name, p in parsers.items():
-        if name != "predict":  # predict takes its config from the model card
+        if name not in ("predict", "deploy"):  # predict: config from the model card
             _add_config_args(p)
     p = parsers["synth"]
     p.add_argument("--out", help="output directory (synth.out)")
@@ -172,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")
     p.add_argument("--output", type=Path, required=True, help="folder for the masks")
+    from common.deploy import add_arguments
+
+    add_arguments(parsers["deploy"])
     parsers["cross-site"].add_argument("--train-sites", nargs="+", default=None,
                                        help="sites whose teachers are trained (default: all)")
     return parser
