@@ -164,13 +164,24 @@ def superlink_command(certs: Path, host: str = "0.0.0.0", port: int = SUPERLINK_
 
 
 def node_config_text(items: dict[str, object]) -> str:
-    """Flower's ``--node-config`` syntax: ``key="string" key=number ...``."""
+    """Flower's ``--node-config`` syntax, ``key='string' key=number ...`` (TOML literal strings,
+    so backslashes stay as they are; Flower's parser allows no quote inside a quoted value)."""
     parts = []
     for k, v in items.items():
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            v = '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, bool):
+            v = str(v).lower()
+        elif not isinstance(v, (int, float)):
+            v = str(v)
+            if "'" not in v:
+                v = f"'{v}'"
+            elif '"' not in v and "\\" not in v:
+                v = f'"{v}"'
+            else:
+                raise DeployError(f"node config {k}: {v!r} holds both quote characters (or a "
+                                  f"quote and a backslash), which Flower's --node-config cannot "
+                                  f"carry; rename the folder")
         parts.append(f"{k}={v}")
     return " ".join(parts)
 
