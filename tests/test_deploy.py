@@ -1,6 +1,10 @@
 """A real deployment on loopback: one ``flower-superlink`` and three ``flower-supernode``
 processes with TLS and SuperNode authentication, runs submitted with ``flwr run``.
 
+Scenarios: strangers refused (unregistered key, no CA); a crash of the coordinator (SuperLink and
+ServerApp killed after the proxy query, SuperLink restarted on its database, run resubmitted)
+resumes and every site evaluates; a SuperNode killed mid-round is excluded and named.
+
 Every process the module starts (and the ServerApp / ClientApp / SuperExec processes Flower
 spawns, found by the module's own ``FLWR_HOME`` in their environment) is killed at the end.
 Bounded: each wait has a timeout; the module takes about 4 minutes on 2 cores.
@@ -116,6 +120,16 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
+    def start_superlink(self) -> None:
+        """(Re)start the SuperLink on its database and wait for its Control API."""
+        if "superlink" in self.procs:
+            self.procs[f"superlink_{len(self.procs)}"] = self.procs.pop("superlink")
+        self.start("superlink", superlink_command(self.root / "certs", host="127.0.0.1",
+                                                  port=self.port,
+                                                  database=self.root / "superlink.db"))
+        wait_for(lambda: self.flwr("supernode", "ls", FED).returncode == 0, 60,
+                 "the SuperLink's Control API")
+
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
@@ -185,10 +199,7 @@ def dep(tmp_path_factory):
     d.keys = {s: make_node_key(root / "keys", s) for s in (*SITES, "Rogue")}
     add_connection(FED, d.address, d.certs["ca"], home=d.home)
     try:
-        d.start("superlink", superlink_command(root / "certs", host="127.0.0.1", port=d.port,
-                                               database=root / "superlink.db"))
-        wait_for(lambda: d.flwr("supernode", "ls", FED).returncode == 0, 60,
-                 "the SuperLink's Control API")
+        d.start_superlink()
         d.node_ids = {}
         for site in SITES:
             out = d.flwr("supernode", "register", str(d.keys[site]["pub"]), FED)
@@ -218,8 +229,10 @@ def test_strangers_are_refused(dep):
 
 @pytest.fixture(scope="module")
 def resumed(dep):
-    """A run whose ServerApp process is killed (SIGKILL) after the proxy query, then submitted
-    again with the same run directory. Returns (run dir, kill time)."""
+    """The coordinator's machine crashes: the SuperLink and the ServerApp process are killed
+    (SIGKILL) after the proxy query; the SuperLink restarts on its database, the SuperNodes
+    reconnect by themselves, and the same run is submitted again with the same run directory.
+    Returns (run dir, kill time)."""
     run_dir = dep.root / "run_resume"
     run_yaml = run_config(dep.root, distill={"epochs": 150})
     first = dep.submit("flwr_run_killed", run_yaml, run_dir)
@@ -228,11 +241,14 @@ def resumed(dep):
              300, "the query step of the first ServerApp")
     servers = named(flwr_processes(dep.home), "flwr-serverapp")
     assert servers, "no ServerApp process found"
-    for pid in servers:
+    link = dep.procs["superlink"].pid
+    for pid in [*servers, *descendants(link), link]:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
     first.wait(timeout=120)
     assert "evaluate_r1" not in json.loads(state.read_text())["completed"]
+    dep.start_superlink()
+    wait_for(lambda: dep.online() == 3, 120, "the SuperNodes to reconnect", every=1.0)
     second = dep.submit("flwr_run_resumed", run_yaml, run_dir)
     assert second.wait(timeout=400) == 0, dep.log("flwr_run_resumed")[-3000:]
     return run_dir, killed_at
@@ -257,7 +273,7 @@ def test_federation_runs_over_tls_and_every_site_evaluates(dep, resumed):
                for a in x["arrays"])
 
 
-def test_killed_serverapp_resumes_without_retraining_teachers(dep, resumed):
+def test_crashed_coordinator_resumes_without_retraining_teachers(dep, resumed):
     run_dir, killed_at = resumed
     log = dep.log("flwr_run_resumed")
     assert "skipping step train (done)" in log and "skipping step query_r1 (done)" in log
