@@ -49,7 +49,7 @@ from common.data import (
 from common.logs import get_logger
 from common.models import FeatureNet, build_teacher, feature_names, input_channels
 from common.privacy import clip_and_noise, epsilon
-from common.protocol import PRECISIONS, ProtocolError, encode_array
+from common.protocol import PRECISIONS, ProtocolError, encode_array, parse_slice_ids
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
 LOG = get_logger("fedkd.client")
@@ -250,18 +250,6 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
 # --------------------------------------------------------------------------------------------
 # 2. Proxy query
 # --------------------------------------------------------------------------------------------
-def parse_slice_ids(ids: list[str], proxy: dict[str, CaseVolume]) -> list[tuple[str, int]]:
-    """``"CaseXX/z"`` -> (case id, z); ProtocolError names the first bad id."""
-    out = []
-    for sid in ids:
-        case, _, z = str(sid).rpartition("/")
-        if case not in proxy or not z.isdigit() or int(z) >= proxy[case].num_slices:
-            raise ProtocolError(f"query.slice_ids: {sid!r} is not a slice of the proxy set "
-                                f"(expected CASE/z with CASE in {sorted(proxy)[:3]}...)")
-        out.append((case, int(z)))
-    return out
-
-
 @torch.no_grad()
 def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], features: list[str],
                        precision: str = "float16", batch_size: int = 32

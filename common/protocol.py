@@ -84,6 +84,19 @@ class ProtocolError(ValueError):
     """A message lacks a field or a field has the wrong type/shape. Names the field."""
 
 
+def parse_slice_ids(ids: list[str], proxy: dict[str, Any]) -> list[tuple[str, int]]:
+    """Proxy slice ids ``"CaseXX/z"`` -> (case id, z), checked against ``proxy`` ({case id:
+    volume with ``num_slices``}); ProtocolError names the first bad id."""
+    out = []
+    for sid in ids:
+        case, _, z = str(sid).rpartition("/")
+        if case not in proxy or not z.isdigit() or int(z) >= proxy[case].num_slices:
+            raise ProtocolError(f"query.slice_ids: {sid!r} is not a slice of the proxy set "
+                                f"(expected CASE/z with CASE in {sorted(proxy)[:3]}...)")
+        out.append((case, int(z)))
+    return out
+
+
 def config_to_text(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_plain(cfg), sort_keys=False)
 

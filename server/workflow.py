@@ -56,6 +56,7 @@ from common.protocol import (
     config_to_text,
     decode_proxy_reply,
     evaluate_request,
+    parse_slice_ids,
     query_request,
     train_request,
 )
@@ -90,18 +91,52 @@ class RunState:
         tmp.replace(run_dir / "state.json")
 
     @classmethod
-    def load(cls, run_dir: Path, digest: str) -> "RunState":
+    def load(cls, run_dir: Path, digest: str, accepted: tuple[str, ...] = ()) -> "RunState":
+        """The state in ``run_dir`` (or a fresh one); FederationError if it was made with a
+        config whose digest is neither ``digest`` nor one of ``accepted``."""
         path = run_dir / "state.json"
         if not path.is_file():
             return cls(digest)
         data = json.loads(path.read_text())
-        if data.get("config_digest") != digest:
+        if data.get("config_digest") not in (digest, *accepted):
             raise FederationError(f"{run_dir}: holds a run with a different config; choose a "
                                   f"new output.run_dir (or delete {path} to start over)")
+        data["config_digest"] = digest
         return cls(**data)
 
 
+# Settings that do not change what a run computes: a resumed run may change them.
+NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
+                 "output": ("audit",), "federation": ("wait_timeout_s",),
+                 "runtime": ("threads", "client_threads")}
+
+
+def _changed(value, default):
+    """The parts of ``value`` (plain nested dicts) that differ from ``default``."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {k: _changed(v, default.get(k)) for k, v in value.items()
+               if k not in default or v != default[k]}
+        return out
+    return value
+
+
 def config_digest(cfg: RunConfig) -> str:
+    """Digest of the settings that define a run: only those that differ from the defaults (so
+    a new config key, added with its default, leaves old run directories resumable), without
+    :data:`NOT_IN_DIGEST`."""
+    plain = cfg.to_dict()
+    for section, keys in NOT_IN_DIGEST.items():
+        if keys is None:
+            plain.pop(section, None)
+        else:
+            for k in keys:
+                plain.get(section, {}).pop(k, None)
+    changed = _changed(plain, RunConfig().to_dict())
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def legacy_digest(cfg: RunConfig) -> str:
+    """The digest of versions before 2026-11-29 (over the whole config text)."""
     return hashlib.sha256(config_to_text(cfg).encode()).hexdigest()[:16]
 
 
@@ -163,7 +198,7 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.output.audit and grid is not None and not isinstance(grid, AuditGrid):
             self.grid = AuditGrid(grid, self.run_dir / "audit.jsonl")
-        self.state = RunState.load(self.run_dir, config_digest(cfg))
+        self.state = RunState.load(self.run_dir, config_digest(cfg), (legacy_digest(cfg),))
         dump_config(cfg, self.run_dir / "config.yaml")
         self.timeout = cfg.federation.wait_timeout_s
         self.in_channels = input_channels(cfg.data)
@@ -219,7 +254,7 @@ class Coordinator:
                 vols = load_proxy(self.cfg.data)
             cases = {c.case_id: c for c in vols}
             ids = proxy_slice_ids(cases)
-            where = [(cases[i.rsplit("/", 1)[0]], int(i.rsplit("/", 1)[1])) for i in ids]
+            where = [(cases[c], z) for c, z in parse_slice_ids(ids, cases)]
             images = np.stack([slice_stack(c.image, z, self.cfg.data.context_slices)
                                for c, z in where]).astype(np.float32)
             labels = None
@@ -232,7 +267,7 @@ class Coordinator:
     def target_dice(ids: list[str], probs: np.ndarray, labels: np.ndarray) -> float:
         """Mean over proxy cases of the 3D Dice between the targets' argmax and the truth."""
         pred = probs.argmax(axis=1)
-        cases = [i.rsplit("/", 1)[0] for i in ids]
+        cases = [i.rpartition("/")[0] for i in ids]
         scores = []
         for case in dict.fromkeys(cases):
             rows = [k for k, c in enumerate(cases) if c == case]

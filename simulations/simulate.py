@@ -9,6 +9,7 @@ live in ``output.state_root``, so runs that share teacher settings train them on
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ def parallel_clients(cores: int, sites: int) -> int:
 
 
 def simulate(cfg: RunConfig) -> dict:
-    """Run the federation described by ``cfg`` in the Simulation Engine; return the report."""
+    """Run the federation described by ``cfg`` in the Simulation Engine; return the report.
+    ``cfg`` is not changed: the run uses a copy with ``federation.min_sites`` capped at the
+    number of sites and ``runtime.client_threads`` resolved."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -58,6 +61,7 @@ def simulate(cfg: RunConfig) -> dict:
         _print_summary(result, cfg)
         return result
     sites = list(discover_sites(cfg.data))
+    cfg = copy.deepcopy(cfg)
     cores = os.cpu_count() or 1
     parallel = parallel_clients(cores, len(sites))
     if cfg.runtime.client_threads == 0:  # share the cores among the parallel site actors

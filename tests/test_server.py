@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from client.app import app
-from common.config import load_config
+from common.config import RunConfig, load_config
 from common.models import FeatureNet
 from common.protocol import EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
 from common.synthetic import write_dataset
@@ -356,3 +356,22 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
     assert not any(needle in b for m in from_sites for b in array_bytes(m))
     # the same search finds the canary where it is: in the private file's voxels
     assert needle in np.asanyarray(nib.load(path).dataobj).tobytes()
+
+
+def test_config_digest_covers_what_defines_a_run(tmp_path):
+    from server.workflow import RunState, config_digest, legacy_digest
+
+    base = load_config(None, SETTINGS)
+    digest = config_digest(base)
+    # settings that do not change the computation, and defaults written out, keep the digest
+    same = load_config(None, [*SETTINGS, "federation.wait_timeout_s=999", "output.audit=true",
+                              "runtime.threads=1", "experiment.seeds=[5]", "train.lr=0.005"])
+    assert RunConfig().train.lr == 0.005 and config_digest(same) == digest
+    for change in ("train.epochs=3", "aggregation.method=mean", "data.size=[32,32]"):
+        assert config_digest(load_config(None, [*SETTINGS, change])) != digest, change
+    # a run directory written by an older version (whole-config digest) is still resumable
+    RunState(legacy_digest(base), completed=["train"]).save(tmp_path)
+    state = RunState.load(tmp_path, digest, (legacy_digest(base),))
+    assert state.completed == ["train"] and state.config_digest == digest
+    with pytest.raises(FederationError, match="different config"):
+        RunState.load(tmp_path, config_digest(load_config(None, [*SETTINGS, "train.epochs=3"])))
