@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from client.app import app
-from common.config import RunConfig, load_config
+from common.config import ConfigError, RunConfig, load_config
 from common.models import FeatureNet
 from common.protocol import EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
 from common.synthetic import write_dataset
@@ -375,3 +376,27 @@ def test_config_digest_covers_what_defines_a_run(tmp_path):
     assert state.completed == ["train"] and state.config_digest == digest
     with pytest.raises(FederationError, match="different config"):
         RunState.load(tmp_path, config_digest(load_config(None, [*SETTINGS, "train.epochs=3"])))
+
+
+def test_serverapp_resolves_its_yaml_in_the_app_and_names_a_bad_setting(tmp_path, monkeypatch):
+    import logging
+
+    from flwr.app import Context, RecordDict
+
+    from server.app import APP_ROOT, app as server_app, config_path
+
+    monkeypatch.chdir(tmp_path)  # a deployed ServerApp's working directory is not the app's
+    assert config_path("configs/deploy.yaml") == APP_ROOT / "configs" / "deploy.yaml"
+    assert config_path("/abs/x.yaml") == Path("/abs/x.yaml")
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                  run_config={"config": "configs/deploy.yaml", "overrides": "train.epochs=0"})
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("fedkd.server").addHandler(handler)
+    try:
+        with pytest.raises(ConfigError, match="train.epochs"):
+            server_app(None, ctx)
+    finally:
+        logging.getLogger("fedkd.server").removeHandler(handler)
+    assert any(x.startswith("[server] run stopped: ") and "train.epochs" in x for x in lines)
