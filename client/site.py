@@ -197,7 +197,7 @@ def load_proxy_cases(cfg: RunConfig, node: Node) -> dict[str, CaseVolume]:
 def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -> str:
     """Digest of everything that determines the teacher: architecture, training settings,
     preprocessing, the split and the case ids. Same key = the checkpoint can be reused."""
-    payload = {"spec": asdict(cfg.teacher_spec(node.site)), "train": asdict(tcfg),
+    payload = {"spec": asdict(cfg.teacher_spec(node.site)), "train": tcfg.fingerprint(),
                "data": _preprocessing_key(cfg), "seed": cfg.runtime.seed,
                "cases": {k: [c.case_id for c in getattr(data, k)] for k in ("train", "val", "test")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

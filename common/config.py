@@ -118,9 +118,20 @@ class TrainConfig:
     batch_size: int = _f(8, lo=1, hi=4096)
     patience: int = _f(10, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
     augment: bool = _f(True, doc="random flips, 90-degree rotations, intensity scale/shift")
+    intensity_augment: Literal["standard", "strong"] = _f(
+        "standard", doc="strong: + contrast inversion, histogram shift, bias field, wide gamma, "
+        "blur, noise (teachers that transfer to other scanners)")
     empty_slice_fraction: float = _f(0.3, lo=0.0, hi=1.0,
                                      doc="fraction of gland-free train slices kept per epoch")
     max_steps_per_epoch: int = _f(0, lo=0, doc="0 = no cap (a cap keeps CPU runs short)")
+
+    def fingerprint(self) -> dict:
+        """The settings as a dict for checkpoint keys; keys added later are left out at their
+        default, so checkpoints made before they existed stay reusable."""
+        out = dataclasses.asdict(self)
+        if out["intensity_augment"] == "standard":
+            del out["intensity_augment"]
+        return out
 
 
 @dataclass

@@ -453,27 +453,50 @@ def foreground_slices(cases: list[CaseVolume]) -> tuple[list[tuple[int, int]], l
     return fg, bg
 
 
-def augmentation():
-    """Training augmentation (MONAI): left-right flip, small rotation/zoom, intensity jitter."""
+def _invert(x):
+    return 1.0 - x  # images are scaled to [0, 1] by preprocessing
+
+
+def augmentation(intensity: str = "standard"):
+    """Training augmentation (MONAI): left-right flip, small rotation/zoom, intensity jitter.
+
+    ``intensity="strong"`` adds what changes between scanners and protocols: contrast
+    inversion, random histogram shift, a smooth bias field, a wide gamma range, blur and more
+    noise, so that a teacher transfers better to other sites and to the public proxy set."""
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
         RandAffined,
+        RandBiasFieldd,
         RandFlipd,
         RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandHistogramShiftd,
+        RandLambdad,
         RandScaleIntensityd,
         RandShiftIntensityd,
     )
 
-    return Compose([
+    steps = [
         RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
         RandAffined(["image", "label"], prob=0.5, rotate_range=0.2, scale_range=0.1,
                     mode=["bilinear", "nearest"], padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.2, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
-        RandGaussianNoised("image", std=0.03, prob=0.2),
-    ])
+    ]
+    if intensity == "strong":
+        steps += [
+            RandLambdad("image", func=_invert, prob=0.2),
+            RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.5),
+            RandBiasFieldd("image", coeff_range=(0.1, 0.4), prob=0.5),
+            RandAdjustContrastd("image", gamma=(0.5, 2.0), prob=0.5),
+            RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=0.2),
+            RandGaussianNoised("image", std=0.08, prob=0.3),
+        ]
+    else:
+        steps += [RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+                  RandGaussianNoised("image", std=0.03, prob=0.2)]
+    return Compose(steps)
 
 
 def proxy_slice_ids(proxy: dict[str, CaseVolume]) -> list[str]:

@@ -128,7 +128,7 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    transform = augmentation() if cfg.augment else None
+    transform = augmentation(cfg.intensity_augment) if cfg.augment else None
     if transform is not None:
         transform.set_random_state(seed=seed)
     best, best_epoch, best_state = -1.0, 0, None

@@ -76,7 +76,7 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     torch.manual_seed(cfg.runtime.seed)
     model = FeatureNet(spec, input_channels(cfg.data))
     key = hashlib.sha256(json.dumps({
-        "spec": asdict(spec), "train": asdict(cfg.train), "seed": cfg.runtime.seed,
+        "spec": asdict(spec), "train": cfg.train.fingerprint(), "seed": cfg.runtime.seed,
         "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
         "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
     res = train_segmenter(model, train, val, cfg.train, cfg.data.context_slices,

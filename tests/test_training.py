@@ -95,3 +95,26 @@ def test_checkpoint_resume_after_crash_equals_uninterrupted_run(small_site, tmp_
     res = train_segmenter(build_teacher(spec), small_site.train, small_site.val, cfg,
                           log=lambda s: None, checkpoint=tmp_path / "b.pt", checkpoint_key="k2")
     assert not res.reused and res.resumed_from == 0
+
+
+def test_strong_intensity_augmentation_changes_contrast_but_not_the_mask():
+    from monai.utils import set_determinism
+
+    from common.data import augmentation
+
+    set_determinism(seed=0)
+    label = np.zeros((1, 32, 32), np.float32)
+    label[:, 10:22, 10:22] = 1
+    image = np.where(label > 0, 0.8, 0.2).astype(np.float32)
+    flipped = {"standard": 0, "strong": 0}
+    for strength in flipped:
+        aug = augmentation(strength)
+        for _ in range(40):
+            out = aug({"image": image.copy(), "label": label.copy()})
+            img, lab = np.asarray(out["image"]), np.asarray(out["label"])
+            assert img.shape == image.shape and np.isfinite(img).all()
+            assert set(np.unique(lab)) <= {0.0, 1.0}
+            if lab.sum() > 0 and img[lab > 0].mean() < img[lab == 0].mean():
+                flipped[strength] += 1  # the gland became darker than its surroundings
+    set_determinism(seed=None)
+    assert flipped["standard"] == 0 and flipped["strong"] >= 3, flipped
