@@ -47,14 +47,17 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else name
 
 
-def _write(path: Path, data: bytes, private: bool = False, force: bool = False) -> Path:
-    if path.exists() and not force:
-        raise DeployError(f"{path}: exists; refusing to overwrite (pass --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
-    return path
+def _write_all(files: dict[Path, tuple[bytes, bool]], force: bool) -> None:
+    """Write ``{path: (data, private)}``; private files get mode 0600. Nothing is written if
+    any path exists, unless ``force``."""
+    for path in files:
+        if path.exists() and not force:
+            raise DeployError(f"{path}: exists; refusing to overwrite (pass --force to replace it)")
+    for path, (data, private) in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if private:
+            path.chmod(0o600)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -108,13 +111,10 @@ def make_certificates(out: Path, hosts: Iterable[str] = ("localhost", "127.0.0.1
     pem = serialization.Encoding.PEM
     paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.crt",
              "key": out / "server.key"}
-    for p in paths.values():
-        if p.exists() and not force:
-            raise DeployError(f"{p}: exists; refusing to overwrite (pass --force to replace it)")
-    _write(paths["ca"], ca.public_bytes(pem), force=True)
-    _write(paths["ca_key"], _pem_key(ca_key), private=True, force=True)
-    _write(paths["cert"], cert.public_bytes(pem), force=True)
-    _write(paths["key"], _pem_key(key), private=True, force=True)
+    _write_all({paths["ca"]: (ca.public_bytes(pem), False),
+                paths["ca_key"]: (_pem_key(ca_key), True),
+                paths["cert"]: (cert.public_bytes(pem), False),
+                paths["key"]: (_pem_key(key), True)}, force)
     return paths
 
 
@@ -130,11 +130,7 @@ def make_node_key(out: Path, site: str, force: bool = False) -> dict[str, Path]:
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                         serialization.PublicFormat.OpenSSH)
     paths = {"key": out / f"{site}.key", "pub": out / f"{site}.pub"}
-    for p in paths.values():
-        if p.exists() and not force:
-            raise DeployError(f"{p}: exists; refusing to overwrite (pass --force to replace it)")
-    _write(paths["key"], priv, private=True, force=True)
-    _write(paths["pub"], pub + b"\n", force=True)
+    _write_all({paths["key"]: (priv, True), paths["pub"]: (pub + b"\n", False)}, force)
     return paths
 
 
