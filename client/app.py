@@ -12,7 +12,7 @@ baseline ``federation.strategy: fedavg | fedprox``):
 * ``train``           local epochs of the global student on the private train split (FedProx's
                       proximal term when the config carries ``proximal-mu``); replies
                       ``arrays`` + ``metrics`` with ``num-examples``;
-* ``evaluate``        the global student's Dice / HD95 on the private test split.
+* ``evaluate``        the global student's Dice / HD95 on the private validation split (per round).
 
 Any failure becomes a Flower error reply whose reason names the site, the file or field and the
 cause; the node then answers the next message as usual. Paths come from the node config
@@ -198,7 +198,9 @@ def _fedavg_train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDi
 
 
 def _fedavg_evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
-    m = site_ops.evaluate_student(cfg, node, _weights(msg, FLWR_ARRAYS))
+    # per-round figures of Flower's strategies: the validation split (the test split is read
+    # once, by fedkd's evaluate.student of the final model)
+    m = site_ops.evaluate_student(cfg, node, _weights(msg, FLWR_ARRAYS), "val")
     return RecordDict({METRICS: MetricRecord({"dice": m["dice_mean"], "hd95": m["hd95_mean"],
                                               "num-examples": int(m["n_cases"])})})
 

@@ -17,15 +17,16 @@ key                meaning
 =================  ==============================================================================
 
 In a simulation the node config has only ``partition-id``: partition *i* is the *i*-th site
-folder (sorted, ``PROXY`` excluded) under the Flower run config's ``data-root`` (default: the
-YAML run config's ``data.root``), the proxy set is ``data-root/PROXY`` and the state directory is
-``state-root/SITE``. ``data.sites`` (if set) lists the simulated sites in partition order (``state-root`` from the Flower run config, default ``output.state_root``).
+folder (sorted, the proxy folder excluded) under the Flower run config's ``data-root`` (default:
+the YAML run config's ``data.root``), the proxy set is ``data.proxy`` there and the state directory is
+``state-root/SITE``. ``data.sites`` (if set) lists the simulated sites' folders, relative to the root, in partition order (``state-root`` from the Flower run config, default ``output.state_root``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,6 +45,9 @@ from common.data import (
     discover_msd,
     load_proxy,
     load_site,
+    load_unsplit,
+    proxy_dir,
+    site_folders,
     slice_stack,
 )
 from common.logs import get_logger
@@ -98,15 +102,14 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
         if not root.is_dir():
             raise DataError(f"{root}: simulation data root not found (run `fedkd synth --out "
                             f"{root}`)")
-        sites = [root / s for s in cfg.data.sites] if cfg.data.sites else sorted(
-            p for p in root.iterdir() if p.is_dir() and p.name != Path(cfg.data.proxy).name
-            and not p.name.startswith("."))
+        dcfg = replace(cfg.data, root=str(root))
+        sites = site_folders(dcfg)
         pid = int(nc["partition-id"])
         if not 0 <= pid < len(sites):
             raise ConfigError(f"node config partition-id: {pid} but {root} has {len(sites)} "
                               f"site folders")
         state_root = Path(str(run_config.get("state-root") or cfg.output.state_root))
-        return Node(sites[pid].name, sites[pid], "liu", root / Path(cfg.data.proxy).name,
+        return Node(sites[pid].name, sites[pid], "liu", proxy_dir(dcfg),
                     state_root / sites[pid].name, threads, overrides)
     raise ConfigError("node config: needs data-path (a hospital node) or partition-id "
                       "(a simulation)")
@@ -160,7 +163,8 @@ def load_private(cfg: RunConfig, node: Node) -> SiteData:
     """This site's private data, split by case, preprocessed as the run config says."""
     dcfg = _site_data_config(cfg, node)
     key = json.dumps(["private", str(node.data_path), node.layout, _preprocessing_key(cfg),
-                      asdict(cfg.data.split), cfg.data.seed, cfg.data.group_pattern],
+                      asdict(cfg.data.split), cfg.data.seed, cfg.data.group_pattern,
+                      cfg.data.folds, cfg.data.fold],
                      sort_keys=True)
     if key not in _CACHE:
         if node.layout == "liu":
@@ -351,12 +355,20 @@ def train_student_local(cfg: RunConfig, node: Node, state_dict: dict[str, torch.
     """``federation.local_epochs`` of supervised training of the global student on the private
     train split, plus FedProx's ``mu/2 ||w - w_global||^2`` when ``proximal_mu > 0``.
 
-    Returns (new state dict, metrics with ``num-examples`` = training slices, FedAvg's weight).
+    The recipe is the ``student`` section (as in distillation); the learning rate follows a
+    cosine over the rounds, ``student.lr * (1 + cos(pi (round - 1) / rounds)) / 2``, as
+    distillation's does over its epochs.
+
+    Returns (new state dict, metrics with ``num-examples`` = training slices, FedAvg's weight,
+    and the optimizer ``steps``).
     """
     t0 = time.perf_counter()
     model = load_student(cfg, state_dict)
     data = load_private(cfg, node)
-    tcfg = replace(site_train_config(cfg, node), epochs=cfg.federation.local_epochs)
+    tcfg = cfg.student_train(site_train_config(cfg, node), epochs=cfg.federation.local_epochs)
+    rounds = cfg.federation.rounds
+    lr = cfg.student.lr * 0.5 * (1 + math.cos(math.pi * (min(max(server_round, 1), rounds) - 1)
+                                              / rounds))
     regularizer = None
     if proximal_mu > 0:
         anchor = [p.detach().clone() for p in model.parameters()]
@@ -366,8 +378,10 @@ def train_student_local(cfg: RunConfig, node: Node, state_dict: dict[str, torch.
                                            for p, a in zip(m.parameters(), anchor))
     res = train_segmenter(model, data.train, [], tcfg, cfg.data.context_slices,
                           cfg.runtime.seed * 1000 + server_round, log=log,
-                          tag=f"{node.site} student r{server_round}", regularizer=regularizer)
+                          tag=f"{node.site} student r{server_round}", regularizer=regularizer,
+                          lr=lr)
     metrics = {"num-examples": sum(c.num_slices for c in data.train),
+               "steps": int(sum(h["steps"] for h in res.history)),
                "loss": float(res.history[-1]["loss"]) if res.history else float("nan"),
                "seconds": time.perf_counter() - t0}
     return model.net.state_dict(), metrics

@@ -66,6 +66,11 @@ class DataConfig:
     clip_percentiles: list[float] = _f(factory=lambda: [1.0, 99.0], lo=0.0, hi=100.0)
     split: SplitConfig = field(default_factory=SplitConfig)
     seed: int = _f(0, doc="seed of the case split")
+    folds: int = _f(0, lo=0, hi=100, doc="k-fold cross-validation by case: 0 = one split by "
+                    "data.split; k >= 2 = the cases (patients) of each site in k folds, fold "
+                    "data.fold is the test split and the rest is split into train/val by the "
+                    "ratio of data.split.train to data.split.val")
+    fold: int = _f(0, lo=0, hi=99, doc="the test fold when data.folds >= 2")
     group_pattern: Optional[str] = _f(None, doc="regex whose first group is the patient id of a "
                                       "case id: a patient's cases stay in one split")
 
@@ -135,12 +140,31 @@ class TrainConfig:
 
 
 @dataclass
+class StudentConfig:
+    """How the student network is trained, whatever the method: distillation on the proxy set,
+    FedAvg / FedProx local epochs at the sites, and the pooled ``central-student`` baseline. One
+    recipe for all, so that no method gets less care than another. The number of passes is the
+    method's own (``distill.epochs``; ``federation.rounds`` x ``federation.local_epochs``;
+    ``train.epochs``); every run reports its optimizer steps."""
+
+    lr: float = _f(5e-3, lo=1e-7, hi=1.0, doc="peak learning rate (cosine decay over the "
+                   "distillation epochs / the FedAvg rounds / the epochs)")
+    weight_decay: float = _f(1e-5, lo=0.0, hi=1.0)
+    batch_size: int = _f(8, lo=1, hi=4096)
+    augment: bool = _f(True, doc="flips, small rotation/zoom, intensity jitter (the standard "
+                       "teacher recipe, common.augment); in distillation the targets and "
+                       "feature maps move with the image")
+    empty_slice_fraction: float = _f(0.3, lo=0.0, hi=1.0, doc="fraction of gland-free slices "
+                                     "kept per epoch (distillation: slices whose target has no "
+                                     "gland)")
+
+
+@dataclass
 class DistillConfig:
-    """Server-side distillation of the student on the proxy set."""
+    """Server-side distillation of the student on the proxy set (its optimiser recipe is the
+    ``student`` section)."""
 
     epochs: int = _f(20, lo=1, hi=10000)
-    lr: float = _f(2e-3, lo=1e-7, hi=1.0)
-    batch_size: int = _f(16, lo=1, hi=4096)
     temperature: float = _f(2.0, lo=0.01, hi=100.0)
     w_kl: float = _f(1.0, lo=0.0)
     w_lovasz: float = _f(0.5, lo=0.0)
@@ -190,6 +214,11 @@ class ExperimentConfig:
 
     methods: dict[str, list[str]] = _f(factory=lambda: {"adaptive-kd": []})
     seeds: list[int] = _f(factory=lambda: [0])
+    folds: int = _f(0, lo=0, hi=100, doc="k >= 2: every method and seed runs k times, once per "
+                    "test fold (data.folds = k, data.fold = 0..k-1), so every case is tested "
+                    "once; 0 = one split per seed (data.split)")
+    baseline: str = _f("fedavg", doc="method the report's paired differences are taken "
+                       "against (same seed and fold)")
     unseen_sites: list[str] = _f(factory=list, doc="sites (folders of data.root) outside the "
                                  "federation; every run's final model is also tested on all "
                                  "their cases")
@@ -256,6 +285,7 @@ class RunConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -268,6 +298,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def student_train(self, base: Optional[TrainConfig] = None, **changes: Any) -> TrainConfig:
+        """``base`` (default ``train``) with the ``student`` recipe (lr, weight decay, batch,
+        standard augmentation, empty-slice policy) and ``changes``: how a student is trained
+        on labelled slices (FedAvg / FedProx local epochs, central-student)."""
+        s = self.student
+        return dataclasses.replace(base or self.train, lr=s.lr, weight_decay=s.weight_decay,
+                                   batch_size=s.batch_size, augment=s.augment,
+                                   intensity_augment="standard",
+                                   empty_slice_fraction=s.empty_slice_fraction, **changes)
 
     def teacher_spec(self, site: str) -> ModelSpec:
         """The teacher architecture of ``site`` (its override, else the default teacher)."""
@@ -374,6 +414,13 @@ def _check_consistency(cfg: RunConfig) -> None:
                           f"{s.train} + {s.val} + {s.test}")
     if s.train <= 0:
         raise ConfigError("data.split.train: expected a value > 0")
+    d = cfg.data
+    if d.folds == 1:
+        raise ConfigError("data.folds: expected 0 (no cross-validation) or >= 2, got 1")
+    if d.folds and d.fold >= d.folds:
+        raise ConfigError(f"data.fold: expected a value < data.folds ({d.folds}), got {d.fold}")
+    if cfg.experiment.folds == 1:
+        raise ConfigError("experiment.folds: expected 0 (no cross-validation) or >= 2, got 1")
     for key, n in (("data.spacing", len(cfg.data.spacing)), ("data.size", len(cfg.data.size)),
                    ("data.clip_percentiles", len(cfg.data.clip_percentiles)),
                    ("bench.image_size", len(cfg.bench.image_size))):

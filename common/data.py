@@ -163,12 +163,14 @@ def discover_sites(cfg: DataConfig) -> dict[str, list[CaseRecord]]:
         if not root.is_dir():
             raise DataError(f"{root}: data root not found (run `fedkd synth --out {root}` for "
                             f"synthetic data)")
-        proxy = Path(cfg.proxy).name
-        folders = [root / s for s in cfg.sites] if cfg.sites else sorted(
-            p for p in root.iterdir() if p.is_dir() and p.name != proxy
-            and not p.name.startswith("."))
+        folders = site_folders(cfg)
         if not folders:
             raise DataError(f"{root}: no site folders found")
+        names = [f.name for f in folders]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"data.sites: two site folders are named {twice[0]!r} (a site's "
+                            f"name is its folder's name)")
         return {f.name: discover_liu_site(f) for f in folders}
     if cfg.layout == "msd":
         cases = discover_msd(root)
@@ -189,6 +191,18 @@ def discover_sites(cfg: DataConfig) -> dict[str, list[CaseRecord]]:
 def proxy_dir(cfg: DataConfig) -> Path:
     p = Path(cfg.proxy)
     return p if p.is_absolute() else Path(cfg.root) / p
+
+
+def site_folders(cfg: DataConfig) -> list[Path]:
+    """The Liu-layout site folders in partition order: ``data.sites`` (paths relative to
+    ``data.root``, e.g. ``promise12/BIDMC``; a site is named after its folder), or every folder of
+    the root except the proxy set's and hidden ones."""
+    root = Path(cfg.root)
+    if cfg.sites:
+        return [root / s for s in cfg.sites]
+    proxy = proxy_dir(cfg).resolve()
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != proxy
+                  and not p.name.startswith("."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +344,8 @@ def split_cases(records: list[CaseRecord], cfg: DataConfig, group_pattern: Optio
                 ) -> dict[str, list[CaseRecord]]:
     """Deterministic train/val/test split *by case* (or by patient via ``group_pattern``, a regex
     whose first group is the patient id; default ``cfg.group_pattern``). Depends only on the
-    seed, the site and the case ids."""
+    seed, the site and the case ids. With ``cfg.folds`` = k >= 2, fold ``cfg.fold`` of a k-fold
+    partition is the test split (:func:`_fold_split`)."""
     group_pattern = group_pattern or cfg.group_pattern
     if not records:
         raise DataError("empty site: no cases to split")
@@ -340,6 +355,8 @@ def split_cases(records: list[CaseRecord], cfg: DataConfig, group_pattern: Optio
     order = [groups[i] for i in rng.permutation(len(groups))]
     n = len(order)
     frac = cfg.split
+    if cfg.folds:
+        return _fold_split(records, order, cfg, group_pattern)
     n_test = int(round(n * frac.test))
     n_val = int(round(n * frac.val))
     if frac.test > 0:
@@ -354,6 +371,31 @@ def split_cases(records: list[CaseRecord], cfg: DataConfig, group_pattern: Optio
     out: dict[str, list[CaseRecord]] = {"train": [], "val": [], "test": []}
     for r in records:
         out[which[_group_of(r.case_id, group_pattern)]].append(r)
+    return out
+
+
+def _fold_split(records: list[CaseRecord], order: list[str], cfg: DataConfig,
+                group_pattern: Optional[str]) -> dict[str, list[CaseRecord]]:
+    """k-fold split: the permuted groups ``order`` in ``cfg.folds`` near-equal folds; fold
+    ``cfg.fold`` is the test split, the others are divided into val and train by the ratio of
+    ``split.val`` to ``split.train`` (val first in permuted order)."""
+    site, k, n = records[0].site, cfg.folds, len(order)
+    frac = cfg.split
+    if n < k + 1 + (frac.val > 0):
+        raise DataError(f"site {site}: {n} case(s) are too few for data.folds={k} (each fold "
+                        f"needs >= 1 case, and train{'/val' if frac.val > 0 else ''} too)")
+    folds = np.array_split(np.arange(n), k)
+    test = {order[i] for i in folds[cfg.fold]}
+    rest = [g for g in order if g not in test]
+    n_val = 0
+    if frac.val > 0:
+        n_val = min(len(rest) - 1, max(1, int(round(len(rest) * frac.val
+                                                    / (frac.train + frac.val)))))
+    val = set(rest[:n_val])
+    out: dict[str, list[CaseRecord]] = {"train": [], "val": [], "test": []}
+    for r in records:
+        g = _group_of(r.case_id, group_pattern)
+        out["test" if g in test else "val" if g in val else "train"].append(r)
     return out
 
 
@@ -381,6 +423,17 @@ def load_site(cfg: DataConfig, records: list[CaseRecord], group_pattern: Optiona
     log(f"[data] {site.name}: {site.counts()} cases, "
         f"{sum(c.num_slices for c in site.train)} train slices")
     return site
+
+
+def load_unsplit(cfg: DataConfig, records: list[CaseRecord],
+                 log: Callable[[str], None] = lambda s: None) -> list[CaseVolume]:
+    """Validate and preprocess every case of a site that is only tested (an unseen site): no
+    split, so a site of any number of cases, one included, can be tested."""
+    if not records:
+        raise DataError("empty site: no cases")
+    cases = [load_case(r, cfg) for r in records]
+    log(f"[data] {records[0].site}: {len(cases)} cases (all tested)")
+    return cases
 
 
 def load_proxy(cfg: DataConfig, with_labels: bool = False) -> list[CaseVolume]:
@@ -451,52 +504,6 @@ def foreground_slices(cases: list[CaseVolume]) -> tuple[list[tuple[int, int]], l
         for z in range(c.num_slices):
             (fg if has[z] else bg).append((ci, z))
     return fg, bg
-
-
-def _invert(x):
-    return 1.0 - x  # images are scaled to [0, 1] by preprocessing
-
-
-def augmentation(intensity: str = "standard"):
-    """Training augmentation (MONAI): left-right flip, small rotation/zoom, intensity jitter.
-
-    ``intensity="strong"`` adds what changes between scanners and protocols: contrast
-    inversion, random histogram shift, a smooth bias field, a wide gamma range, blur and more
-    noise, so that a teacher transfers better to other sites and to the public proxy set."""
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrastd,
-        RandAffined,
-        RandBiasFieldd,
-        RandFlipd,
-        RandGaussianNoised,
-        RandGaussianSmoothd,
-        RandHistogramShiftd,
-        RandLambdad,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-    )
-
-    steps = [
-        RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
-        RandAffined(["image", "label"], prob=0.5, rotate_range=0.2, scale_range=0.1,
-                    mode=["bilinear", "nearest"], padding_mode="zeros"),
-        RandScaleIntensityd("image", factors=0.2, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-    ]
-    if intensity == "strong":
-        steps += [
-            RandLambdad("image", func=_invert, prob=0.2),
-            RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.5),
-            RandBiasFieldd("image", coeff_range=(0.1, 0.4), prob=0.5),
-            RandAdjustContrastd("image", gamma=(0.5, 2.0), prob=0.5),
-            RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=0.2),
-            RandGaussianNoised("image", std=0.08, prob=0.3),
-        ]
-    else:
-        steps += [RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
-                  RandGaussianNoised("image", std=0.03, prob=0.2)]
-    return Compose(steps)
 
 
 def proxy_slice_ids(proxy: dict[str, CaseVolume]) -> list[str]:

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.config import TrainConfig
-from common.data import CaseVolume, SliceDataset, augmentation, foreground_slices, slice_stack
+from common.augment import augmentation
+from common.data import CaseVolume, SliceDataset, foreground_slices, slice_stack
 from common.metrics import dice_score, hd95, summarize
 from common.models import FeatureNet
 
@@ -104,8 +105,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
                     val_cases: list[CaseVolume], cfg: TrainConfig, context: int = 0,
                     seed: int = 0, log: Callable[[str], None] = print, tag: str = "train",
                     checkpoint: Optional[Path] = None, checkpoint_key: str = "",
-                    regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None
-                    ) -> TrainResult:
+                    regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
+                    lr: Optional[float] = None) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     Each epoch uses every slice with gland plus a random ``empty_slice_fraction`` of the others.
@@ -117,6 +118,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     one after its last completed epoch (``TrainResult.resumed_from``); another key retrains.
 
     ``regularizer(model)``, if given, is added to every step's loss (FedProx's proximal term).
+    ``lr`` replaces ``cfg.lr`` as the peak learning rate (a FedAvg round's point on the cosine
+    over rounds).
     """
     from monai.losses import DiceCELoss
 
@@ -126,7 +129,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     if not fg:
         raise ValueError(f"{tag}: no training slice contains gland")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr if lr is None else lr,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     transform = augmentation(cfg.intensity_augment) if cfg.augment else None
     if transform is not None:
@@ -180,7 +184,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
             opt.step()
             losses.append(loss.item())
         sched.step()
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "steps": len(losses),
+               "seconds": time.perf_counter() - t0}
         if val_cases:
             row["val_dice"] = evaluate_cases(model, val_cases, context, with_hd95=False)["dice"]["mean"]
             if row["val_dice"] > best:

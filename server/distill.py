@@ -6,9 +6,14 @@ loss = w_kl      * T^2 KL(p_teachers^(1/T) || softmax(student / T))
      + w_feature * feature loss(student features -> 1x1 adapter per feature group, teacher targets;
                  common.losses.FeatureDistillLoss)
 
-Weights and T come from ``distill`` in the run config; a weight of 0 switches a term off (for
-ablations: ``--set distill.w_feature=0``). Shapes: proxy images (N, C_in, H, W); target
-probabilities (N, 2, H, W); feature targets ``{"name@C": (N, C, h, w)}``.
+Loss weights and T come from ``distill``; a weight of 0 switches a term off (for ablations:
+``--set distill.w_feature=0``). The optimiser recipe is the ``student`` section, the same as
+FedAvg's local epochs: AdamW at ``student.lr`` with cosine decay over ``distill.epochs``, batches
+of ``student.batch_size``, every slice whose target holds gland plus a random
+``student.empty_slice_fraction`` of the others per epoch, and the standard augmentation
+(:func:`common.augment.augment_batch`, the targets and feature maps moving with the image).
+Shapes: proxy images (N, C_in, H, W); target probabilities (N, 2, H, W); feature targets
+``{"name@C": (N, C, h, w)}``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import numpy as np
 import torch
 
 from common.aggregation import Targets
-from common.config import DistillConfig
+from common.augment import augment_batch
+from common.config import DistillConfig, StudentConfig
 from common.losses import (
     FeatureDistillLoss,
     dice_loss,
@@ -31,52 +37,74 @@ from common.losses import (
 from common.models import FeatureNet
 
 
+def epoch_slices(has_gland: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one epoch: every slice with gland and a random ``fraction`` of the others
+    (the empty-slice policy of supervised training)."""
+    fg, bg = np.flatnonzero(has_gland), np.flatnonzero(~has_gland)
+    n_bg = int(round(len(bg) * fraction))
+    chosen = rng.choice(bg, n_bg, replace=False) if n_bg else np.empty(0, dtype=np.int64)
+    return np.concatenate([fg, chosen]).astype(np.int64)
+
+
 def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, cfg: DistillConfig,
-                    seed: int = 0, log: Callable[[str], None] = print, tag: str = "distill",
+                    recipe: Optional[StudentConfig] = None, seed: int = 0,
+                    log: Callable[[str], None] = print, tag: str = "distill",
                     feature_loss: Optional[FeatureDistillLoss] = None) -> list[dict]:
     """Train ``student`` in place on ``images`` (N, C_in, H, W) toward ``targets``.
 
-    Returns the per-epoch history: total loss and each term's mean.
+    Returns the per-epoch history: total loss, each term's mean, the slices used and the
+    optimizer steps.
     """
+    recipe = recipe or StudentConfig()
     if images.shape[0] != targets.probs.shape[0]:
         raise ValueError(f"{images.shape[0]} proxy images but {targets.probs.shape[0]} targets")
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     x_all = torch.from_numpy(images.astype(np.float32))
-    p_all = torch.from_numpy(targets.probs)
-    logit_all = probs_to_logits(p_all)
-    label_all = p_all.argmax(dim=1)
+    p_all = torch.from_numpy(targets.probs.astype(np.float32))
+    has_gland = (targets.probs.argmax(axis=1) > 0).reshape(len(images), -1).any(axis=1)
+    if not has_gland.any() and recipe.empty_slice_fraction == 0:
+        raise ValueError(f"{tag}: no target holds gland and student.empty_slice_fraction is 0")
     feat_all = {g: torch.from_numpy(f.astype(np.float32)) for g, f in targets.features.items()}
     if feature_loss is None and cfg.w_feature > 0 and feat_all:
         feature_loss = FeatureDistillLoss(student.feature_channels(),
                                           {g: f.shape[1] for g, f in feat_all.items()},
                                           cfg.feature_loss)
     params = list(student.parameters()) + (list(feature_loss.parameters()) if feature_loss else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     dice = dice_loss(batch=True)
-    n = x_all.shape[0]
+    weights = {"kl": cfg.w_kl, "lovasz": cfg.w_lovasz, "dice": cfg.w_dice,
+               "feature": cfg.w_feature}
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError("distill: every loss weight is 0")
     history = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         student.train()
         sums = {"loss": 0.0, "kl": 0.0, "lovasz": 0.0, "dice": 0.0, "feature": 0.0}
         steps = 0
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            logits, feats = student(x_all[idx])
+        chosen = torch.from_numpy(epoch_slices(has_gland, recipe.empty_slice_fraction, rng))
+        order = chosen[torch.randperm(len(chosen), generator=gen)]
+        for idx in order.split(recipe.batch_size):
+            x, p = x_all[idx], p_all[idx]
+            feats_t = {g: f[idx] for g, f in feat_all.items()}
+            if recipe.augment:
+                x, maps = augment_batch(x, {"probs": p, **feats_t}, gen, background="probs")
+                p = maps.pop("probs")
+                feats_t = maps
+            logits, feats = student(x)
             terms = {}
             if cfg.w_kl > 0:
-                terms["kl"] = kd_kl_loss(logits, logit_all[idx], cfg.temperature)
+                terms["kl"] = kd_kl_loss(logits, probs_to_logits(p), cfg.temperature)
+            label = p.argmax(dim=1)
             if cfg.w_lovasz > 0:
-                terms["lovasz"] = lovasz_softmax(logits, label_all[idx])
+                terms["lovasz"] = lovasz_softmax(logits, label)
             if cfg.w_dice > 0:
-                terms["dice"] = dice(logits, label_all[idx])
+                terms["dice"] = dice(logits, label)
             if cfg.w_feature > 0 and feature_loss is not None:
-                terms["feature"] = feature_loss(feats, {g: f[idx] for g, f in feat_all.items()})
-            weights = {"kl": cfg.w_kl, "lovasz": cfg.w_lovasz, "dice": cfg.w_dice,
-                       "feature": cfg.w_feature}
+                terms["feature"] = feature_loss(feats, feats_t)
             loss = sum(weights[k] * v for k, v in terms.items())
-            if not isinstance(loss, torch.Tensor):
-                raise ValueError("distill: every loss weight is 0")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -85,11 +113,11 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
             for k, v in terms.items():
                 sums[k] += v.item()
         sched.step()
-        row = {"epoch": epoch, **{k: v / steps for k, v in sums.items()},
-               "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
+               "slices": len(chosen), "steps": steps, "seconds": time.perf_counter() - t0}
         history.append(row)
         log(f"[{tag}] epoch {epoch}/{cfg.epochs} loss={row['loss']:.4f} kl={row['kl']:.4f} "
             f"lovasz={row['lovasz']:.4f} dice={row['dice']:.4f} feature={row['feature']:.4f} "
-            f"({row['seconds']:.1f}s)")
+            f"({len(chosen)} slices, {row['seconds']:.1f}s)")
     student.eval()
     return history

@@ -367,7 +367,8 @@ class Coordinator:
             student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
         _, images, _ = self.proxy()
         history = distill_student(student, images, targets, self.cfg.distill,
-                                  self.cfg.runtime.seed, self.log, tag=f"distill r{rnd}")
+                                  self.cfg.student, self.cfg.runtime.seed, self.log,
+                                  tag=f"distill r{rnd}")
         torch.save(student.net.state_dict(), self.run_dir / f"student_r{rnd}.pt")
         self.state.rounds.setdefault(str(rnd), {})["distill"] = {"history": history}
         self._done(f"distill_r{rnd}", time.perf_counter() - t0)
@@ -427,7 +428,7 @@ class Coordinator:
                 else:
                     student = cap.new_candidate(self.cfg, spec)
                     history = distill_student(student, images, targets, self.cfg.distill,
-                                              self.cfg.runtime.seed, self.log,
+                                              self.cfg.student, self.cfg.runtime.seed, self.log,
                                               tag=f"distill {name}")
                     weights = student.net.state_dict()
                     path = self.run_dir / f"capacity_{len(rows)}.pt"
@@ -493,7 +494,10 @@ class Coordinator:
         state = result.arrays.to_torch_state_dict()
         torch.save(state, self.run_dir / f"student_r{fed.rounds}.pt")
         upload = int(sum(v.numel() * v.element_size() for v in state.values()))
-        history = [{"round": int(r), **{k: float(v) for k, v in m.items()}}
+        # per-round validation figures of the sites, and the mean optimizer steps a site took
+        steps = {int(r): float(m.get("steps", 0)) for r, m in result.train_metrics_clientapp.items()}
+        history = [{"round": int(r), "split": "val", "steps": steps.get(int(r), 0.0),
+                    **{k: float(v) for k, v in m.items()}}
                    for r, m in sorted(result.evaluate_metrics_clientapp.items())]
         self.state.rounds.setdefault(str(fed.rounds), {})["weights"] = {
             "strategy": type(strategy).__name__, "history": history,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ import torch
 from client.site import Node, load_private, load_teacher, resolve_node, train_teacher
 from common.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config
-from common.data import CaseVolume, discover_sites
+from common.data import CaseVolume, discover_liu_site, discover_sites, load_unsplit, proxy_dir
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.training import evaluate_cases, summary_metrics, train_segmenter
 
@@ -44,9 +44,24 @@ def site_nodes(cfg: RunConfig) -> list[Node]:
 
 
 def unseen_nodes(cfg: RunConfig) -> list[Node]:
+    """The ``experiment.unseen_sites`` folders (relative to ``data.root``; named after the
+    folder)."""
     root = Path(cfg.data.root)
-    return [Node(s, root / s, "liu", root / Path(cfg.data.proxy).name,
-                 Path(cfg.output.state_root) / s, None) for s in cfg.experiment.unseen_sites]
+    return [Node(Path(s).name, root / s, "liu", proxy_dir(cfg.data),
+                 Path(cfg.output.state_root) / Path(s).name, None)
+            for s in cfg.experiment.unseen_sites]
+
+
+def unseen_cases(cfg: RunConfig, node: Node) -> list[CaseVolume]:
+    """Every case of an unseen site (it is only tested, so it is not split; cached)."""
+    key = (str(node.data_path), json.dumps(asdict(cfg.data), sort_keys=True))
+    if key not in _UNSEEN:
+        dcfg = replace(cfg.data, root=str(node.data_path.parent), sites=[node.data_path.name])
+        _UNSEEN[key] = load_unsplit(dcfg, discover_liu_site(node.data_path))
+    return _UNSEEN[key]
+
+
+_UNSEEN: dict = {}
 
 
 def test_metrics(model: torch.nn.Module, cases: list[CaseVolume], cfg: RunConfig) -> dict:
@@ -57,8 +72,7 @@ def evaluate_unseen(cfg: RunConfig, model: torch.nn.Module) -> dict[str, dict]:
     """Dice / HD95 of ``model`` on every case of each ``experiment.unseen_sites`` site."""
     out = {}
     for node in unseen_nodes(cfg):
-        data = load_private(cfg, node)
-        out[node.site] = test_metrics(model, data.train + data.val + data.test, cfg)
+        out[node.site] = test_metrics(model, unseen_cases(cfg, node), cfg)
     return out
 
 
@@ -75,11 +89,12 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     train, val = _pooled(cfg, nodes)
     torch.manual_seed(cfg.runtime.seed)
     model = FeatureNet(spec, input_channels(cfg.data))
+    tcfg = cfg.train if kind == "teacher" else cfg.student_train()  # the student's recipe
     key = hashlib.sha256(json.dumps({
-        "spec": asdict(spec), "train": cfg.train.fingerprint(), "seed": cfg.runtime.seed,
+        "spec": asdict(spec), "train": tcfg.fingerprint(), "seed": cfg.runtime.seed,
         "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
         "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
-    res = train_segmenter(model, train, val, cfg.train, cfg.data.context_slices,
+    res = train_segmenter(model, train, val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"central {kind}",
                           checkpoint=Path(cfg.output.state_root) / f"central-{kind}"
                           / f"seed_{cfg.runtime.seed}" / "model.pt",
@@ -193,7 +208,8 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
             if labels is not None:
                 query["target_dice"] = coord.target_dice(ids, targets.probs, labels)
             model = coord.new_student()
-            history = distill_student(model, images, targets, cfg.distill, cfg.runtime.seed, log,
+            history = distill_student(model, images, targets, cfg.distill, cfg.student,
+                                      cfg.runtime.seed, log,
                                       tag="central-kd distill")
             rnd.update(query=query, distill={"history": history})
         params = count_parameters(model)

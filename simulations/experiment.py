@@ -28,20 +28,31 @@ import numpy as np
 import torch
 
 from common.config import RunConfig, dump_config, with_overrides
+from simulations.plots import _by_method
 
 STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "central-student", "central-kd")
 
 
 def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:
-    """Every (method, seed, config) of the grid, validated before anything runs."""
+    """Every (method, seed, config) of the grid, validated before anything runs.
+
+    With ``experiment.folds`` = k, each seed runs k times (``data.fold`` = 0..k-1), folds outer
+    and methods inner, so the methods of one fold share that fold's teachers. Run directories:
+    ``RUN_DIR/METHOD/seed_S`` (``.../seed_S/fold_F`` with folds); teacher and central
+    checkpoints: ``RUN_DIR/state/seed_S`` (``..._fold_F``)."""
     root = Path(cfg.output.run_dir)
+    k = cfg.experiment.folds
     runs = []
     for seed in cfg.experiment.seeds:
-        for method, items in cfg.experiment.methods.items():
-            runs.append((method, seed, with_overrides(cfg, [
-                *items, ("runtime.seed", seed), ("name", f"{cfg.name}/{method}/seed_{seed}"),
-                ("output", {"run_dir": str(root / method / f"seed_{seed}"),
-                            "state_root": str(root / "state")})], f"experiment.methods.{method}")))
+        for fold in (range(k) if k else [None]):
+            sub = f"seed_{seed}" + ("" if fold is None else f"/fold_{fold}")
+            split = [] if fold is None else [("data.folds", k), ("data.fold", fold)]
+            for method, items in cfg.experiment.methods.items():
+                runs.append((method, seed, with_overrides(cfg, [
+                    *items, *split, ("runtime.seed", seed), ("name", f"{cfg.name}/{method}/{sub}"),
+                    ("output", {"run_dir": str(root / method / sub),
+                                "state_root": str(root / "state" / sub.replace("/", "_"))})],
+                    f"experiment.methods.{method}")))
     return runs
 
 
@@ -59,6 +70,19 @@ def _curve(strategy: str, last: dict) -> dict:
                 "points": [[h["epoch"], h.get("val_dice", float("nan"))]
                            for h in last["central"]["history"]]}
     return {}
+
+
+def student_steps(strategy: str, last: dict) -> Optional[int]:
+    """Optimizer steps on the final student's trajectory: distillation steps; for FedAvg /
+    FedProx the sum over rounds of a site's mean local steps; for central-student its epochs'
+    steps. None for teachers (local, central)."""
+    if "distill" in last:
+        return int(sum(h.get("steps", 0) for h in last["distill"]["history"]))
+    if "weights" in last:
+        return int(round(sum(h.get("steps", 0) for h in last["weights"]["history"])))
+    if strategy == "central-student" and "central" in last:
+        return int(sum(h.get("steps", 0) for h in last["central"]["history"]))
+    return None
 
 
 def run_figures(report: dict) -> dict:
@@ -93,6 +117,10 @@ def run_figures(report: dict) -> dict:
                             for f in r["query"]["sites"].values() if "epsilon" in f),
                            default=None),
             "local_matrix": last.get("local", {}).get("matrix"),
+            "n_test_cases": int(sum(m["n_cases"] for m in sites.values())),
+            "site_cases": {s: int(m["n_cases"]) for s, m in sites.items()},
+            "unseen_cases": {s: int(m["n_cases"]) for s, m in unseen.items() if "n_cases" in m},
+            "student_steps": student_steps(strategy, last),
             "curve": _curve(strategy, last),
             "excluded": st["excluded"], "wall_seconds": report["wall_seconds"]}
 
@@ -112,26 +140,64 @@ def _mb(x) -> str:
     return "-" if x is None else f"{x / 1e6:.2f}"
 
 
-def summary_markdown(results: list[dict], models: dict) -> str:
-    """The comparison table (mean +- std over seeds) and the model profile table."""
-    methods = list(dict.fromkeys(r["method"] for r in results))
+def _run_key(r: dict) -> tuple:
+    return (r["seed"], r.get("fold"))
+
+
+def paired_difference(rows: list[dict], base: list[dict], key: str = "dice_mean"
+                      ) -> Optional[tuple[float, float, int]]:
+    """Mean and std over the shared (seed, fold) runs of ``row[key] - base[key]``, and the
+    number of pairs; None without a shared run."""
+    ref = {_run_key(r): r[key] for r in base if r.get(key) is not None}
+    diffs = [r[key] - ref[_run_key(r)] for r in rows
+             if r.get(key) is not None and _run_key(r) in ref]
+    if not diffs:
+        return None
+    return float(np.mean(diffs)), float(np.std(diffs)), len(diffs)
+
+
+def summary_markdown(results: list[dict], models: dict, baseline: str = "fedavg") -> str:
+    """The comparison table (mean +- std over runs: seeds x folds, with the test cases behind
+    each figure and the paired difference against ``baseline``), the per-site table and the
+    model profile table."""
+    groups = _by_method(results)
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
     dp = any(r.get("epsilon") is not None for r in results)
-    lines = ["| method | seeds | Dice, sites' test splits | HD95 mm | "
+    has_base = baseline in groups
+    lines = ["| method | runs | test cases | Dice, sites' test cases | "
+             + (f"paired diff vs {baseline} | " if has_base else "") + "HD95 mm | "
              + "".join(f"Dice, unseen {s} | " for s in unseen)
              + "targets vs proxy truth | " + ("epsilon | " if dp else "")
-             + "model | MB per site per round | MB to server | wall s |",
-             "|---" * (9 + len(unseen) + dp) + "|"]
-    for m in methods:
-        rows = [r for r in results if r["method"] == m]
+             + "model | student steps | MB per site per round | MB to server | wall s |",
+             "|---" * (11 + has_base + len(unseen) + dp) + "|"]
+    for m, rows in groups.items():
         un = "".join(f"{_ms([r['unseen_dice'].get(s) for r in rows], 4)} | " for s in unseen)
+        diff = ""
+        if has_base:
+            d = paired_difference(rows, groups[baseline]) if m != baseline else None
+            diff = "- | " if d is None else f"{d[0]:+.4f} +- {d[1]:.4f} | "
+        steps = [r.get("student_steps") for r in rows if r.get("student_steps") is not None]
         lines.append(
-            f"| {m} | {len(rows)} | {_ms([r['dice_mean'] for r in rows], 4)} | "
+            f"| {m} | {len(rows)} | {sum(r.get('n_test_cases', 0) for r in rows)} | "
+            f"{_ms([r['dice_mean'] for r in rows], 4)} | {diff}"
             f"{_ms([r['hd95_mean'] for r in rows], 1)} | {un}"
             f"{_ms([r['target_dice'] for r in rows], 4)} | "
             + (f"{_eps(rows[0].get('epsilon'))} | " if dp else "") + f"{rows[0]['model']} | "
+            f"{f'{np.mean(steps):.0f}' if steps else '-'} | "
             f"{_mb(rows[0]['bytes_per_site_round'])} | {_mb(rows[0]['bytes_to_server'])} | "
             f"{np.mean([r['wall_seconds'] for r in rows]):.0f} |")
+    sites = list(dict.fromkeys(s for r in results for s in r["site_dice"]))
+    cases = {s: sum(r.get("site_cases", {}).get(s, 0) for r in next(iter(groups.values())))
+             for s in sites}
+    lines += ["", "Dice per site (mean over runs; test cases over all runs in brackets):", "",
+              "| method | " + " | ".join(f"{s} ({cases[s]})" if cases[s] else s for s in sites)
+              + " | " + "".join(f"unseen {s} ({(results[0].get('unseen_cases') or {}).get(s, '?')}"
+                                f") | " for s in unseen),
+              "|---" * (1 + len(sites) + len(unseen)) + "|"]
+    for m, rows in groups.items():
+        lines.append(f"| {m} | " + " | ".join(
+            f"{_mean([r['site_dice'].get(s) for r in rows])}" for s in sites) + " | "
+            + "".join(f"{_mean([r['unseen_dice'].get(s) for r in rows])} | " for s in unseen))
     lines += ["", "| model | parameters | MMACs per slice | CPU ms per slice | CPU ms per volume "
               "| threads |", "|---|---|---|---|---|---|"]
     for name, p in models.items():
@@ -139,6 +205,11 @@ def summary_markdown(results: list[dict], models: dict) -> str:
                      f"{p['slice_ms']:.1f} | {p['volume_ms']:.0f} ({p['depth']} slices) | "
                      f"{p['threads']} |")
     return "\n".join(lines)
+
+
+def _mean(vals: list) -> str:
+    vals = [v for v in vals if v is not None]
+    return f"{np.mean(vals):.3f}" if vals else "-"
 
 
 def profile_models(cfg: RunConfig) -> dict:
@@ -179,13 +250,16 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
     for i, (method, seed, run_cfg) in enumerate(runs, 1):
         spent = time.perf_counter() - t0
         eta = f", about {spent / (i - 1) * (len(runs) - i + 1) / 60:.1f} min left" if i > 1 else ""
-        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}: {spent / 60:.1f} min "
+        fold = f" fold {run_cfg.data.fold}" if run_cfg.data.folds else ""
+        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{fold}: {spent / 60:.1f} min "
               f"so far{eta}", flush=True)
         report = simulate(run_cfg)
-        results.append({"method": method, "seed": seed, **run_figures(report),
+        fold = run_cfg.data.fold if run_cfg.data.folds else None
+        results.append({"method": method, "seed": seed, "fold": fold, **run_figures(report),
                         "config": run_cfg.to_dict()})
-        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}: Dice "
-              f"{results[-1]['dice_mean']:.4f}", flush=True)
+        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{fold}: Dice "
+              f"{results[-1]['dice_mean']:.4f} on {results[-1]['n_test_cases']} test cases",
+              flush=True)
         _write(root, cfg, results, models, time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     _write(root, cfg, results, models, wall)
@@ -200,13 +274,18 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
     from simulations.plots import experiment_plots
 
     root = Path(cfg.output.run_dir)
-    table = summary_markdown(results, models)
+    table = summary_markdown(results, models, cfg.experiment.baseline)
     plots = experiment_plots(results, runs or method_configs(cfg), root)
     host = machine()
     (root / "report.md").write_text(
-        f"# Experiment `{cfg.name}`\n\nDice: mean over each site's test-split cases, then mean "
-        f"+- std over seeds {sorted({r['seed'] for r in results})}; unseen sites take no part in "
-        f"training and are tested on all their cases. MB: what each site sends to the server "
+        f"# Experiment `{cfg.name}`\n\nDice: mean over the sites' test cases of a run, then mean "
+        f"+- std over runs (seeds {sorted({r['seed'] for r in results})}"
+        + (f" x {cfg.experiment.folds} folds: every case is tested once per seed" if
+           cfg.experiment.folds else "") + "); test cases: summed over the runs. Paired diff: "
+        f"the method minus `{cfg.experiment.baseline}` on the same seed and fold, mean +- std. "
+        f"Selection and early stopping read validation splits only; unseen sites take no part "
+        f"in training and are tested on all their cases. Student steps: optimizer steps on the "
+        f"final student's path (FedAvg: a site's mean local steps summed over rounds). MB: what each site sends to the server "
         f"(KD: teacher outputs on the proxy set, once; FedAvg/FedProx: the model, every round); "
         f"the pooled-data baselines need the data itself and have no figure. Wall s: the run "
         f"itself; the first run of a seed also trains the seed's site teachers, which the "

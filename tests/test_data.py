@@ -119,6 +119,53 @@ def test_split_groups_slices_of_one_patient(tmp_path):
     assert sum(len(v) for v in parts.values()) == 20
 
 
+def test_k_fold_tests_every_case_once_and_keeps_patients_together(tmp_path):
+    recs = [CaseRecord("P", f"Case{p}_{z}", tmp_path / "x", None) for p in range(13) for z in (3, 9)]
+    recs += [CaseRecord("P", f"Case{p}", tmp_path / "x", None) for p in range(20, 24)]
+    pattern = r"^(Case\d+)_\d+$"
+    tested: list[str] = []
+    for fold in range(3):
+        cfg = DataConfig(folds=3, fold=fold, group_pattern=pattern)
+        parts = split_cases(recs, cfg)
+        assert parts == split_cases(recs, cfg)  # deterministic
+        ids = {k: {r.case_id for r in v} for k, v in parts.items()}
+        assert not (ids["train"] & ids["val"]) and not (ids["train"] | ids["val"]) & ids["test"]
+        assert set.union(*ids.values()) == {r.case_id for r in recs}
+        pats = {k: {i.split("_")[0] for i in v} for k, v in ids.items()}
+        assert not (pats["train"] & pats["test"]) and not (pats["val"] & pats["test"])
+        assert 5 <= len(pats["test"]) <= 6  # 17 patients in 3 near-equal folds
+        # the rest is divided by split.train : split.val = 0.6 : 0.2
+        assert len(pats["val"]) == round((17 - len(pats["test"])) / 4)
+        tested += sorted(ids["test"])
+    assert sorted(tested) == sorted(r.case_id for r in recs)  # every case tested exactly once
+    with pytest.raises(DataError, match="site P: 3 case\\(s\\) are too few for data.folds=3"):
+        split_cases(recs[-3:], DataConfig(folds=3))
+
+
+def test_an_unseen_site_of_one_case_is_tested_without_a_split(tmp_path):
+    from common.data import load_unsplit
+
+    liu_site(tmp_path, "One", n=1)
+    cfg = small_cfg(tmp_path, sites=["One"])
+    recs = discover_sites(cfg)["One"]
+    with pytest.raises(DataError, match="too few"):
+        load_site(cfg, recs)
+    (case,) = load_unsplit(cfg, recs)
+    assert case.case_id == "Case00" and case.label.sum() > 0
+
+
+def test_sites_and_proxy_may_sit_in_subfolders_of_the_root(tmp_path):
+    liu_site(tmp_path / "centres", "A", n=3)
+    liu_site(tmp_path / "other", "B", n=3)
+    liu_site(tmp_path / "centres", "PUBLIC", n=2)
+    cfg = small_cfg(tmp_path, sites=["centres/A", "other/B"], proxy="centres/PUBLIC")
+    assert list(discover_sites(cfg)) == ["A", "B"]
+    assert len(load_proxy(cfg)) == 2
+    liu_site(tmp_path / "other", "A", n=3)
+    with pytest.raises(DataError, match="two site folders are named 'A'"):
+        discover_sites(small_cfg(tmp_path, sites=["centres/A", "other/A"]))
+
+
 def test_too_few_cases_for_the_split_is_an_error(tmp_path):
     recs = [CaseRecord("Tiny", f"Case{i}", tmp_path / "x", None) for i in range(2)]
     with pytest.raises(DataError, match="site Tiny: 2 case\\(s\\) are too few"):

@@ -22,8 +22,18 @@ def test_grid_configs_are_validated_before_anything_runs(tmp_path):
     assert [(m, s) for m, s, _ in runs] == [("a", 0), ("m", 0), ("a", 3), ("m", 3)]
     cfg = runs[3][2]
     assert cfg.aggregation.method == "mean" and cfg.runtime.seed == 3
-    assert cfg.output.run_dir.endswith("exp/m/seed_3") and cfg.output.state_root.endswith("exp/state")
+    assert cfg.output.run_dir.endswith("exp/m/seed_3")
+    assert cfg.output.state_root.endswith("exp/state/seed_3")  # teachers kept per seed
     assert cfg.data.seed == runs[0][2].data.seed  # same splits for every run
+    # k-fold: folds outer, methods inner (a fold's teachers serve all its methods)
+    folded = method_configs(load_config(path, ["experiment.folds=3"]))
+    assert [(m, s, c.data.fold) for m, s, c in folded[:4]] == [
+        ("a", 0, 0), ("m", 0, 0), ("a", 0, 1), ("m", 0, 1)]
+    assert len(folded) == 2 * 2 * 3 and all(c.data.folds == 3 for _, _, c in folded)
+    assert folded[2][2].output.run_dir.endswith("exp/a/seed_0/fold_1")
+    assert folded[2][2].output.state_root.endswith("exp/state/seed_0_fold_1")
+    with pytest.raises(ConfigError, match="experiment.folds: expected 0"):
+        load_config(path, ["experiment.folds=1"])
     bad = tiny(tmp_path, {"x": ["aggregation.method=median"]})
     with pytest.raises(ConfigError, match="experiment.methods.x: aggregation.method: expected one of"):
         method_configs(load_config(bad))

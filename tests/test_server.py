@@ -25,7 +25,7 @@ SETTINGS = ["data.size=[64,64]", "data.spacing=[2.0,2.0]",
             "model.teacher.channels=[8,16,32,64]", "model.teacher.strides=[2,2,2]",
             "model.teacher.num_res_units=1", "model.student.channels=[4,8,16,32]",
             "model.student.num_res_units=0", "model.max_student_fraction=0.25",
-            "train.epochs=20", "distill.epochs=80", "distill.lr=0.005",
+            "train.epochs=20", "distill.epochs=80",
             "federation.wait_timeout_s=2"]
 
 

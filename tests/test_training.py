@@ -100,7 +100,7 @@ def test_checkpoint_resume_after_crash_equals_uninterrupted_run(small_site, tmp_
 def test_strong_intensity_augmentation_changes_contrast_but_not_the_mask():
     from monai.utils import set_determinism
 
-    from common.data import augmentation
+    from common.augment import augmentation
 
     set_determinism(seed=0)
     label = np.zeros((1, 32, 32), np.float32)
