@@ -55,6 +55,8 @@ class DataConfig:
     layout: Literal["liu", "msd", "manifest"] = _f("liu", doc="on-disk layout of the sites")
     sites: list[str] = _f(factory=list, doc="site folders to use; empty = every site found")
     proxy: str = _f("PROXY", doc="public proxy set folder (relative to root, or absolute)")
+    proxy_slice_step: int = _f(1, lo=1, hi=64, doc="the server queries every k-th slice of each "
+                               "proxy volume (neighbouring thin slices are nearly alike)")
     manifest: Optional[str] = _f(None, doc="YAML/CSV manifest of image/label pairs (layout manifest)")
     msd_channel: int = _f(0, lo=0, doc="channel of a 4D MSD image to use (Task05: 0 = T2)")
     label_mode: Literal["auto", "binary", "positive"] = _f(

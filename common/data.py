@@ -506,6 +506,8 @@ def foreground_slices(cases: list[CaseVolume]) -> tuple[list[tuple[int, int]], l
     return fg, bg
 
 
-def proxy_slice_ids(proxy: dict[str, CaseVolume]) -> list[str]:
-    """Every slice id of a proxy set, ``CASE/z`` in case order (the ids of ``query.proxy``)."""
-    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items()) for z in range(vol.num_slices)]
+def proxy_slice_ids(proxy: dict[str, CaseVolume], step: int = 1) -> list[str]:
+    """The slice ids of a proxy set that the server queries, ``CASE/z`` in case order: every
+    ``step``-th slice of each volume (z = 0, step, 2 step, ...)."""
+    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items())
+            for z in range(0, vol.num_slices, step)]

@@ -1,25 +1,29 @@
 """Synthetic multi-site prostate T2 MRI, written in the Liu et al. layout.
 
-Real multi-site prostate data cannot be downloaded on the project's machines, so the benchmark
-data is generated. ``write_dataset`` writes ``K`` sites and a public proxy set::
+The demo and the tests of a fresh clone need multi-site data that anyone may generate, so
+``write_dataset`` writes ``K`` sites and a public proxy set::
 
     OUT/SiteA/Case00.nii.gz  OUT/SiteA/Case00_segmentation.nii.gz  ...
     OUT/PROXY/Case00.nii.gz  OUT/PROXY/Case00_segmentation.nii.gz  ...  (masks for evaluation only)
-    OUT/synth.json  (the seed and every site's acquisition profile)
+    OUT/synth.json  (version, seed, every site's scanner profile and the proxy's scanners)
 
-Each *site* has an acquisition profile (:class:`SiteProfile`): tissue contrasts between gland
-zones, periprostatic tissue, bladder, seminal vesicles and rectum; an intensity scale/offset; a
-smooth bias field (optionally an endorectal-coil hot spot behind the gland); Rician noise; blur;
-in-plane spacing, slice thickness, field of view and the stored orientation. Sites are assigned
-*contrast families* in turn (classic, endorectal coil, low contrast, bright gland, thick slices,
-noisy) with random jitter, so the shift between sites is in the tissue contrasts a network relies
-on, not only in a global scale that normalisation would remove. The proxy set draws a fresh
-random profile for every case (a public multi-vendor collection).
+The shift between sites is physical: what scanners and protocols do, never a change of tissue
+contrast order. Every case keeps the order of real T2 (urine brightest; fat, peripheral zone and
+seminal vesicles bright; periprostatic tissue a little darker; transition zone intermediate;
+muscle and rectal wall dark). A site is a *scanner* (:class:`ScannerProfile`) of one of the
+:data:`FAMILIES`: receiver gain and offset, contrast strength (a monotone T2-weighting exponent,
+which keeps the order), SNR (Rician noise), a smooth bias field, an endorectal-coil hot spot,
+in-plane resolution and field of view, slice thickness, blur, the stored orientation and data
+type. A *patient* (:class:`Anatomy`) brings the variation within a site: gland size and shape,
+transition-zone enlargement, bladder filling, rectal content (air, fluid or stool) and a small
+jitter of every tissue's T2 signal. The proxy set is a public multi-vendor collection: its cases
+come from one scanner of each family (jittered apart from the sites' own), so its scanners span
+the sites' range.
 
-Each *case* has its own anatomy (:class:`Anatomy`): a randomly deformed, tapered ellipsoid gland
-with a central (transition) zone and a peripheral zone, and neighbours that look similar and must
-not be segmented (bladder, seminal vesicles, rectum, obturator muscles, pelvic bones), at a varying
-position. Generation is deterministic: a case depends only on (seed, site index, case index).
+Realism check (``tests/test_synthetic.py``): the median ratio of gland intensity to a 3-pixel
+ring around it after preprocessing (:func:`common.metrics.gland_ring_ratio`) must lie in the
+range of the real PROMISE12 centres. Generation is deterministic: a case depends only on (seed,
+site index, case index).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ("classic", "endorectal", "low_contrast", "bright_gland", "thick_slices", "noisy")
+GENERATOR_VERSION = 2  # bump when a seed's output changes: old datasets are then regenerated
+FAMILIES = ("3t_phased_array", "3t_endorectal", "1.5t_low_snr", "thick_slices", "high_res",
+            "strong_bias")
 PROXY_SITE = "PROXY"
 
 
@@ -51,22 +57,12 @@ def site_names(n: int) -> list[str]:
 
 
 @dataclass
-class SiteProfile:
-    """How one scanner/protocol renders anatomy. Intensities are relative (0..~1.5)."""
+class ScannerProfile:
+    """How one scanner and protocol render a patient: acquisition, not anatomy."""
 
     family: str
-    fat: float
-    muscle: float
-    bone: float
-    periprostatic: float
-    pz: float
-    tz: float
-    bladder: float
-    seminal: float
-    rectum_wall: float
-    rectum_lumen: float
-    texture: float          # relative amplitude of smooth tissue texture
-    noise: float            # Rician noise sigma, relative to the fat intensity
+    contrast: float         # T2-weighting strength: signal = tissue ** contrast (order kept)
+    noise: float            # Rician noise sigma, relative to fat
     bias: float             # amplitude of the smooth multiplicative bias field
     coil: float             # endorectal-coil hot spot gain (0 = none)
     blur: float             # Gaussian PSF sigma in voxels (in-plane)
@@ -74,42 +70,56 @@ class SiteProfile:
     fov: float              # in-plane field of view (mm)
     thickness: float        # slice thickness = slice spacing (mm)
     coverage: float         # z extent (mm)
-    scale: float            # stored intensity = scale * signal + offset
+    scale: float            # receiver gain: stored intensity = scale * signal + offset
     offset: float
-    lps: bool               # store with an LPS (x, y flipped) affine instead of RAS
-    int16: bool             # store as int16 (else float32)
+    lps: bool               # stored with an LPS (x, y flipped) affine instead of RAS
+    int16: bool             # stored as int16 (else float32)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         return (self.fov / self.matrix, self.fov / self.matrix, self.thickness)
 
 
-def make_profile(rng: np.random.Generator, family: str) -> SiteProfile:
-    """A random profile of the given contrast family."""
+def make_profile(rng: np.random.Generator, family: str) -> ScannerProfile:
+    """A random scanner of the given family."""
     u = rng.uniform
     p = dict(
-        family=family, fat=u(0.85, 1.0), muscle=u(0.18, 0.3), bone=u(0.35, 0.55),
-        periprostatic=u(0.55, 0.8), pz=u(0.75, 0.95), tz=u(0.3, 0.45), bladder=u(1.1, 1.4),
-        seminal=u(0.8, 1.0), rectum_wall=u(0.2, 0.3), rectum_lumen=u(0.02, 0.5),
-        texture=u(0.05, 0.12), noise=u(0.015, 0.035), bias=u(0.05, 0.2), coil=0.0,
-        blur=u(0.0, 0.5), matrix=int(rng.choice([160, 192, 224])), fov=u(130.0, 180.0),
-        thickness=u(2.5, 3.5), coverage=u(65.0, 85.0), scale=u(200.0, 3000.0),
+        family=family, contrast=u(0.9, 1.15), noise=u(0.02, 0.04), bias=u(0.05, 0.2), coil=0.0,
+        blur=u(0.0, 0.5), matrix=int(rng.choice([192, 224, 256])), fov=u(140.0, 180.0),
+        thickness=u(3.0, 3.6), coverage=u(65.0, 85.0), scale=u(200.0, 3000.0),
         offset=u(0.0, 150.0), lps=bool(rng.random() < 0.5), int16=bool(rng.random() < 0.7),
     )
-    if family == "endorectal":
-        p.update(coil=u(2.0, 3.5), bias=u(0.0, 0.1), noise=u(0.03, 0.05), periprostatic=u(0.4, 0.6))
-    elif family == "low_contrast":
-        p.update(periprostatic=u(0.42, 0.5), pz=u(0.45, 0.55), tz=u(0.38, 0.46),
-                 bladder=u(0.5, 0.6), seminal=u(0.45, 0.55), fat=u(0.55, 0.7))
-    elif family == "bright_gland":
-        p.update(periprostatic=u(0.15, 0.3), pz=u(0.9, 1.1), tz=u(0.75, 0.95), fat=u(0.35, 0.5),
-                 bladder=u(0.85, 1.0), seminal=u(0.9, 1.1), muscle=u(0.3, 0.45))
+    if family == "3t_endorectal":
+        p.update(coil=u(1.5, 3.0), bias=u(0.0, 0.1), noise=u(0.015, 0.03), fov=u(120.0, 150.0))
+    elif family == "1.5t_low_snr":
+        p.update(noise=u(0.07, 0.1), contrast=u(0.75, 0.9), thickness=u(3.5, 4.0),
+                 matrix=int(rng.choice([160, 192])))
     elif family == "thick_slices":
-        p.update(thickness=u(4.0, 5.0), blur=u(1.2, 2.0), matrix=192, fov=u(180.0, 220.0),
-                 tz=u(0.55, 0.7), pz=u(0.6, 0.75))
-    elif family == "noisy":
-        p.update(noise=u(0.09, 0.14), bias=u(0.35, 0.55), texture=u(0.15, 0.25))
-    return SiteProfile(**p)
+        p.update(thickness=u(4.0, 5.0), blur=u(1.2, 2.0), matrix=int(rng.choice([128, 160])),
+                 fov=u(180.0, 220.0))
+    elif family == "high_res":
+        p.update(matrix=int(rng.choice([320, 384])), fov=u(120.0, 150.0), thickness=u(2.5, 3.0),
+                 contrast=u(1.1, 1.3), noise=u(0.03, 0.05))
+    elif family == "strong_bias":
+        p.update(bias=u(0.3, 0.45), noise=u(0.03, 0.05))
+    return ScannerProfile(**p)
+
+
+@dataclass
+class Tissue:
+    """One patient's T2 signal per tissue, relative to fat (~1). The order is that of real T2."""
+
+    fat: float
+    muscle: float
+    bone: float             # fatty marrow
+    periprostatic: float    # fat and venous plexus around the gland
+    pz: float               # peripheral zone
+    tz: float               # transition zone
+    bladder: float          # urine
+    seminal: float
+    rectum_wall: float
+    rectum_lumen: float     # air (dark) to fluid / stool (bright)
+    texture: float          # relative amplitude of smooth tissue texture
 
 
 @dataclass
@@ -120,7 +130,7 @@ class Anatomy:
     gland_axes: tuple[float, float, float]
     gland_harmonics: tuple[tuple[float, float], ...]  # (amplitude, phase) for k = 2, 3, 4
     taper: float
-    tz_fraction: float
+    tz_fraction: float      # transition zone radius / gland radius (enlarges with age)
     bladder_center: tuple[float, float, float]
     bladder_axes: tuple[float, float, float]
     rectum_center: tuple[float, float]
@@ -128,21 +138,34 @@ class Anatomy:
     seminal_offset: float
     body_axes: tuple[float, float]
     muscle_x: float
+    tissue: Tissue
+
+
+def make_tissue(rng: np.random.Generator) -> Tissue:
+    u = rng.uniform
+    fat = u(0.9, 1.0)
+    return Tissue(fat=fat, muscle=u(0.18, 0.28), bone=u(0.4, 0.55), periprostatic=u(0.55, 0.72),
+                  pz=u(0.75, 0.95), tz=u(0.4, 0.55), bladder=u(1.25, 1.5), seminal=u(0.8, 1.0),
+                  rectum_wall=u(0.18, 0.28), rectum_lumen=float(rng.choice(
+                      [u(0.02, 0.1), u(0.3, 0.9)])), texture=u(0.05, 0.12))
 
 
 def make_anatomy(rng: np.random.Generator) -> Anatomy:
     u = rng.uniform
     cx, cy, cz = rng.normal(0, 6), rng.normal(0, 6), rng.normal(0, 5)
-    ax, ay, az = u(17, 27), u(13, 20), u(14, 24)
+    size = u(0.8, 1.25)      # gland volume varies several-fold between patients
+    ax, ay, az = size * u(17, 25), size * u(13, 19), size * u(14, 22)
     harmonics = tuple((float(u(0.02, 0.1)), float(u(0, 2 * np.pi))) for _ in range(3))
+    filling = u(0.6, 1.3)    # bladder filling
     return Anatomy(
         gland_center=(cx, cy, cz), gland_axes=(ax, ay, az), gland_harmonics=harmonics,
-        taper=u(0.1, 0.3), tz_fraction=u(0.45, 0.7),
-        bladder_center=(cx + rng.normal(0, 3), cy + ay * 0.4 + u(5, 15), cz + az + u(8, 20)),
-        bladder_axes=(u(25, 42), u(20, 30), u(18, 28)),
+        taper=u(0.1, 0.3), tz_fraction=u(0.45, 0.8),
+        bladder_center=(cx + rng.normal(0, 3), cy + ay * 0.4 + u(5, 15),
+                        cz + az + filling * u(8, 18)),
+        bladder_axes=(filling * u(25, 40), filling * u(20, 28), filling * u(18, 26)),
         rectum_center=(cx + rng.normal(0, 3), cy - ay - u(10, 16)),
         rectum_axes=(u(12, 18), u(9, 13)), seminal_offset=u(2, 8),
-        body_axes=(u(150, 190), u(100, 130)), muscle_x=ax + u(18, 28),
+        body_axes=(u(150, 190), u(100, 130)), muscle_x=ax + u(18, 28), tissue=make_tissue(rng),
     )
 
 
@@ -166,7 +189,7 @@ def _blur_inplane(vol: np.ndarray, sigma: float) -> np.ndarray:
     return t[:, 0].permute(1, 2, 0).numpy()
 
 
-def render_case(profile: SiteProfile, anat: Anatomy, rng: np.random.Generator
+def render_case(profile: ScannerProfile, anat: Anatomy, rng: np.random.Generator
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one case. Returns ``(image (X, Y, Z) stored dtype, mask (X, Y, Z) uint8, affine)``."""
     sx, sy, sz = profile.spacing
@@ -213,21 +236,22 @@ def render_case(profile: SiteProfile, anat: Anatomy, rng: np.random.Generator
         muscle |= ((X - side * anat.muscle_x) / 11) ** 2 + ((Y - cy) / 30) ** 2 < 1.0
         bone |= ((X - side * (anat.muscle_x + 22)) / 12) ** 2 + ((Y - cy - 5) / 35) ** 2 < 1.0
 
-    p = profile
-    sig = np.where(body, p.fat * 0.85, 0.0).astype(np.float32)  # pelvic fat / soft tissue
-    for mask, level in ((subcut, p.fat), (muscle, p.muscle), (bone, p.bone), (peri, p.periprostatic),
-                        (bladder_wall, p.muscle), (bladder, p.bladder), (sv, p.seminal),
-                        (rectum_wall, p.rectum_wall), (rectum_lumen, p.rectum_lumen),
-                        (gland, p.pz), (gland & tz, p.tz)):
+    t, p = anat.tissue, profile
+    sig = np.where(body, t.fat * 0.85, 0.0).astype(np.float32)  # pelvic fat / soft tissue
+    for mask, level in ((subcut, t.fat), (muscle, t.muscle), (bone, t.bone),
+                        (peri, t.periprostatic), (bladder_wall, t.muscle), (bladder, t.bladder),
+                        (sv, t.seminal), (rectum_wall, t.rectum_wall),
+                        (rectum_lumen, t.rectum_lumen), (gland, t.pz), (gland & tz, t.tz)):
         sig[mask] = level
     shape = sig.shape
-    sig *= 1.0 + p.texture * _smooth_field(rng, shape, 24)
+    sig *= 1.0 + t.texture * _smooth_field(rng, shape, 24)
+    sig = np.clip(sig, 0, None) ** p.contrast  # T2 weighting: monotone, the order is kept
     sig *= np.clip(1.0 + p.bias * _smooth_field(rng, shape, 3), 0.3, None)
     if p.coil > 0:  # endorectal coil: bright hot spot that decays away from the rectum
         dist = np.sqrt((X - rx) ** 2 + (Y - ry) ** 2)
         sig *= 1.0 + p.coil * np.exp(-dist / 18.0)
     sig = _blur_inplane(np.clip(sig, 0, None).astype(np.float32), p.blur)
-    sigma = p.noise * p.fat
+    sigma = p.noise * t.fat
     sig = np.sqrt((sig + rng.normal(0, sigma, shape)) ** 2 + rng.normal(0, sigma, shape) ** 2)
     img = p.scale * sig + p.offset
     img = np.clip(np.round(img), -32768, 32767).astype(np.int16) if p.int16 else img.astype(np.float32)
@@ -252,15 +276,22 @@ def _write_case(folder: Path, case_id: str, img: np.ndarray, mask: np.ndarray,
     nib.save(seg, folder / f"{case_id}_segmentation.nii.gz")
 
 
-def site_profiles(n_sites: int, seed: int) -> list[SiteProfile]:
-    """The profiles of sites 0..n-1: families in turn, jittered by (seed, site index)."""
+def site_profiles(n_sites: int, seed: int) -> list[ScannerProfile]:
+    """The scanners of sites 0..n-1: families in turn, jittered by (seed, site index)."""
     return [make_profile(np.random.default_rng([seed, i, 0]), FAMILIES[i % len(FAMILIES)])
             for i in range(n_sites)]
 
 
+def proxy_profiles(seed: int) -> list[ScannerProfile]:
+    """The public proxy set's scanners: one of each family, jittered apart from the sites'."""
+    return [make_profile(np.random.default_rng([seed, 10_000, i]), f)
+            for i, f in enumerate(FAMILIES)]
+
+
 def write_dataset(out: str | Path, n_sites: int = 6, n_cases: int = 20, n_proxy: int = 20,
                   seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Generate ``n_sites`` sites of ``n_cases`` cases and a proxy set of ``n_proxy`` cases.
+    """Generate ``n_sites`` sites of ``n_cases`` cases and a proxy set of ``n_proxy`` cases
+    (case ``c`` of the proxy set comes from proxy scanner ``c mod len(FAMILIES)``).
 
     Returns the manifest written to ``OUT/synth.json``.
     """
@@ -269,7 +300,8 @@ def write_dataset(out: str | Path, n_sites: int = 6, n_cases: int = 20, n_proxy:
     names = site_names(n_sites)
     profiles = site_profiles(n_sites, seed)
     t0 = time.perf_counter()
-    manifest = {"seed": seed, "cases": n_cases, "proxy_cases": n_proxy, "sites": {}}
+    manifest = {"version": GENERATOR_VERSION, "seed": seed, "cases": n_cases,
+                "proxy_cases": n_proxy, "sites": {}}
     for i, (name, prof) in enumerate(zip(names, profiles)):
         folder = out / name
         folder.mkdir(exist_ok=True)
@@ -278,22 +310,19 @@ def write_dataset(out: str | Path, n_sites: int = 6, n_cases: int = 20, n_proxy:
             img, mask, aff = render_case(prof, make_anatomy(rng), rng)
             _write_case(folder, f"Case{c:02d}", img, mask, aff)
         manifest["sites"][name] = asdict(prof)
-        log(f"[synth] {name:8s} family={prof.family:12s} spacing="
+        log(f"[synth] {name:8s} scanner={prof.family:15s} spacing="
             f"{'x'.join(f'{s:.2f}' for s in prof.spacing)} mm  {n_cases} cases  "
             f"({time.perf_counter() - t0:.1f}s)")
     if n_proxy:
         folder = out / PROXY_SITE
         folder.mkdir(exist_ok=True)
-        proxy_families = []
+        scanners = proxy_profiles(seed)
         for c in range(n_proxy):
-            rng = np.random.default_rng([seed, 10_000, c + 1])
-            family = FAMILIES[int(rng.integers(len(FAMILIES)))]
-            prof = make_profile(rng, family)
-            img, mask, aff = render_case(prof, make_anatomy(rng), rng)
+            rng = np.random.default_rng([seed, 10_000, 100 + c])
+            img, mask, aff = render_case(scanners[c % len(scanners)], make_anatomy(rng), rng)
             _write_case(folder, f"Case{c:02d}", img, mask, aff)
-            proxy_families.append(family)
-        manifest["proxy_families"] = proxy_families
-        log(f"[synth] {PROXY_SITE:8s} mixed profiles {n_proxy} cases "
+        manifest["proxy_scanners"] = [asdict(p) for p in scanners]
+        log(f"[synth] {PROXY_SITE:8s} {len(scanners)} scanners (one per family), {n_proxy} cases "
             f"({time.perf_counter() - t0:.1f}s)")
     (out / "synth.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -308,5 +337,6 @@ def existing_matches(out: str | Path, n_sites: int, n_cases: int, n_proxy: int, 
         m = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return (m.get("seed") == seed and m.get("cases") == n_cases
+    return (m.get("version") == GENERATOR_VERSION and m.get("seed") == seed
+            and m.get("cases") == n_cases
             and m.get("proxy_cases") == n_proxy and list(m.get("sites", {})) == site_names(n_sites))

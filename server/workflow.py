@@ -253,7 +253,7 @@ class Coordinator:
             except DataError:
                 vols = load_proxy(self.cfg.data)
             cases = {c.case_id: c for c in vols}
-            ids = proxy_slice_ids(cases)
+            ids = proxy_slice_ids(cases, self.cfg.data.proxy_slice_step)
             where = [(cases[c], z) for c, z in parse_slice_ids(ids, cases)]
             images = np.stack([slice_stack(c.image, z, self.cfg.data.context_slices)
                                for c, z in where]).astype(np.float32)

@@ -250,14 +250,14 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
     for i, (method, seed, run_cfg) in enumerate(runs, 1):
         spent = time.perf_counter() - t0
         eta = f", about {spent / (i - 1) * (len(runs) - i + 1) / 60:.1f} min left" if i > 1 else ""
-        fold = f" fold {run_cfg.data.fold}" if run_cfg.data.folds else ""
-        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{fold}: {spent / 60:.1f} min "
+        tag = f" fold {run_cfg.data.fold}" if run_cfg.data.folds else ""
+        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: {spent / 60:.1f} min "
               f"so far{eta}", flush=True)
         report = simulate(run_cfg)
         fold = run_cfg.data.fold if run_cfg.data.folds else None
         results.append({"method": method, "seed": seed, "fold": fold, **run_figures(report),
                         "config": run_cfg.to_dict()})
-        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{fold}: Dice "
+        print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: Dice "
               f"{results[-1]['dice_mean']:.4f} on {results[-1]['n_test_cases']} test cases",
               flush=True)
         _write(root, cfg, results, models, time.perf_counter() - t0)

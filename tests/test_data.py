@@ -304,3 +304,13 @@ def test_group_pattern_from_the_config(tmp_path):
     parts = split_cases(recs, DataConfig(group_pattern=r"^(Case\d+)_\d+$"))
     patients = {k: {r.case_id.split("_")[0] for r in v} for k, v in parts.items()}
     assert not (patients["train"] & patients["test"]) and len(parts["test"]) % 2 == 0
+
+
+def test_proxy_slice_step_queries_every_kth_slice():
+    from common.data import CaseVolume, proxy_slice_ids
+
+    vols = {c: CaseVolume("PROXY", c, np.zeros((n, 4, 4), np.float32), None, (1, 1, 1))
+            for c, n in (("Case01", 5), ("Case00", 3))}
+    assert proxy_slice_ids(vols) == ["Case00/0", "Case00/1", "Case00/2", "Case01/0", "Case01/1",
+                                     "Case01/2", "Case01/3", "Case01/4"]
+    assert proxy_slice_ids(vols, 2) == ["Case00/0", "Case00/2", "Case01/0", "Case01/2", "Case01/4"]
