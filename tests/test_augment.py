@@ -1,0 +1,51 @@
+"""The batch augmentation of distillation moves soft targets and feature maps with the image."""
+
+import torch
+
+from common import augment
+from common.augment import STANDARD, augment_batch
+
+
+def test_geometry_moves_targets_and_features_with_the_image(monkeypatch):
+    # geometry only: no intensity change, so image and maps must stay pixel-aligned
+    monkeypatch.setitem(augment.STANDARD, "scale_prob", 0.0)
+    monkeypatch.setitem(augment.STANDARD, "shift_prob", 0.0)
+    monkeypatch.setitem(augment.STANDARD, "gamma_prob", 0.0)
+    monkeypatch.setitem(augment.STANDARD, "noise_prob", 0.0)
+    n = 64
+    img = torch.zeros(n, 1, 32, 32)
+    img[:, :, 4:14, 18:28] = 1.0                     # an off-centre square
+    probs = torch.stack([1 - img[:, 0], img[:, 0]], dim=1)
+    feat = torch.nn.functional.avg_pool2d(img, 4)    # the same square at a quarter resolution
+    x, maps = augment_batch(img, {"probs": probs, "feat": feat}, torch.Generator().manual_seed(0),
+                            background="probs")
+    p, f = maps["probs"], maps["feat"]
+    assert x.shape == img.shape and p.shape == probs.shape and f.shape == feat.shape
+    moved = (x - img).abs().flatten(1).amax(dim=1) > 0.5
+    assert 0.5 * n < moved.sum() < n  # most samples are flipped or rotated, some untouched
+    # the gland probability follows the image exactly (same grid, same interpolation)
+    assert torch.allclose(p[:, 1], x[:, 0], atol=1e-5)
+    # probabilities still sum to 1 (the area moved in from outside is background)
+    assert torch.allclose(p.sum(dim=1), torch.ones_like(p[:, 0]), atol=1e-5)
+    # the low-resolution map moved the same way: its mass centre matches the image's
+    def centre(t):
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, t.shape[-2]), torch.linspace(-1, 1, t.shape[-1]),
+                                indexing="ij")
+        w = t[:, 0].clamp_min(0)
+        return torch.stack([(w * ys).sum((1, 2)), (w * xs).sum((1, 2))], 1) / w.sum((1, 2))[:, None]
+    assert (centre(x) - centre(f)).abs().max() < 0.12
+    # a flip of the first spatial axis sends the square to the other side of that axis
+    flipped = centre(x)[:, 0] > 0.2
+    assert flipped.any() and (centre(f)[flipped, 0] > 0.1).all()
+
+
+def test_intensity_changes_the_image_only_within_the_recipe_ranges():
+    img = torch.full((200, 1, 8, 8), 0.5)
+    probs = torch.stack([torch.ones(200, 8, 8), torch.zeros(200, 8, 8)], dim=1)
+    x, maps = augment_batch(img, {"probs": probs}, torch.Generator().manual_seed(1),
+                            background="probs")
+    assert torch.allclose(maps["probs"], probs, atol=1e-5)  # all background, moved or not
+    mean = x.mean(dim=(1, 2, 3))
+    lo = 0.5 * (1 - STANDARD["scale"]) - STANDARD["shift"] - 0.02
+    hi = 0.5 * (1 + STANDARD["scale"]) + STANDARD["shift"] + 0.02
+    assert lo < mean.min() and mean.max() < hi and mean.std() > 0.03
