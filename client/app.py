@@ -4,7 +4,8 @@ Three handlers, one per message type of :mod:`common.protocol`:
 
 * ``train.teacher``   train (or reuse / resume) the site's teacher on its private data;
 * ``query.proxy``     the teacher's logits and features on named public proxy slices;
-* ``evaluate.student`` the student's Dice / HD95 on the private test split.
+* ``evaluate.student`` the student's Dice / HD95 on the private test split (and, when asked, its
+                      validation Dice).
 
 and the two of Flower's built-in strategies (``FedAvg`` / ``FedProx``, the weight-sharing
 baseline ``federation.strategy: fedavg | fedprox``):
@@ -152,12 +153,17 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
 
 
 def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
-    split = "test"
+    split, with_val = "test", False
     if msg.content.get(EVAL) is not None:
         split = _field(msg, EVAL, "split")
         if split not in ("test", "val"):
             raise ProtocolError(f"evaluate.split: expected 'test' or 'val', got {split!r}")
-    metrics = site_ops.evaluate_student(cfg, node, _weights(msg, STUDENT), split)
+        with_val = bool(_field(msg, EVAL).get("with_val", False))
+    weights = _weights(msg, STUDENT)
+    val = site_ops.evaluate_student(cfg, node, weights, "val") if with_val else None
+    metrics = site_ops.evaluate_student(cfg, node, weights, split)
+    if val is not None:
+        metrics.update(val_dice_mean=val["dice_mean"], val_n_cases=val["n_cases"])
     LOG.info(f"[{node.site}] student: Dice {metrics['dice_mean']:.4f} "
              f"HD95 {metrics['hd95_mean']:.1f} mm on {metrics['n_cases']} {split} cases")
     return RecordDict({METRICS: MetricRecord(metrics)})

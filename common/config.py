@@ -221,6 +221,10 @@ class ExperimentConfig:
                     "once; 0 = one split per seed (data.split)")
     baseline: str = _f("fedavg", doc="method the report's paired differences are taken "
                        "against (same seed and fold)")
+    student_lrs: list[float] = _f(factory=list, lo=1e-7, hi=1.0, doc="learning-rate search: "
+                                  "every method that trains a student runs once per value of "
+                                  "student.lr, and the report keeps, per seed and fold, the run "
+                                  "with the best validation Dice; empty = student.lr only")
     unseen_sites: list[str] = _f(factory=list, doc="sites (folders of data.root) outside the "
                                  "federation; every run's final model is also tested on all "
                                  "their cases")

@@ -23,7 +23,8 @@ message type           server -> site (content)                     site -> serv
 ``evaluate.student``   ``run``: {config}; ``student``              ``metrics`` (MetricRecord): dice_mean,
                        (ArrayRecord): the student's state dict;     dice_std, dice_median, dice_min, dice_max,
                        ``evaluate``: {split: "test" (default) |
-                       "val"}                                       dice_p25, dice_p75, hd95_* (same), n_cases
+                       "val", with_val: bool (optional: the         dice_p25, dice_p75, hd95_* (same), n_cases;
+                       validation figures too, for selection)}      with_val: val_dice_mean, val_n_cases
                                                                     ``info``: site
 =====================  ===========================================  ===========================================
 
@@ -32,7 +33,8 @@ strategies and their message types unchanged: ``train`` and ``evaluate`` with ``
 global student's state dict) and ``config`` (Flower's ``server-round``, FedProx's
 ``proximal-mu``, and the run config as YAML under ``run-config``). A site replies ``train`` with
 ``arrays`` (its locally trained student) and ``metrics`` {num-examples (training slices), loss,
-seconds}, and ``evaluate`` with ``metrics`` {dice, hd95, num-examples (test cases)}.
+seconds, steps}, and ``evaluate`` with ``metrics`` {dice, hd95, num-examples} on its validation
+split (the per-round figures; the final model is evaluated with ``evaluate.student``).
 
 N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
 derived from its private images except metrics; every array in a reply has N as its leading
@@ -176,14 +178,16 @@ def query_request(cfg: RunConfig, slice_ids: list[str], features: list[str],
                                             "precision": precision, "batch_size": batch_size})})
 
 
-def evaluate_request(cfg: RunConfig, student_state: dict, split: str = "test"):
+def evaluate_request(cfg: RunConfig, student_state: dict, split: str = "test",
+                     with_val: bool = False):
     """Content of an ``evaluate.student`` instruction (``student_state``: torch state dict of
-    ``cfg.model.student``; ``split``: the private split to evaluate on, test or val)."""
+    ``cfg.model.student``; ``split``: the private split to evaluate on, test or val;
+    ``with_val``: also report the validation Dice, by which an experiment selects among runs)."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
                        STUDENT: ArrayRecord(student_state),
-                       EVAL: ConfigRecord({"split": split})})
+                       EVAL: ConfigRecord({"split": split, "with_val": with_val})})
 
 
 def decode_proxy_reply(content) -> tuple[np.ndarray, dict[str, np.ndarray]]:

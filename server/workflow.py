@@ -374,11 +374,12 @@ class Coordinator:
         self._done(f"distill_r{rnd}", time.perf_counter() - t0)
 
     def site_metrics(self, cfg: RunConfig, weights: dict, split: str, step: str,
-                     nodes: Optional[dict[int, str]] = None) -> dict:
+                     nodes: Optional[dict[int, str]] = None, with_val: bool = False) -> dict:
         """Every site's Dice / HD95 of the student ``weights`` (architecture
         ``cfg.model.student``) on its private ``split``: ``{"sites": {site: metrics},
-        "dice_mean": case-weighted mean}``."""
-        content = evaluate_request(cfg, weights, split)
+        "dice_mean": case-weighted mean}`` (``with_val``: and ``val_dice_mean``, the
+        case-weighted validation Dice)."""
+        content = evaluate_request(cfg, weights, split, with_val)
         results: dict[str, dict] = {}
 
         def on_reply(label: str, reply: Message) -> None:
@@ -390,14 +391,21 @@ class Coordinator:
         self._broadcast(step, nodes or self.site_nodes(), content, EVALUATE_STUDENT,
                         self.timeout * 10 + 600, on_reply)
         n = sum(r["n_cases"] for r in results.values())
-        return {"sites": results,
-                "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
-                if n else float("nan")}
+        out = {"sites": results,
+               "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
+               if n else float("nan")}
+        if with_val:
+            nv = sum(r.get("val_n_cases", 0) for r in results.values())
+            out["val_dice_mean"] = sum(r["val_dice_mean"] * r["val_n_cases"] for r in
+                                       results.values() if "val_n_cases" in r) / nv if nv \
+                else float("nan")
+        return out
 
     def evaluate(self, rnd: int, nodes: Optional[dict[int, str]] = None) -> None:
         t0 = time.perf_counter()
         weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
-        summary = self.site_metrics(self.cfg, weights, "test", f"evaluate_r{rnd}", nodes)
+        summary = self.site_metrics(self.cfg, weights, "test", f"evaluate_r{rnd}", nodes,
+                                    with_val=True)
         self.state.rounds.setdefault(str(rnd), {})["evaluate"] = summary
         self._done(f"evaluate_r{rnd}", time.perf_counter() - t0)
 

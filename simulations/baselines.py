@@ -120,7 +120,17 @@ def proxy_outputs(model: FeatureNet, images: np.ndarray, batch: int = 32
 
 
 def _per_site(cfg: RunConfig, model: torch.nn.Module, nodes: list[Node]) -> dict[str, dict]:
-    return {n.site: test_metrics(model, load_private(cfg, n).test, cfg) for n in nodes}
+    """Every site's test figures, with its validation Dice (``val_dice_mean``, ``val_n_cases``)
+    as a federated run's final evaluation reports them."""
+    out = {}
+    for n in nodes:
+        data = load_private(cfg, n)
+        out[n.site] = test_metrics(model, data.test, cfg)
+        if data.val:
+            val = summary_metrics(evaluate_cases(model, data.val, cfg.data.context_slices,
+                                                 with_hd95=False))
+            out[n.site].update(val_dice_mean=val["dice_mean"], val_n_cases=val["n_cases"])
+    return out
 
 
 def final_model(cfg: RunConfig) -> FeatureNet:
@@ -217,8 +227,12 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         rnd["unseen"] = evaluate_unseen(cfg, model)
         _save(run_dir, model, "teacher" if strategy == "central" else "student")
     n = sum(m["n_cases"] for m in sites.values())
+    nv = sum(m.get("val_n_cases", 0) for m in sites.values())
     rnd["evaluate"] = {"sites": sites,
-                       "dice_mean": sum(m["dice_mean"] * m["n_cases"] for m in sites.values()) / n}
+                       "dice_mean": sum(m["dice_mean"] * m["n_cases"] for m in sites.values()) / n,
+                       "val_dice_mean": sum(m["val_dice_mean"] * m["val_n_cases"] for m in
+                                            sites.values() if "val_n_cases" in m) / nv
+                       if nv else float("nan")}
     report = {"name": cfg.name, "config": cfg.to_dict(),
               "state": {"completed": [strategy], "nodes": {}, "teachers": teachers,
                         "excluded": {}, "rounds": {"1": rnd}, "timings": {}},

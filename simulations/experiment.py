@@ -48,12 +48,42 @@ def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:
             sub = f"seed_{seed}" + ("" if fold is None else f"/fold_{fold}")
             split = [] if fold is None else [("data.folds", k), ("data.fold", fold)]
             for method, items in cfg.experiment.methods.items():
-                runs.append((method, seed, with_overrides(cfg, [
-                    *items, *split, ("runtime.seed", seed), ("name", f"{cfg.name}/{method}/{sub}"),
-                    ("output", {"run_dir": str(root / method / sub),
-                                "state_root": str(root / "state" / sub.replace("/", "_"))})],
-                    f"experiment.methods.{method}")))
+                variants = [(method, method, [])]
+                strategy = with_overrides(cfg, items, f"experiment.methods.{method}"
+                                          ).federation.strategy
+                if cfg.experiment.student_lrs and strategy in STUDENT_STRATEGIES:
+                    variants = [(f"{method}{LR_TAG}{lr:g}", f"{method}/lr_{lr:g}",
+                                 [("student.lr", lr)]) for lr in cfg.experiment.student_lrs]
+                for name, folder, extra in variants:
+                    runs.append((name, seed, with_overrides(cfg, [
+                        *items, *extra, *split, ("runtime.seed", seed),
+                        ("name", f"{cfg.name}/{folder}/{sub}"),
+                        ("output", {"run_dir": str(root / folder / sub),
+                                    "state_root": str(root / "state" / sub.replace("/", "_"))})],
+                        f"experiment.methods.{method}")))
     return runs
+
+
+LR_TAG = "@lr="
+
+
+def family(name: str) -> str:
+    """The method of a run name (``fedavg@lr=0.002`` -> ``fedavg``)."""
+    return name.split(LR_TAG)[0]
+
+
+def select_by_validation(results: list[dict]) -> list[dict]:
+    """The learning-rate search's choice: per method, seed and fold, the run with the best
+    validation Dice (the first on a tie); runs without variants are kept as they are."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["method"], r["seed"], r.get("fold"))
+        val = r.get("val_dice")
+        old = best.get(key)
+        if old is None or (val is not None and (old.get("val_dice") is None
+                                                or val > old["val_dice"])):
+            best[key] = r
+    return [r for r in results if best[(r["method"], r["seed"], r.get("fold"))] is r]
 
 
 def _curve(strategy: str, last: dict) -> dict:
@@ -105,6 +135,7 @@ def run_figures(report: dict) -> dict:
     return {"strategy": strategy,
             "model": "teacher" if strategy in ("local", "central") else "student",
             "dice_mean": ev.get("dice_mean"),
+            "val_dice": ev.get("val_dice_mean"),
             "site_dice": {s: m["dice_mean"] for s, m in sites.items()},
             "site_hd95": {s: m["hd95_mean"] for s, m in sites.items()},
             "hd95_mean": float(np.mean([m["hd95_mean"] for m in sites.values()])) if sites else None,
@@ -207,6 +238,23 @@ def summary_markdown(results: list[dict], models: dict, baseline: str = "fedavg"
     return "\n".join(lines)
 
 
+def lr_search_markdown(results: list[dict], chosen: list[dict]) -> str:
+    """Every learning rate of the search: mean validation and test Dice over runs, and how
+    often validation chose it."""
+    lines = ["Learning-rate search (`experiment.student_lrs`; the table above keeps, per seed "
+             "and fold, the run with the best validation Dice):", "",
+             "| method | student.lr | runs | validation Dice | test Dice | chosen |",
+             "|---|---|---|---|---|---|"]
+    picked = {id(r) for r in chosen}
+    for m, rows in _by_method([r for r in results if r.get("lr") is not None]).items():
+        for lr in sorted({r["lr"] for r in rows}):
+            sub = [r for r in rows if r["lr"] == lr]
+            lines.append(f"| {m} | {lr:g} | {len(sub)} | {_ms([r.get('val_dice') for r in sub], 4)}"
+                         f" | {_ms([r['dice_mean'] for r in sub], 4)} | "
+                         f"{sum(id(r) in picked for r in sub)} |")
+    return "\n".join(lines)
+
+
 def _mean(vals: list) -> str:
     vals = [v for v in vals if v is not None]
     return f"{np.mean(vals):.3f}" if vals else "-"
@@ -236,7 +284,7 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
     root = Path(cfg.output.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, root / "config.yaml")
-    runs = [r for r in method_configs(cfg) if not only or r[0] in only]
+    runs = [r for r in method_configs(cfg) if not only or r[0] in only or family(r[0]) in only]
     if not runs:
         raise SystemExit(f"--only {' '.join(only or [])}: no such method (methods: "
                          f"{', '.join(cfg.experiment.methods)})")
@@ -255,8 +303,9 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
               f"so far{eta}", flush=True)
         report = simulate(run_cfg)
         fold = run_cfg.data.fold if run_cfg.data.folds else None
-        results.append({"method": method, "seed": seed, "fold": fold, **run_figures(report),
-                        "config": run_cfg.to_dict()})
+        results.append({"method": family(method), "run": method, "seed": seed, "fold": fold,
+                        "lr": run_cfg.student.lr if LR_TAG in method else None,
+                        **run_figures(report), "config": run_cfg.to_dict()})
         print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: Dice "
               f"{results[-1]['dice_mean']:.4f} on {results[-1]['n_test_cases']} test cases",
               flush=True)
@@ -274,8 +323,11 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
     from simulations.plots import experiment_plots
 
     root = Path(cfg.output.run_dir)
-    table = summary_markdown(results, models, cfg.experiment.baseline)
-    plots = experiment_plots(results, runs or method_configs(cfg), root)
+    chosen = select_by_validation(results)
+    table = summary_markdown(chosen, models, cfg.experiment.baseline)
+    if len(chosen) < len(results):
+        table += "\n\n" + lr_search_markdown(results, chosen)
+    plots = experiment_plots(chosen, runs or method_configs(cfg), root)
     host = machine()
     (root / "report.md").write_text(
         f"# Experiment `{cfg.name}`\n\nDice: mean over the sites' test cases of a run, then mean "

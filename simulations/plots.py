@@ -190,7 +190,9 @@ def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:
     if students:
         best = max(_by_method(students).items(),
                    key=lambda kv: np.mean([r["dice_mean"] for r in kv[1]]))[1][0]
-        cfg = next(c for m, s, c in runs if m == best["method"] and s == best["seed"])
+        name = best.get("run", best["method"])
+        cfg = next(c for m, s, c in runs if m == name and s == best["seed"]
+                   and (not c.data.folds or c.data.fold == best.get("fold")))
         paths.append(prediction_montage(cfg, final_model(cfg), root / "montage.png",
                                         f"student of {best['method']} (seed {best['seed']})"))
     return paths

@@ -66,6 +66,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
         assert 0.0 <= r["dice_mean"] <= 1.0 and set(r["site_dice"]) == {"SiteA", "SiteB"}
         assert set(r["unseen_dice"]) == {"SiteC"} and 0.0 <= r["unseen_dice"]["SiteC"] <= 1.0
         assert r["curve"].get("points") or r["method"] == "local"
+        assert 0.0 <= r["val_dice"] <= 1.0 and r["n_test_cases"] == sum(r["site_cases"].values())
     by = {r["method"]: r for r in runs}
     student_bytes = 4 * results["models"]["student"]["parameters"]
     assert by["fedavg"]["bytes_per_site_round"] == student_bytes

@@ -4,6 +4,8 @@ the student recipe is the same for distillation and FedAvg."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import client.site as site_ops
@@ -72,7 +74,11 @@ def check_test_read_once_at_the_end(grid, calls, test_ids):
     assert sorted(site for _, site, _ in reads) == sorted(test_ids)
     for _, site, ids in reads:
         assert set(ids) == test_ids[site]
-    assert calls[-2:] == reads  # nothing is evaluated after them
+    # the final evaluation reads each site's validation cases (for a learning-rate search's
+    # choice), then its test cases; nothing else is evaluated then or after
+    final = calls[-4:]
+    assert [split for split, _, _ in final] == ["val", "test", "val", "test"]
+    assert all(set(ids).isdisjoint(test_ids[site]) for split, site, ids in final if split == "val")
     types = [m.metadata.message_type for m in grid.sent]
     assert types[-2:] == [EVALUATE_STUDENT] * 2 and types.count(EVALUATE_STUDENT) == 2
 
@@ -81,7 +87,7 @@ def test_fedavg_reads_validation_every_round_and_test_once(fed, tmp_path, monkey
     cfg, grid, calls, test_ids = watched_run(
         fed, tmp_path, monkeypatch, ["federation.strategy=fedavg", "federation.rounds=2"])
     check_test_read_once_at_the_end(grid, calls, test_ids)
-    per_round = [c for c in calls if c[0] == "val"]
+    per_round = [c for c in calls[:-4] if c[0] == "val"]
     assert len(per_round) == 2 * 2  # 2 rounds x 2 sites, on their validation cases
     assert all(set(ids).isdisjoint(test_ids[site]) for _, site, ids in per_round)
 
@@ -89,6 +95,8 @@ def test_fedavg_reads_validation_every_round_and_test_once(fed, tmp_path, monkey
 def test_distillation_reads_test_once_and_teachers_stop_on_validation(fed, tmp_path, monkeypatch):
     cfg, grid, calls, test_ids = watched_run(fed, tmp_path, monkeypatch)
     check_test_read_once_at_the_end(grid, calls, test_ids)
+    ev = json.loads((tmp_path / "report.json").read_text())["state"]["rounds"]["1"]["evaluate"]
+    assert 0 <= ev["val_dice_mean"] <= 1 and all("val_n_cases" in m for m in ev["sites"].values())
     early = [c for c in calls if c[0] == "training"]
     assert len(early) == 2 * cfg.train.epochs  # each teacher's epochs on its validation cases
     assert all(set(ids).isdisjoint(test_ids[site]) for _, site, ids in early)
@@ -101,3 +109,25 @@ def test_one_student_recipe_for_distillation_and_fedavg():
     assert (local.lr, local.batch_size, local.empty_slice_fraction) == (0.01, 4, 0.1)
     assert local.intensity_augment == "standard" and local.augment
     assert RunConfig().student.lr == 0.005
+
+
+def test_learning_rate_search_selects_on_validation_only(tmp_path):
+    from simulations.experiment import method_configs, select_by_validation
+
+    cfg = load_config(None, [f"output.run_dir={tmp_path}", "experiment.folds=2",
+                             "experiment.student_lrs=[0.001,0.01]",
+                             "experiment.methods={kd: [], fedavg: [federation.strategy=fedavg], "
+                             "local: [federation.strategy=local]}"])
+    runs = method_configs(cfg)
+    names = [n for n, _, c in runs if c.data.fold == 0]
+    assert names == ["kd@lr=0.001", "kd@lr=0.01", "fedavg@lr=0.001", "fedavg@lr=0.01", "local"]
+    assert runs[1][2].student.lr == 0.01 and runs[1][2].output.run_dir.endswith("kd/lr_0.01/seed_0/fold_0")
+    # per (method, seed, fold) the best validation Dice wins, whatever the test Dice says
+    rows = [{"method": "kd", "seed": 0, "fold": f, "lr": lr, "val_dice": v, "dice_mean": t}
+            for f, lr, v, t in [(0, 0.001, 0.6, 0.1), (0, 0.01, 0.5, 0.9),
+                                (1, 0.001, 0.4, 0.8), (1, 0.01, 0.7, 0.2)]]
+    rows.append({"method": "local", "seed": 0, "fold": 0, "lr": None, "val_dice": None,
+                 "dice_mean": 0.5})
+    chosen = select_by_validation(rows)
+    assert [(r["fold"], r["lr"]) for r in chosen if r["method"] == "kd"] == [(0, 0.001), (1, 0.01)]
+    assert rows[-1] in chosen
