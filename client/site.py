@@ -51,7 +51,8 @@ from common.data import (
     slice_stack,
 )
 from common.logs import get_logger
-from common.models import FeatureNet, build_teacher, feature_names, input_channels
+from common.architectures import feature_names
+from common.models import FeatureNet, build_teacher, input_channels
 from common.privacy import clip_and_noise, epsilon
 from common.protocol import PRECISIONS, ProtocolError, encode_array, parse_slice_ids
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter

@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from common.architectures import feature_names
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid. The message names the file and key path."""
@@ -278,7 +280,9 @@ class BenchConfig:
 
 @dataclass
 class RuntimeConfig:
-    threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads (server and CLI)")
+    threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads wherever torch runs: the "
+                      "server (ServerApp, fedkd simulate), the pooled baselines, the CLI, and "
+                      "a site unless runtime.client_threads or its node config says otherwise")
     client_threads: int = _f(0, lo=0, hi=256, doc="torch threads of a site node; 0 = threads "
                              "(a simulation of parallel sites should use cores / parallel sites)")
     seed: int = _f(0)
@@ -473,8 +477,6 @@ def check_model_spec(spec: ModelSpec, key: str) -> None:
     elif spec.arch == "basicunet" and len(spec.channels) != 6:
         raise ConfigError(f"{key}.channels: basicunet takes exactly 6 values, "
                           f"got {len(spec.channels)}")
-    from common.models import feature_names  # local import: models imports this module
-
     valid = feature_names(spec)
     for name in spec.features:
         if name not in valid:

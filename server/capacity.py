@@ -87,9 +87,9 @@ def student_config(cfg: RunConfig, spec: ModelSpec) -> RunConfig:
 
 def capacity_plot(result: dict, out: Path) -> Path:
     """Validation Dice vs CPU latency per slice of every evaluated candidate, with the targets."""
-    from simulations.plots import _pyplot, _save
+    from common.plotting import pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in result["candidates"].items():
         if "val_dice" not in r:
@@ -108,7 +108,7 @@ def capacity_plot(result: dict, out: Path) -> Path:
     ax.set_ylim(0, 1)
     if result["dice_target"] or result["max_slice_ms"]:
         ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def capacity_markdown(result: dict) -> list[str]:

@@ -158,7 +158,8 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, gro
              timeout: float, on_reply: Callable[[int, Message], None]) -> list[int]:
     """Send one message per node and hand each reply to ``on_reply`` as it arrives (so replies
     can be folded without holding them all). Returns the nodes that did not reply in time."""
-    msgs = [grid.create_message(content, message_type, node, group) for node, content in contents.items()]
+    msgs = [Message(content, dst_node_id=node, message_type=message_type, group_id=group)
+            for node, content in contents.items()]
     ids = list(grid.push_messages(msgs))
     pending = {mid: node for mid, node in zip(ids, contents) if mid}
     deadline = time.perf_counter() + timeout
@@ -194,6 +195,7 @@ class Coordinator:
 
     def __init__(self, grid: Grid, cfg: RunConfig, log: Callable[[str], None] = LOG.info):
         self.grid, self.cfg, self.log = grid, cfg, log
+        torch.set_num_threads(cfg.runtime.threads)  # the server's own torch work (distillation)
         self.run_dir = Path(cfg.output.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.output.audit and grid is not None and not isinstance(grid, AuditGrid):

@@ -74,8 +74,8 @@ def test_federation_distils_a_student_that_beats_an_untrained_one(adaptive_run, 
     torch.save(untrained, tmp_path / "u.pt")
     from common.protocol import evaluate_request
 
-    msgs = [grid.create_message(evaluate_request(cfg, untrained), EVALUATE_STUDENT, n, "x")
-            for n in (1, 2, 3)]
+    msgs = [Message(evaluate_request(cfg, untrained), dst_node_id=n,
+                    message_type=EVALUATE_STUDENT, group_id="x") for n in (1, 2, 3)]
     base = [r.content["metrics"]["dice_mean"] for r in grid.send_and_receive(msgs)]
     assert dice > np.mean(base) + 0.1
     assert set(rnd["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
@@ -357,6 +357,18 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
     assert not any(needle in b for m in from_sites for b in array_bytes(m))
     # the same search finds the canary where it is: in the private file's voxels
     assert needle in np.asanyarray(nib.load(path).dataobj).tobytes()
+
+
+def test_the_server_runs_torch_with_runtime_threads(fed, tmp_path):
+    from server.workflow import Coordinator
+
+    before = torch.get_num_threads()
+    try:
+        cfg, grid = make(fed, tmp_path, ["runtime.threads=1"])
+        Coordinator(grid, cfg, lambda s: None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_config_digest_covers_what_defines_a_run(tmp_path):
