@@ -45,7 +45,6 @@ from common.data import (
     discover_msd,
     load_proxy,
     load_site,
-    load_unsplit,
     proxy_dir,
     site_folders,
     slice_stack,

@@ -18,7 +18,8 @@ from common.protocol import EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
 from common.synthetic import write_dataset
 from server.export import load_exported
 from server.predict import predict_file
-from server.workflow import FederationError, run_federation
+from server.state import FederationError
+from server.workflow import run_federation
 from simulations.local_grid import LocalGrid
 
 SETTINGS = ["data.size=[64,64]", "data.spacing=[2.0,2.0]",
@@ -372,7 +373,7 @@ def test_the_server_runs_torch_with_runtime_threads(fed, tmp_path):
 
 
 def test_config_digest_covers_what_defines_a_run(tmp_path):
-    from server.workflow import RunState, config_digest, legacy_digest
+    from server.state import RunState, config_digest, legacy_digest
 
     base = load_config(None, SETTINGS)
     digest = config_digest(base)
