@@ -39,16 +39,15 @@ from common.config import ConfigError, RunConfig, TrainConfig, build_section
 from common.data import (
     CaseVolume,
     DataError,
-    SiteData,
     discover_liu_site,
     discover_manifest,
     discover_msd,
     load_proxy,
-    load_site,
     proxy_dir,
     site_folders,
-    slice_stack,
 )
+from common.slices import slice_stack
+from common.splits import SiteData, load_site
 from common.logs import get_logger
 from common.architectures import feature_names
 from common.models import FeatureNet, build_teacher, input_channels

@@ -32,7 +32,8 @@ from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
 from common.config import RunConfig, dump_config
-from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
+from common.data import DataError, load_proxy
+from common.slices import proxy_slice_ids, slice_stack
 from common.logs import get_logger
 from common.metrics import dice_score
 from common.models import FeatureNet, build_student, count_parameters, input_channels
