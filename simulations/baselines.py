@@ -195,7 +195,7 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         rnd["unseen"] = {s: {"dice_mean": float(np.mean([unseen[t][s]["dice_mean"] for t in unseen])),
                              "hd95_mean": float(np.mean([unseen[t][s]["hd95_mean"] for t in unseen])),
                              "n_cases": next(iter(unseen.values()))[s]["n_cases"]}
-                         for s in cfg.experiment.unseen_sites}
+                         for s in (n.site for n in unseen_nodes(cfg))}
     else:
         if strategy in ("central", "central-kd"):
             model, info = train_central(cfg, cfg.model.teacher, "teacher", log)

@@ -7,6 +7,7 @@ import yaml
 
 from common.cli import main
 from common.config import ConfigError, load_config
+from common.synthetic import write_dataset
 from conftest import tiny_sim_config
 from simulations.experiment import method_configs
 
@@ -50,8 +51,12 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
                "central-kd": ["federation.strategy=central-kd"]}
     path = tiny_sim_config(tmp_path, output={"run_dir": str(tmp_path / "exp")},
                            experiment={"methods": methods, "seeds": [0],
-                                       "unseen_sites": ["SiteC"]},
+                                       "unseen_sites": ["other/SiteC"]},
                            synth={"sites": 3, "cases": 5, "proxy_cases": 2, "seed": 1})
+    # the unseen site lives in a subfolder of the data root (as real-prostate/PROMISE12 does)
+    write_dataset(tmp_path / "data", 3, 5, 2, seed=1, log=lambda s: None)
+    (tmp_path / "data" / "other").mkdir()
+    (tmp_path / "data" / "SiteC").rename(tmp_path / "data" / "other" / "SiteC")
     cfg = yaml.safe_load(path.read_text())
     cfg["data"]["sites"] = ["SiteA", "SiteB"]
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
