@@ -35,7 +35,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from common.config import ConfigError, RunConfig, TrainConfig, build_section
+from common.config import ConfigError, RunConfig, TrainConfig
+from common.typedconfig import build_section
 from common.data import (
     CaseVolume,
     DataError,
