@@ -35,23 +35,23 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from common.config import ConfigError, RunConfig, TrainConfig, build_section
+from common.config import ConfigError, RunConfig, TrainConfig
+from common.typedconfig import build_section
 from common.data import (
     CaseVolume,
     DataError,
-    SiteData,
     discover_liu_site,
     discover_manifest,
     discover_msd,
     load_proxy,
-    load_site,
-    load_unsplit,
     proxy_dir,
     site_folders,
-    slice_stack,
 )
+from common.slices import slice_stack
+from common.splits import SiteData, load_site
 from common.logs import get_logger
-from common.models import FeatureNet, build_teacher, feature_names, input_channels
+from common.architectures import feature_names
+from common.models import FeatureNet, build_teacher, input_channels
 from common.privacy import clip_and_noise, epsilon
 from common.protocol import PRECISIONS, ProtocolError, encode_array, parse_slice_ids
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter

@@ -127,12 +127,102 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    """``fedkd deploy ACTION`` (see :func:`_deploy_arguments`): the coordinator's actions from
+    :mod:`server.deploy`, a hospital's from :mod:`client.deploy`."""
+    from client.deploy import make_node_key, supernode_command
+    from common.tooling import DeployError, exec_command
+    from server.deploy import add_connection, bundle, make_certificates, superlink_command
+
+    if args.action == "certs":
+        paths = make_certificates(args.out, args.host, args.days, args.force)
+        print(f"[deploy] CA {paths['ca']} (give a copy to every site and every `flwr` user)\n"
+              f"[deploy] SuperLink certificate {paths['cert']} + key {paths['key']} for "
+              f"{', '.join(args.host)} (stay on the SuperLink host)\n"
+              f"[deploy] CA key {paths['ca_key']}: keep it offline; it signs new certificates")
+    elif args.action == "node-key":
+        paths = make_node_key(args.out, args.site, args.force)
+        print(f"[deploy] private key {paths['key']} (stays at {args.site})\n"
+              f"[deploy] public key {paths['pub']}: send it to the coordinator, who runs\n"
+              f"    flwr supernode register {paths['pub'].name} FEDERATION")
+    elif args.action == "connect":
+        path = add_connection(args.name, args.address, args.ca)
+        print(f"[deploy] {path}: SuperLink connection {args.name!r} -> {args.address} (TLS, CA "
+              f"{args.ca})\n[deploy] next: flwr supernode register SITE.pub {args.name}; "
+              f"flwr run . {args.name} --stream")
+    elif args.action == "superlink":
+        return exec_command(superlink_command(args.certs, args.host, args.port, args.database,
+                                       args.log_file), args.print)
+    elif args.action == "supernode":
+        for flag, path in (("--data-path", args.data_path), ("--proxy-path", args.proxy_path)):
+            if not Path(path).expanduser().exists():
+                raise DeployError(f"{flag} {path}: not found")
+        node = {"data-path": str(Path(args.data_path).expanduser().resolve()),
+                "data-layout": args.layout, "site": args.site,
+                "proxy-path": str(Path(args.proxy_path).expanduser().resolve()),
+                "state-dir": str(Path(args.state_dir).expanduser().resolve())
+                if args.state_dir else None, "threads": args.threads}
+        return exec_command(supernode_command(args.superlink, args.ca, args.key, node, args.port,
+                                       args.insecure), args.print)
+    elif args.action == "bundle":
+        out = bundle(args.run_dir, args.out or Path(f"{Path(args.run_dir).name}.tar.gz"))
+        print(f"[deploy] {out}: report, figures and exported student of {args.run_dir}")
+    return 0
+
+
+def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fedkd deploy`` actions (see the README's hospital guide)."""
+    from server.deploy import SUPERLINK_PORT
+
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
+    p.add_argument("--out", type=Path, required=True, help="folder for ca.* and server.*")
+    p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"],
+                   help="the SuperLink's DNS names / IPs as sites will dial them")
+    p.add_argument("--days", type=int, default=365, help="validity (days)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p = sub.add_parser("node-key", help="make a site's SuperNode key pair")
+    p.add_argument("--site", required=True, help="site name (file stem)")
+    p.add_argument("--out", type=Path, required=True, help="folder for SITE.key and SITE.pub")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p = sub.add_parser("connect", help="add a SuperLink connection to $FLWR_HOME/config.toml "
+                       "(for flwr run / flwr supernode register)")
+    p.add_argument("--name", required=True, help="connection name (used as FEDERATION)")
+    p.add_argument("--address", required=True, help="SuperLink HOST:PORT")
+    p.add_argument("--ca", type=Path, required=True, help="the federation's ca.crt")
+    p = sub.add_parser("superlink", help="start flower-superlink with TLS and SuperNode auth")
+    p.add_argument("--certs", type=Path, required=True, help="folder made by `deploy certs`")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=SUPERLINK_PORT, help="HTTPS port (default 8000)")
+    p.add_argument("--database", type=Path, default=None,
+                   help="SQLite file for the SuperLink's state (default: in memory)")
+    p.add_argument("--log-file", type=Path, default=None, help="SuperLink log file")
+    p.add_argument("--print", action="store_true", help="print the command, do not start it")
+    p = sub.add_parser("supernode", help="start a site's flower-supernode")
+    p.add_argument("--superlink", required=True, help="SuperLink HOST:PORT")
+    p.add_argument("--ca", type=Path, help="the federation's ca.crt (required unless --insecure)")
+    p.add_argument("--key", type=Path, required=True, help="this site's SITE.key")
+    p.add_argument("--data-path", required=True, help="the site's private cases")
+    p.add_argument("--layout", default="liu", choices=["liu", "msd", "manifest"])
+    p.add_argument("--proxy-path", required=True, help="the public proxy set")
+    p.add_argument("--state-dir", default=None, help="teacher checkpoint folder "
+                   "(default ~/.fedkd/state/SITE)")
+    p.add_argument("--site", default=None, help="site name in reports (default: folder name)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--port", type=int, default=9094, help="the SuperNode's local port")
+    p.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
+    p.add_argument("--print", action="store_true", help="print the command, do not start it")
+    p = sub.add_parser("bundle", help="pack a finished run's report and student (tar.gz)")
+    p.add_argument("run_dir", type=Path, help="the run directory on the coordinator")
+    p.add_argument("--out", type=Path, default=None, help="archive (default RUN.tar.gz)")
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from common import deploy
+    from common.tooling import DeployError
 
     try:
-        return deploy.main(args)
-    except deploy.DeployError as exc:
+        return _deploy(args)
+    except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -184,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")
     p.add_argument("--output", type=Path, required=True, help="folder for the masks")
-    from common.deploy import add_arguments
-
-    add_arguments(parsers["deploy"])
+    _deploy_arguments(parsers["deploy"])
     parsers["cross-site"].add_argument("--train-sites", nargs="+", default=None,
                                        help="sites whose teachers are trained (default: all)")
     return parser

@@ -4,35 +4,24 @@ Every run (synthetic data generation, teacher training, distillation, a federati
 by a single :class:`RunConfig`. It is loaded from a YAML file in ``configs/``; keys that the file
 omits take the defaults written here, and ``--set key.path=value`` overrides are applied on top.
 
-Validation is strict: an unknown key, a value of the wrong type, a value out of range or a missing
-file raises :class:`ConfigError` whose message names the file, the dotted key path and what was
-expected, e.g. ``configs/x.yaml: distill.temperature: expected a number >= 0.01, got -1``.
+Validation is strict (:mod:`common.typedconfig`): an unknown key, a value of the wrong type, a
+value out of range or a missing file raises :class:`ConfigError` whose message names the file,
+the dotted key path and what was expected, e.g.
+``configs/x.yaml: distill.temperature: expected a number >= 0.01, got -1``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid. The message names the file and key path."""
-
-
-def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-       doc: str = "", factory: Any = None) -> Any:
-    """A dataclass field with an inclusive numeric range and a one-line description."""
-    meta = {"lo": lo, "hi": hi, "doc": doc}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+from common.architectures import feature_names
+from common.typedconfig import ConfigError, build, field_, parse_override, set_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,38 +31,38 @@ def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float
 class SplitConfig:
     """Fractions of each site's *cases* per split (by case, never by slice)."""
 
-    train: float = _f(0.6, lo=0.0, hi=1.0)
-    val: float = _f(0.2, lo=0.0, hi=1.0)
-    test: float = _f(0.2, lo=0.0, hi=1.0)
+    train: float = field_(0.6, lo=0.0, hi=1.0)
+    val: float = field_(0.2, lo=0.0, hi=1.0)
+    test: float = field_(0.2, lo=0.0, hi=1.0)
 
 
 @dataclass
 class DataConfig:
     """Where the data lives and how volumes become 2D training slices."""
 
-    root: str = _f("data/synthetic", doc="dataset root (relative paths are resolved from the CWD)")
-    layout: Literal["liu", "msd", "manifest"] = _f("liu", doc="on-disk layout of the sites")
-    sites: list[str] = _f(factory=list, doc="site folders to use; empty = every site found")
-    proxy: str = _f("PROXY", doc="public proxy set folder (relative to root, or absolute)")
-    proxy_slice_step: int = _f(1, lo=1, hi=64, doc="the server queries every k-th slice of each "
+    root: str = field_("data/synthetic", doc="dataset root (relative paths are resolved from the CWD)")
+    layout: Literal["liu", "msd", "manifest"] = field_("liu", doc="on-disk layout of the sites")
+    sites: list[str] = field_(factory=list, doc="site folders to use; empty = every site found")
+    proxy: str = field_("PROXY", doc="public proxy set folder (relative to root, or absolute)")
+    proxy_slice_step: int = field_(1, lo=1, hi=64, doc="the server queries every k-th slice of each "
                                "proxy volume (neighbouring thin slices are nearly alike)")
-    manifest: Optional[str] = _f(None, doc="YAML/CSV manifest of image/label pairs (layout manifest)")
-    msd_channel: int = _f(0, lo=0, doc="channel of a 4D MSD image to use (Task05: 0 = T2)")
-    label_mode: Literal["auto", "binary", "positive"] = _f(
+    manifest: Optional[str] = field_(None, doc="YAML/CSV manifest of image/label pairs (layout manifest)")
+    msd_channel: int = field_(0, lo=0, doc="channel of a 4D MSD image to use (Task05: 0 = T2)")
+    label_mode: Literal["auto", "binary", "positive"] = field_(
         "auto", doc="binary: labels must be 0/1; positive: label > 0 is gland; auto: msd->positive")
-    spacing: list[float] = _f(factory=lambda: [1.0, 1.0], lo=0.05, hi=20.0,
+    spacing: list[float] = field_(factory=lambda: [1.0, 1.0], lo=0.05, hi=20.0,
                               doc="target in-plane spacing in mm (slice spacing is kept)")
-    size: list[int] = _f(factory=lambda: [128, 128], lo=16, hi=1024, doc="2D crop/pad size")
-    context_slices: int = _f(0, lo=0, hi=5, doc="2.5D: neighbouring slices on each side as channels")
-    clip_percentiles: list[float] = _f(factory=lambda: [1.0, 99.0], lo=0.0, hi=100.0)
+    size: list[int] = field_(factory=lambda: [128, 128], lo=16, hi=1024, doc="2D crop/pad size")
+    context_slices: int = field_(0, lo=0, hi=5, doc="2.5D: neighbouring slices on each side as channels")
+    clip_percentiles: list[float] = field_(factory=lambda: [1.0, 99.0], lo=0.0, hi=100.0)
     split: SplitConfig = field(default_factory=SplitConfig)
-    seed: int = _f(0, doc="seed of the case split")
-    folds: int = _f(0, lo=0, hi=100, doc="k-fold cross-validation by case: 0 = one split by "
+    seed: int = field_(0, doc="seed of the case split")
+    folds: int = field_(0, lo=0, hi=100, doc="k-fold cross-validation by case: 0 = one split by "
                     "data.split; k >= 2 = the cases (patients) of each site in k folds, fold "
                     "data.fold is the test split and the rest is split into train/val by the "
                     "ratio of data.split.train to data.split.val")
-    fold: int = _f(0, lo=0, hi=99, doc="the test fold when data.folds >= 2")
-    group_pattern: Optional[str] = _f(None, doc="regex whose first group is the patient id of a "
+    fold: int = field_(0, lo=0, hi=99, doc="the test fold when data.folds >= 2")
+    group_pattern: Optional[str] = field_(None, doc="regex whose first group is the patient id of a "
                                       "case id: a patient's cases stay in one split")
 
 
@@ -81,23 +70,23 @@ class DataConfig:
 class SynthConfig:
     """The synthetic multi-site generator (``fedkd synth``)."""
 
-    out: str = _f("data/synthetic", doc="output directory")
-    sites: int = _f(6, lo=1, hi=64)
-    cases: int = _f(20, lo=1, hi=10000, doc="cases per site")
-    proxy_cases: int = _f(20, lo=0, hi=10000, doc="cases in the public proxy set")
-    seed: int = _f(0)
+    out: str = field_("data/synthetic", doc="output directory")
+    sites: int = field_(6, lo=1, hi=64)
+    cases: int = field_(20, lo=1, hi=10000, doc="cases per site")
+    proxy_cases: int = field_(20, lo=0, hi=10000, doc="cases in the public proxy set")
+    seed: int = field_(0)
 
 
 @dataclass
 class ModelSpec:
     """One segmentation network. ``features`` names the maps returned for feature distillation."""
 
-    arch: Literal["unet", "basicunet"] = _f("unet")
-    channels: list[int] = _f(factory=lambda: [16, 32, 64, 128, 256], lo=1, hi=4096)
-    strides: list[int] = _f(factory=lambda: [2, 2, 2, 2], lo=1, hi=4)
-    num_res_units: int = _f(2, lo=0, hi=8)
-    dropout: float = _f(0.0, lo=0.0, hi=0.9)
-    features: list[str] = _f(factory=lambda: ["enc2", "dec2"],
+    arch: Literal["unet", "basicunet"] = field_("unet")
+    channels: list[int] = field_(factory=lambda: [16, 32, 64, 128, 256], lo=1, hi=4096)
+    strides: list[int] = field_(factory=lambda: [2, 2, 2, 2], lo=1, hi=4)
+    num_res_units: int = field_(2, lo=0, hi=8)
+    dropout: float = field_(0.0, lo=0.0, hi=0.9)
+    features: list[str] = field_(factory=lambda: ["enc2", "dec2"],
                              doc="feature maps returned with the logits (see common.models)")
 
 
@@ -109,9 +98,9 @@ def _student_spec() -> ModelSpec:
 class ModelConfig:
     teacher: ModelSpec = field(default_factory=ModelSpec)
     student: ModelSpec = field(default_factory=_student_spec)
-    site_teachers: dict[str, ModelSpec] = _f(
+    site_teachers: dict[str, ModelSpec] = field_(
         factory=dict, doc="per-site teacher architecture overrides, keyed by site name")
-    max_student_fraction: float = _f(0.05, lo=0.0, hi=1.0,
+    max_student_fraction: float = field_(0.05, lo=0.0, hi=1.0,
                                      doc="student params must be <= this fraction of the teacher's")
 
 
@@ -119,18 +108,18 @@ class ModelConfig:
 class TrainConfig:
     """Local teacher training at a site."""
 
-    epochs: int = _f(40, lo=1, hi=10000)
-    lr: float = _f(5e-3, lo=1e-7, hi=1.0)
-    weight_decay: float = _f(1e-5, lo=0.0, hi=1.0)
-    batch_size: int = _f(8, lo=1, hi=4096)
-    patience: int = _f(10, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
-    augment: bool = _f(True, doc="random flips, 90-degree rotations, intensity scale/shift")
-    intensity_augment: Literal["standard", "strong"] = _f(
+    epochs: int = field_(40, lo=1, hi=10000)
+    lr: float = field_(5e-3, lo=1e-7, hi=1.0)
+    weight_decay: float = field_(1e-5, lo=0.0, hi=1.0)
+    batch_size: int = field_(8, lo=1, hi=4096)
+    patience: int = field_(10, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
+    augment: bool = field_(True, doc="random flips, 90-degree rotations, intensity scale/shift")
+    intensity_augment: Literal["standard", "strong"] = field_(
         "standard", doc="strong: + contrast inversion, histogram shift, bias field, wide gamma, "
         "blur, noise (teachers that transfer to other scanners)")
-    empty_slice_fraction: float = _f(0.3, lo=0.0, hi=1.0,
+    empty_slice_fraction: float = field_(0.3, lo=0.0, hi=1.0,
                                      doc="fraction of gland-free train slices kept per epoch")
-    max_steps_per_epoch: int = _f(0, lo=0, doc="0 = no cap (a cap keeps CPU runs short)")
+    max_steps_per_epoch: int = field_(0, lo=0, doc="0 = no cap (a cap keeps CPU runs short)")
 
     def fingerprint(self) -> dict:
         """The settings as a dict for checkpoint keys; keys added later are left out at their
@@ -149,14 +138,14 @@ class StudentConfig:
     method's own (``distill.epochs``; ``federation.rounds`` x ``federation.local_epochs``;
     ``train.epochs``); every run reports its optimizer steps."""
 
-    lr: float = _f(5e-3, lo=1e-7, hi=1.0, doc="peak learning rate (cosine decay over the "
+    lr: float = field_(5e-3, lo=1e-7, hi=1.0, doc="peak learning rate (cosine decay over the "
                    "distillation epochs / the FedAvg rounds / the epochs)")
-    weight_decay: float = _f(1e-5, lo=0.0, hi=1.0)
-    batch_size: int = _f(8, lo=1, hi=4096)
-    augment: bool = _f(True, doc="flips, small rotation/zoom, intensity jitter (the standard "
+    weight_decay: float = field_(1e-5, lo=0.0, hi=1.0)
+    batch_size: int = field_(8, lo=1, hi=4096)
+    augment: bool = field_(True, doc="flips, small rotation/zoom, intensity jitter (the standard "
                        "teacher recipe, common.augment); in distillation the targets and "
                        "feature maps move with the image")
-    empty_slice_fraction: float = _f(0.3, lo=0.0, hi=1.0, doc="fraction of gland-free slices "
+    empty_slice_fraction: float = field_(0.3, lo=0.0, hi=1.0, doc="fraction of gland-free slices "
                                      "kept per epoch (distillation: slices whose target has no "
                                      "gland)")
 
@@ -166,46 +155,46 @@ class DistillConfig:
     """Server-side distillation of the student on the proxy set (its optimiser recipe is the
     ``student`` section)."""
 
-    epochs: int = _f(20, lo=1, hi=10000)
-    temperature: float = _f(2.0, lo=0.01, hi=100.0)
-    w_kl: float = _f(1.0, lo=0.0)
-    w_lovasz: float = _f(0.5, lo=0.0)
-    w_dice: float = _f(0.5, lo=0.0)
-    w_feature: float = _f(0.1, lo=0.0)
-    feature_loss: Literal["mse", "attention"] = _f("mse")
+    epochs: int = field_(20, lo=1, hi=10000)
+    temperature: float = field_(2.0, lo=0.01, hi=100.0)
+    w_kl: float = field_(1.0, lo=0.0)
+    w_lovasz: float = field_(0.5, lo=0.0)
+    w_dice: float = field_(0.5, lo=0.0)
+    w_feature: float = field_(0.1, lo=0.0)
+    feature_loss: Literal["mse", "attention"] = field_("mse")
 
 
 @dataclass
 class AggregationConfig:
-    method: Literal["adaptive", "mean", "era", "single"] = _f("adaptive")
-    confidence_temperature: float = _f(1.0, lo=0.01, hi=100.0)
-    era_temperature: float = _f(0.5, lo=0.01, hi=1.0)
-    use_agreement: bool = _f(False, doc="adaptive: multiply reliability by agreement with ensemble")
-    single_site: Optional[str] = _f(None, doc="site whose teacher 'single' uses; None = best val Dice")
+    method: Literal["adaptive", "mean", "era", "single"] = field_("adaptive")
+    confidence_temperature: float = field_(1.0, lo=0.01, hi=100.0)
+    era_temperature: float = field_(0.5, lo=0.01, hi=1.0)
+    use_agreement: bool = field_(False, doc="adaptive: multiply reliability by agreement with ensemble")
+    single_site: Optional[str] = field_(None, doc="site whose teacher 'single' uses; None = best val Dice")
 
 
 @dataclass
 class FederationConfig:
-    min_sites: int = _f(2, lo=1)
-    rounds: int = _f(1, lo=1, hi=1000)
-    requery_teachers: bool = _f(False)
-    wait_timeout_s: float = _f(120.0, lo=0.0)
-    precision: Literal["float32", "float16", "int8"] = _f("float16")
+    min_sites: int = field_(2, lo=1)
+    rounds: int = field_(1, lo=1, hi=1000)
+    requery_teachers: bool = field_(False)
+    wait_timeout_s: float = field_(120.0, lo=0.0)
+    precision: Literal["float32", "float16", "int8"] = field_("float16")
     strategy: Literal["kd", "fedavg", "fedprox", "local", "central", "central-student",
-                      "central-kd"] = _f(
+                      "central-kd"] = field_(
         "kd", doc="kd: federated distillation; fedavg / fedprox: Flower's strategies on the "
         "student architecture; local, central, central-student, central-kd: baselines on "
         "pooled data, simulation only")
-    local_epochs: int = _f(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
-    proximal_mu: float = _f(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
+    local_epochs: int = field_(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
+    proximal_mu: float = field_(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
 
 
 @dataclass
 class OutputConfig:
-    run_dir: str = _f("runs/default")
-    state_root: str = _f("runs/state", doc="simulation: where simulated sites keep teacher "
+    run_dir: str = field_("runs/default")
+    state_root: str = field_("runs/state", doc="simulation: where simulated sites keep teacher "
                          "checkpoints (shared by runs, so equal teachers are trained once)")
-    audit: bool = _f(False, doc="record every message (sizes, array names, shapes, dtypes) in "
+    audit: bool = field_(False, doc="record every message (sizes, array names, shapes, dtypes) in "
                      "RUN_DIR/audit.jsonl")
 
 
@@ -214,18 +203,18 @@ class ExperimentConfig:
     """``fedkd experiment``: methods (name -> ``key.path=value`` overrides of this config) x
     seeds, each run in the Simulation Engine on the same data and splits."""
 
-    methods: dict[str, list[str]] = _f(factory=lambda: {"adaptive-kd": []})
-    seeds: list[int] = _f(factory=lambda: [0])
-    folds: int = _f(0, lo=0, hi=100, doc="k >= 2: every method and seed runs k times, once per "
+    methods: dict[str, list[str]] = field_(factory=lambda: {"adaptive-kd": []})
+    seeds: list[int] = field_(factory=lambda: [0])
+    folds: int = field_(0, lo=0, hi=100, doc="k >= 2: every method and seed runs k times, once per "
                     "test fold (data.folds = k, data.fold = 0..k-1), so every case is tested "
                     "once; 0 = one split per seed (data.split)")
-    baseline: str = _f("fedavg", doc="method the report's paired differences are taken "
+    baseline: str = field_("fedavg", doc="method the report's paired differences are taken "
                        "against (same seed and fold)")
-    student_lrs: list[float] = _f(factory=list, lo=1e-7, hi=1.0, doc="learning-rate search: "
+    student_lrs: list[float] = field_(factory=list, lo=1e-7, hi=1.0, doc="learning-rate search: "
                                   "every method that trains a student runs once per value of "
                                   "student.lr, and the report keeps, per seed and fold, the run "
                                   "with the best validation Dice; empty = student.lr only")
-    unseen_sites: list[str] = _f(factory=list, doc="sites (folders of data.root) outside the "
+    unseen_sites: list[str] = field_(factory=list, doc="sites (folders of data.root) outside the "
                                  "federation; every run's final model is also tested on all "
                                  "their cases")
 
@@ -234,10 +223,10 @@ class ExperimentConfig:
 class PrivacyConfig:
     """Gaussian mechanism on the proxy replies of every site (see :mod:`common.privacy`)."""
 
-    noise_multiplier: float = _f(0.0, lo=0.0, doc="noise std / clip_norm; 0 = no noise")
-    clip_norm: float = _f(50.0, lo=1e-6, doc="per-slice L2 bound of a reply (logits and "
+    noise_multiplier: float = field_(0.0, lo=0.0, doc="noise std / clip_norm; 0 = no noise")
+    clip_norm: float = field_(50.0, lo=1e-6, doc="per-slice L2 bound of a reply (logits and "
                           "features together)")
-    delta: float = _f(1e-5, lo=1e-12, hi=0.1, doc="delta of the reported (epsilon, delta)")
+    delta: float = field_(1e-5, lo=1e-12, hi=0.1, doc="delta of the reported (epsilon, delta)")
 
 
 @dataclass
@@ -246,42 +235,44 @@ class CapacityConfig:
     students from the same aggregated targets, smallest first, and keep the smallest that meets
     the Dice target (on the sites' validation splits) within the CPU latency budget."""
 
-    enabled: bool = _f(False)
-    widths: list[float] = _f(factory=lambda: [0.25, 0.5, 1.0, 2.0], lo=0.05, hi=16.0,
+    enabled: bool = field_(False)
+    widths: list[float] = field_(factory=lambda: [0.25, 0.5, 1.0, 2.0], lo=0.05, hi=16.0,
                              doc="candidates: channel multipliers of model.student")
-    deeper: bool = _f(True, doc="also a candidate with one more level than model.student")
-    dice_target: float = _f(0.0, lo=0.0, hi=1.0, doc="absolute target; 0 = none")
-    relative_target: float = _f(0.0, lo=0.0, hi=1.0, doc="fraction of the teachers' mean "
+    deeper: bool = field_(True, doc="also a candidate with one more level than model.student")
+    dice_target: float = field_(0.0, lo=0.0, hi=1.0, doc="absolute target; 0 = none")
+    relative_target: float = field_(0.0, lo=0.0, hi=1.0, doc="fraction of the teachers' mean "
                                 "validation Dice; 0 = none (the larger target applies)")
-    max_slice_ms: float = _f(0.0, lo=0.0, doc="CPU latency budget per slice; 0 = none")
-    max_volume_ms: float = _f(0.0, lo=0.0, doc="CPU latency budget per volume; 0 = none")
-    volume_slices: int = _f(24, lo=1, hi=1000, doc="slices of the timed volume")
-    map_all: bool = _f(False, doc="distil every candidate instead of stopping at the first fit")
+    max_slice_ms: float = field_(0.0, lo=0.0, doc="CPU latency budget per slice; 0 = none")
+    max_volume_ms: float = field_(0.0, lo=0.0, doc="CPU latency budget per volume; 0 = none")
+    volume_slices: int = field_(24, lo=1, hi=1000, doc="slices of the timed volume")
+    map_all: bool = field_(False, doc="distil every candidate instead of stopping at the first fit")
 
 
 @dataclass
 class BenchConfig:
     """``fedkd bench NAME`` settings (see :mod:`simulations.bench`)."""
 
-    rounds: int = _f(10, lo=1, hi=1000, doc="comm: FedAvg rounds (KD needs one query)")
-    target_dice: float = _f(0.5, lo=0.0, hi=1.0, doc="comm: the Dice whose cost in bytes is reported")
-    image_size: list[int] = _f(factory=lambda: [128, 128], lo=16, hi=1024, doc="compress and scale: slice size "
+    rounds: int = field_(10, lo=1, hi=1000, doc="comm: FedAvg rounds (KD needs one query)")
+    target_dice: float = field_(0.5, lo=0.0, hi=1.0, doc="comm: the Dice whose cost in bytes is reported")
+    image_size: list[int] = field_(factory=lambda: [128, 128], lo=16, hi=1024, doc="compress and scale: slice size "
                                "of the timed networks and of the simulated replies")
-    volume_slices: int = _f(24, lo=1, hi=1000, doc="compress: slices of the timed volume")
-    repeats: int = _f(10, lo=1, hi=1000, doc="compress: timed repetitions (median)")
-    scale_sites: list[int] = _f(factory=lambda: [6, 24, 96], doc="scale: site counts for "
+    volume_slices: int = field_(24, lo=1, hi=1000, doc="compress: slices of the timed volume")
+    repeats: int = field_(10, lo=1, hi=1000, doc="compress: timed repetitions (median)")
+    scale_sites: list[int] = field_(factory=lambda: [6, 24, 96], doc="scale: site counts for "
                                 "server aggregation")
-    proxy_slices: int = _f(477, lo=1, hi=100000, doc="scale: proxy slices per simulated reply")
-    engine_sites: list[int] = _f(factory=lambda: [2, 6, 12], doc="scale: site counts for the "
+    proxy_slices: int = field_(477, lo=1, hi=100000, doc="scale: proxy slices per simulated reply")
+    engine_sites: list[int] = field_(factory=lambda: [2, 6, 12], doc="scale: site counts for the "
                                  "Simulation Engine wall time")
 
 
 @dataclass
 class RuntimeConfig:
-    threads: int = _f(2, lo=1, hi=256, doc="torch intra-op threads (server and CLI)")
-    client_threads: int = _f(0, lo=0, hi=256, doc="torch threads of a site node; 0 = threads "
+    threads: int = field_(2, lo=1, hi=256, doc="torch intra-op threads wherever torch runs: the "
+                      "server (ServerApp, fedkd simulate), the pooled baselines, the CLI, and "
+                      "a site unless runtime.client_threads or its node config says otherwise")
+    client_threads: int = field_(0, lo=0, hi=256, doc="torch threads of a site node; 0 = threads "
                              "(a simulation of parallel sites should use cores / parallel sites)")
-    seed: int = _f(0)
+    seed: int = field_(0)
 
 
 @dataclass
@@ -318,98 +309,6 @@ class RunConfig:
     def teacher_spec(self, site: str) -> ModelSpec:
         """The teacher architecture of ``site`` (its override, else the default teacher)."""
         return self.model.site_teachers.get(site, self.model.teacher)
-
-
-# --------------------------------------------------------------------------------------------
-# Typed construction from plain data
-# --------------------------------------------------------------------------------------------
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in args) + " or null"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"a mapping of name to {_describe(typing.get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, str(tp))
-
-
-def _check_range(value: Any, meta: typing.Mapping, where: str) -> None:
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    if lo is not None and value < lo:
-        raise ConfigError(f"{where}: expected a value >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where}: expected a value <= {hi}, got {value!r}")
-
-
-def _build(tp: Any, value: Any, where: str, meta: typing.Mapping, base: Any = None) -> Any:
-    """Convert plain YAML data ``value`` to type ``tp``; raise ConfigError naming ``where``.
-
-    A section given in part keeps the defaults of its other keys, taken from ``base`` (the
-    parent's default for that field, so ``model.student`` keeps the *student's* defaults)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: "
-                              f"{', '.join(fields)})".lstrip("."))
-        base = base if base is not None else tp()
-        kwargs = {}
-        for name, val in value.items():
-            sub = f"{where}.{name}" if where else name
-            kwargs[name] = _build(hints[name], val, sub, fields[name].metadata,
-                                  getattr(base, name))
-        return dataclasses.replace(base, **kwargs)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _build(args[0], value, where, meta, base)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_build(item_tp, v, f"{where}[{i}]", meta) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {str(k): _build(val_tp, v, f"{where}.{k}", meta) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        _check_range(value, meta, where)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        _check_range(float(value), meta, where)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {where}")  # programming error
 
 
 def _check_consistency(cfg: RunConfig) -> None:
@@ -473,8 +372,6 @@ def check_model_spec(spec: ModelSpec, key: str) -> None:
     elif spec.arch == "basicunet" and len(spec.channels) != 6:
         raise ConfigError(f"{key}.channels: basicunet takes exactly 6 values, "
                           f"got {len(spec.channels)}")
-    from common.models import feature_names  # local import: models imports this module
-
     valid = feature_names(spec)
     for name in spec.features:
         if name not in valid:
@@ -485,45 +382,11 @@ def check_model_spec(spec: ModelSpec, key: str) -> None:
 def from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from plain data; errors are prefixed with ``source``."""
     try:
-        cfg = _build(RunConfig, data or {}, "", {})
+        cfg = build(RunConfig, data or {}, "", {})
         _check_consistency(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
-
-
-def build_section(tp: type, data: dict[str, Any], where: str) -> Any:
-    """Build and validate one section dataclass (e.g. TrainConfig) from plain data; errors
-    name ``where.key``."""
-    return _build(tp, data, where, {})
-
-
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key.path=value``; the value is read as YAML (``[96,96]``, ``true``, ``0.5``)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key.path=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
-    return key, value
 
 
 def to_plain(cfg: RunConfig) -> dict[str, Any]:
@@ -551,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded or {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(data, key, value)
+        set_path(data, key, value)
         source_note = " (with --set overrides)"
         if not source.endswith(source_note):
             source += source_note
@@ -563,7 +426,7 @@ def with_overrides(cfg: RunConfig, items: list, source: str = "overrides") -> Ru
     data = to_plain(cfg)
     for item in items:
         key, value = parse_override(item) if isinstance(item, str) else item
-        _set_path(data, key, value)
+        set_path(data, key, value)
     return from_dict(data, source)
 
 

@@ -14,8 +14,8 @@ Preprocessing (MONAI dictionary transforms, after a validating nibabel read): ch
 orientation RAS, in-plane resampling to ``data.spacing`` (slice spacing kept), percentile
 clipping and scaling to [0, 1], centre crop/pad to ``data.size``. A volume becomes
 :class:`CaseVolume` with ``image`` of shape (D, H, W) float32 and ``label`` (D, H, W) uint8,
-D being the number of axial slices. :class:`SliceDataset` serves 2D (or 2.5D) slices and keeps
-every slice's site, case id and index.
+D being the number of axial slices. Splits by case are :mod:`common.splits`; 2D / 2.5D slices
+:mod:`common.slices`.
 
 Every problem with the files raises :class:`DataError` naming the file and the cause.
 """
@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import csv
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import Dataset
 
 from common.config import DataConfig
 
@@ -330,112 +328,6 @@ def load_case(rec: CaseRecord, cfg: DataConfig, require_label: bool = True) -> C
     return CaseVolume(rec.site, rec.case_id, image, label, spacing, rec.image)
 
 
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
-def _group_of(case_id: str, pattern: Optional[str]) -> str:
-    if not pattern:
-        return case_id
-    m = re.match(pattern, case_id)
-    return m.group(1) if m and m.groups() else case_id
-
-
-def split_cases(records: list[CaseRecord], cfg: DataConfig, group_pattern: Optional[str] = None
-                ) -> dict[str, list[CaseRecord]]:
-    """Deterministic train/val/test split *by case* (or by patient via ``group_pattern``, a regex
-    whose first group is the patient id; default ``cfg.group_pattern``). Depends only on the
-    seed, the site and the case ids. With ``cfg.folds`` = k >= 2, fold ``cfg.fold`` of a k-fold
-    partition is the test split (:func:`_fold_split`)."""
-    group_pattern = group_pattern or cfg.group_pattern
-    if not records:
-        raise DataError("empty site: no cases to split")
-    site = records[0].site
-    groups = sorted({_group_of(r.case_id, group_pattern) for r in records})
-    rng = np.random.default_rng([cfg.seed, zlib.crc32(site.encode())])
-    order = [groups[i] for i in rng.permutation(len(groups))]
-    n = len(order)
-    frac = cfg.split
-    if cfg.folds:
-        return _fold_split(records, order, cfg, group_pattern)
-    n_test = int(round(n * frac.test))
-    n_val = int(round(n * frac.val))
-    if frac.test > 0:
-        n_test = max(1, n_test)
-    if frac.val > 0:
-        n_val = max(1, n_val)
-    if n - n_test - n_val < 1:
-        raise DataError(f"site {site}: {n} case(s) are too few for split train/val/test = "
-                        f"{frac.train}/{frac.val}/{frac.test} (each non-zero split needs >= 1)")
-    which = {g: "test" if i < n_test else "val" if i < n_test + n_val else "train"
-             for i, g in enumerate(order)}
-    out: dict[str, list[CaseRecord]] = {"train": [], "val": [], "test": []}
-    for r in records:
-        out[which[_group_of(r.case_id, group_pattern)]].append(r)
-    return out
-
-
-def _fold_split(records: list[CaseRecord], order: list[str], cfg: DataConfig,
-                group_pattern: Optional[str]) -> dict[str, list[CaseRecord]]:
-    """k-fold split: the permuted groups ``order`` in ``cfg.folds`` near-equal folds; fold
-    ``cfg.fold`` is the test split, the others are divided into val and train by the ratio of
-    ``split.val`` to ``split.train`` (val first in permuted order)."""
-    site, k, n = records[0].site, cfg.folds, len(order)
-    frac = cfg.split
-    if n < k + 1 + (frac.val > 0):
-        raise DataError(f"site {site}: {n} case(s) are too few for data.folds={k} (each fold "
-                        f"needs >= 1 case, and train{'/val' if frac.val > 0 else ''} too)")
-    folds = np.array_split(np.arange(n), k)
-    test = {order[i] for i in folds[cfg.fold]}
-    rest = [g for g in order if g not in test]
-    n_val = 0
-    if frac.val > 0:
-        n_val = min(len(rest) - 1, max(1, int(round(len(rest) * frac.val
-                                                    / (frac.train + frac.val)))))
-    val = set(rest[:n_val])
-    out: dict[str, list[CaseRecord]] = {"train": [], "val": [], "test": []}
-    for r in records:
-        g = _group_of(r.case_id, group_pattern)
-        out["test" if g in test else "val" if g in val else "train"].append(r)
-    return out
-
-
-@dataclass
-class SiteData:
-    """A site's preprocessed private data, split by case."""
-
-    name: str
-    train: list[CaseVolume]
-    val: list[CaseVolume]
-    test: list[CaseVolume]
-
-    def counts(self) -> dict[str, int]:
-        return {k: len(getattr(self, k)) for k in ("train", "val", "test")}
-
-
-def load_site(cfg: DataConfig, records: list[CaseRecord], group_pattern: Optional[str] = None,
-              log: Callable[[str], None] = lambda s: None) -> SiteData:
-    """Validate, preprocess and split one site's cases."""
-    if not records:
-        raise DataError("empty site: no cases")
-    parts = split_cases(records, cfg, group_pattern)
-    vols = {k: [load_case(r, cfg) for r in v] for k, v in parts.items()}
-    site = SiteData(records[0].site, vols["train"], vols["val"], vols["test"])
-    log(f"[data] {site.name}: {site.counts()} cases, "
-        f"{sum(c.num_slices for c in site.train)} train slices")
-    return site
-
-
-def load_unsplit(cfg: DataConfig, records: list[CaseRecord],
-                 log: Callable[[str], None] = lambda s: None) -> list[CaseVolume]:
-    """Validate and preprocess every case of a site that is only tested (an unseen site): no
-    split, so a site of any number of cases, one included, can be tested."""
-    if not records:
-        raise DataError("empty site: no cases")
-    cases = [load_case(r, cfg) for r in records]
-    log(f"[data] {records[0].site}: {len(cases)} cases (all tested)")
-    return cases
-
-
 def load_proxy(cfg: DataConfig, with_labels: bool = False) -> list[CaseVolume]:
     """The public proxy set (Liu layout folder ``data.proxy``), labels only when asked for."""
     folder = proxy_dir(cfg)
@@ -448,66 +340,3 @@ def load_proxy(cfg: DataConfig, with_labels: bool = False) -> list[CaseVolume]:
     else:
         records = [CaseRecord(r.site, r.case_id, r.image, None) for r in records]
     return [load_case(r, cfg, require_label=with_labels) for r in records]
-
-
-# --------------------------------------------------------------------------------------------
-# 2D / 2.5D slices
-# --------------------------------------------------------------------------------------------
-def slice_stack(vol: np.ndarray, z: int, context: int) -> np.ndarray:
-    """Slice ``z`` of ``vol`` (D, H, W) with ``context`` neighbours per side as channels:
-    returns (2*context+1, H, W); neighbours beyond the ends repeat the edge slice."""
-    idx = np.clip(np.arange(z - context, z + context + 1), 0, vol.shape[0] - 1)
-    return vol[idx]
-
-
-class SliceDataset(Dataset):
-    """2D/2.5D slices of preprocessed cases.
-
-    Item: ``{"image": (C, H, W) float32, "label": (1, H, W) int64 (absent if unlabeled),
-    "id": "site/case/z"}`` with C = 2*context+1. ``slices`` optionally restricts the items to
-    ``(case_index, z)`` pairs; ``transform`` is a MONAI dictionary transform (augmentation).
-    """
-
-    def __init__(self, cases: list[CaseVolume], context: int = 0,
-                 slices: Optional[Iterable[tuple[int, int]]] = None, transform=None):
-        self.cases = cases
-        self.context = context
-        self.items = list(slices) if slices is not None else [
-            (ci, z) for ci, c in enumerate(cases) for z in range(c.num_slices)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def slice_id(self, i: int) -> str:
-        ci, z = self.items[i]
-        return f"{self.cases[ci].site}/{self.cases[ci].case_id}/{z}"
-
-    def __getitem__(self, i: int) -> dict:
-        ci, z = self.items[i]
-        case = self.cases[ci]
-        item = {"image": torch.from_numpy(slice_stack(case.image, z, self.context).copy()),
-                "id": self.slice_id(i)}
-        if case.label is not None:
-            item["label"] = torch.from_numpy(case.label[z][None].astype(np.int64))
-        if self.transform is not None:
-            item = self.transform(item)
-        return item
-
-
-def foreground_slices(cases: list[CaseVolume]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(with_gland, without_gland)`` lists of ``(case_index, z)``."""
-    fg, bg = [], []
-    for ci, c in enumerate(cases):
-        assert c.label is not None
-        has = c.label.reshape(c.num_slices, -1).any(axis=1)
-        for z in range(c.num_slices):
-            (fg if has[z] else bg).append((ci, z))
-    return fg, bg
-
-
-def proxy_slice_ids(proxy: dict[str, CaseVolume], step: int = 1) -> list[str]:
-    """The slice ids of a proxy set that the server queries, ``CASE/z`` in case order: every
-    ``step``-th slice of each volume (z = 0, step, 2 step, ...)."""
-    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items())
-            for z in range(0, vol.num_slices, step)]

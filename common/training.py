@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from common.config import TrainConfig
 from common.augment import augmentation
-from common.data import CaseVolume, SliceDataset, foreground_slices, slice_stack
+from common.data import CaseVolume
+from common.slices import SliceDataset, foreground_slices, slice_stack
 from common.metrics import dice_score, hd95, summarize
 from common.models import FeatureNet
 

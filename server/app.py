@@ -15,7 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, load_config
 from common.data import DataError
 from common.logs import get_logger
-from server.workflow import FederationError, run_federation
+from server.state import FederationError
+from server.workflow import run_federation
 
 LOG = get_logger("fedkd.server")
 

@@ -17,12 +17,21 @@ count. A candidate over ``model.max_student_fraction`` of the teacher is skipped
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
-from common.config import ModelSpec, RunConfig, build_section
-from common.models import FeatureNet, build_network, count_parameters, input_channels
+import torch
+
+from common.aggregation import Targets
+from common.config import ModelSpec, RunConfig
+from common.typedconfig import build_section
+from common.models import FeatureNet, build_network, build_teacher, count_parameters, input_channels
+from common.profile import profile_network
+from server.distill import distill_student
+from server.state import FederationError
 
 
 def candidate_specs(cfg: RunConfig) -> list[tuple[str, ModelSpec, int]]:
@@ -87,9 +96,9 @@ def student_config(cfg: RunConfig, spec: ModelSpec) -> RunConfig:
 
 def capacity_plot(result: dict, out: Path) -> Path:
     """Validation Dice vs CPU latency per slice of every evaluated candidate, with the targets."""
-    from simulations.plots import _pyplot, _save
+    from common.plotting import pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in result["candidates"].items():
         if "val_dice" not in r:
@@ -108,7 +117,7 @@ def capacity_plot(result: dict, out: Path) -> Path:
     ax.set_ylim(0, 1)
     if result["dice_target"] or result["max_slice_ms"]:
         ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def capacity_markdown(result: dict) -> list[str]:
@@ -135,7 +144,69 @@ def capacity_markdown(result: dict) -> list[str]:
 
 
 def new_candidate(cfg: RunConfig, spec: ModelSpec) -> FeatureNet:
-    import torch
-
     torch.manual_seed(cfg.runtime.seed)
     return FeatureNet(spec, input_channels(cfg.data))
+
+
+def search(coord, targets: Targets) -> None:
+    """The coordinator's capacity step: distil the candidate students from ``targets``,
+    smallest first; each site evaluates each on its validation (and test) split; the chosen
+    one becomes ``student_r1.pt``. Resumable per candidate (``coord.state``)."""
+
+    t0 = time.perf_counter()
+    c = coord.cfg.capacity
+    result = coord.state.rounds.setdefault("1", {}).setdefault("capacity", {"candidates": {}})
+    result.update(dice_target=dice_target(coord.cfg, coord.state.teachers),
+                  max_slice_ms=c.max_slice_ms, max_volume_ms=c.max_volume_ms,
+                  volume_slices=c.volume_slices, threads=coord.cfg.runtime.threads,
+                  sites=sorted(set(coord.site_nodes().values())))
+    rows = result["candidates"]
+    budget = coord.cfg.model.max_student_fraction * count_parameters(
+        build_teacher(coord.cfg.model.teacher, coord.in_channels))
+    _, images, _ = coord.proxy()
+    coord.log(f"[server] capacity: Dice target {result['dice_target']:.4f}; candidates "
+             + ", ".join(f"{n} ({p:,})" for n, _, p in candidate_specs(coord.cfg)))
+    for name, spec, params in candidate_specs(coord.cfg):
+        row = rows.get(name, {})
+        if not ("val_dice" in row or "skipped" in row):  # not done before a restart
+            row = {"parameters": params, "channels": list(spec.channels)}
+            if params > budget:
+                row["skipped"] = "over model.max_student_fraction"
+            else:
+                student = new_candidate(coord.cfg, spec)
+                history = distill_student(student, images, targets, coord.cfg.distill,
+                                          coord.cfg.student, coord.cfg.runtime.seed, coord.log,
+                                          tag=f"distill {name}")
+                weights = student.net.state_dict()
+                path = coord.run_dir / f"capacity_{len(rows)}.pt"
+                torch.save(weights, path)
+                ccfg = student_config(coord.cfg, spec)
+                val = coord.site_metrics(ccfg, weights, "val", f"capacity/{name}/val")
+                test = coord.site_metrics(ccfg, weights, "test", f"capacity/{name}/test")
+                prof = profile_network(student, tuple(coord.cfg.data.size), c.volume_slices,
+                                       coord.cfg.runtime.threads)
+                ok = within_budget(coord.cfg, prof)
+                row.update(spec=asdict(spec), weights=path.name, val_dice=val["dice_mean"],
+                           test_dice=test["dice_mean"], test=test,
+                           site_test_dice={s: m["dice_mean"] for s, m in test["sites"].items()},
+                           macs_per_slice=prof["macs_per_slice"], slice_ms=prof["slice_ms"],
+                           volume_ms=prof["volume_ms"], within_budget=ok,
+                           meets=ok and val["dice_mean"] >= result["dice_target"],
+                           distill_loss=history[-1]["loss"])
+                coord.log(f"[server] capacity: {name}: val Dice {val['dice_mean']:.4f}, "
+                         f"{prof['slice_ms']:.1f} ms/slice, "
+                         f"{'meets' if row['meets'] else 'misses'} the target")
+            rows[name] = row
+            coord.state.save(coord.run_dir)
+        if row.get("meets") and not c.map_all:
+            break
+    if not any("val_dice" in r for r in rows.values()):
+        raise FederationError("capacity: every candidate is over model.max_student_fraction")
+    chosen, met = choose(coord.cfg, rows)
+    result.update(chosen=chosen, met=met)
+    shutil.copyfile(coord.run_dir / rows[chosen]["weights"], coord.run_dir / "student_r1.pt")
+    coord.state.rounds["1"]["evaluate"] = rows[chosen]["test"]
+    capacity_plot(result, coord.run_dir / "capacity.png")
+    coord.log(f"[server] capacity: chose {chosen} ({rows[chosen]['parameters']:,} parameters)"
+             + ("" if met else ": NO candidate meets the target; exporting the best one"))
+    coord._done("capacity", time.perf_counter() - t0)

@@ -16,13 +16,8 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data import (
-    CaseRecord,
-    nifti_stem,
-    preprocess_transform,
-    read_case,
-    slice_stack,
-)
+from common.data import CaseRecord, nifti_stem, preprocess_transform, read_case
+from common.slices import slice_stack
 from common.models import FeatureNet
 
 

@@ -5,8 +5,8 @@ wait for >= ``federation.min_sites`` nodes -> ``train.teacher`` at every site ->
 streaming aggregator as replies arrive -> distil the student on the proxy images ->
 ``evaluate.student`` at every site -> report and export.
 
-Checkpoints: after each completed step the state goes to ``RUN_DIR/state.json`` (+ targets and
-student files). A restarted server with the same run directory skips completed steps; sites keep
+Checkpoints: after each completed step the state goes to ``RUN_DIR/state.json``
+(:mod:`server.state`; + targets and student files). A restarted server with the same run directory skips completed steps; sites keep
 their teacher checkpoints, so a repeated ``train.teacher`` only confirms them.
 
 With ``federation.strategy: fedavg | fedprox`` the same server runs the weight-sharing baseline
@@ -21,11 +21,7 @@ dtype, NaN) is excluded from that step with a logged reason, which the report na
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,21 +32,16 @@ from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
 from common.config import RunConfig, dump_config
-from common.data import DataError, load_proxy, proxy_slice_ids, slice_stack
+from common.data import DataError, load_proxy
+from common.slices import proxy_slice_ids, slice_stack
 from common.logs import get_logger
 from common.metrics import dice_score
+from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.privacy import epsilon
-from common.models import (
-    FeatureNet,
-    build_student,
-    build_teacher,
-    count_parameters,
-    input_channels,
-)
 from common.protocol import (
     EVALUATE_STUDENT,
-    RUN_CONFIG_KEY,
     QUERY_PROXY,
+    RUN_CONFIG_KEY,
     TRAIN_TEACHER,
     ProtocolError,
     config_to_text,
@@ -60,133 +51,16 @@ from common.protocol import (
     query_request,
     train_request,
 )
+from server import capacity
 from server.audit import AuditGrid
 from server.distill import distill_student
+from server.messaging import check_proxy_arrays, exchange, wait_for_nodes
+from server.state import FederationError, RunState, config_digest, legacy_digest
 
 LOG = get_logger("fedkd.server")
 
 
-class FederationError(RuntimeError):
-    """The run cannot go on (too few sites, a different run in the run directory, ...)."""
-
-
 SIMULATION_ONLY = ("local", "central", "central-student", "central-kd")
-
-
-@dataclass
-class RunState:
-    """What has been done, persisted as ``state.json`` after every step."""
-
-    config_digest: str
-    completed: list[str] = field(default_factory=list)
-    nodes: dict[str, str] = field(default_factory=dict)        # node id -> site
-    teachers: dict[str, dict] = field(default_factory=dict)    # site -> train metrics
-    excluded: dict[str, str] = field(default_factory=dict)     # "step/site" -> reason
-    rounds: dict[str, dict] = field(default_factory=dict)      # round -> figures
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def save(self, run_dir: Path) -> None:
-        tmp = run_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        tmp.replace(run_dir / "state.json")
-
-    @classmethod
-    def load(cls, run_dir: Path, digest: str, accepted: tuple[str, ...] = ()) -> "RunState":
-        """The state in ``run_dir`` (or a fresh one); FederationError if it was made with a
-        config whose digest is neither ``digest`` nor one of ``accepted``."""
-        path = run_dir / "state.json"
-        if not path.is_file():
-            return cls(digest)
-        data = json.loads(path.read_text())
-        if data.get("config_digest") not in (digest, *accepted):
-            raise FederationError(f"{run_dir}: holds a run with a different config; choose a "
-                                  f"new output.run_dir (or delete {path} to start over)")
-        data["config_digest"] = digest
-        return cls(**data)
-
-
-# Settings that do not change what a run computes: a resumed run may change them.
-NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
-                 "output": ("audit",), "federation": ("wait_timeout_s",),
-                 "runtime": ("threads", "client_threads")}
-
-
-def _changed(value, default):
-    """The parts of ``value`` (plain nested dicts) that differ from ``default``."""
-    if isinstance(value, dict) and isinstance(default, dict):
-        out = {k: _changed(v, default.get(k)) for k, v in value.items()
-               if k not in default or v != default[k]}
-        return out
-    return value
-
-
-def config_digest(cfg: RunConfig) -> str:
-    """Digest of the settings that define a run: only those that differ from the defaults (so
-    a new config key, added with its default, leaves old run directories resumable), without
-    :data:`NOT_IN_DIGEST`."""
-    plain = cfg.to_dict()
-    for section, keys in NOT_IN_DIGEST.items():
-        if keys is None:
-            plain.pop(section, None)
-        else:
-            for k in keys:
-                plain.get(section, {}).pop(k, None)
-    changed = _changed(plain, RunConfig().to_dict())
-    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def legacy_digest(cfg: RunConfig) -> str:
-    """The digest of versions before 2026-11-29 (over the whole config text)."""
-    return hashlib.sha256(config_to_text(cfg).encode()).hexdigest()[:16]
-
-
-def wait_for_nodes(grid: Grid, min_sites: int, timeout: float,
-                   log: Callable[[str], None]) -> list[int]:
-    t0 = time.perf_counter()
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_sites:
-            log(f"[server] {len(nodes)} site node(s) connected")
-            return nodes
-        if time.perf_counter() - t0 > timeout:
-            raise FederationError(f"only {len(nodes)} of federation.min_sites={min_sites} site "
-                                  f"nodes connected within {timeout:.0f} s")
-        time.sleep(1.0)
-
-
-def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, group: str,
-             timeout: float, on_reply: Callable[[int, Message], None]) -> list[int]:
-    """Send one message per node and hand each reply to ``on_reply`` as it arrives (so replies
-    can be folded without holding them all). Returns the nodes that did not reply in time."""
-    msgs = [grid.create_message(content, message_type, node, group) for node, content in contents.items()]
-    ids = list(grid.push_messages(msgs))
-    pending = {mid: node for mid, node in zip(ids, contents) if mid}
-    deadline = time.perf_counter() + timeout
-    while pending and time.perf_counter() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                on_reply(node, reply)
-        if pending:
-            time.sleep(0.2)
-    return list(pending.values())
-
-
-def check_proxy_arrays(logits: np.ndarray, feats: dict[str, np.ndarray], n: int, hw: tuple,
-                       features: list[str]) -> None:
-    """ProtocolError unless the decoded proxy reply has the requested shapes and finite values."""
-    if logits.shape != (n, 2, *hw):
-        raise ProtocolError(f"logits of shape {logits.shape}, expected {(n, 2, *hw)}")
-    if not np.isfinite(logits).all():
-        raise ProtocolError("logits contain NaN/inf")
-    missing = [f for f in features if f not in feats]
-    if missing:
-        raise ProtocolError(f"feature {missing[0]!r} missing from the reply")
-    for name, f in feats.items():
-        if f.ndim != 4 or f.shape[0] != n:
-            raise ProtocolError(f"feature {name!r} of shape {f.shape}, expected (N={n}, C, h, w)")
-        if not np.isfinite(f).all():
-            raise ProtocolError(f"feature {name!r} contains NaN/inf")
 
 
 class Coordinator:
@@ -194,6 +68,7 @@ class Coordinator:
 
     def __init__(self, grid: Grid, cfg: RunConfig, log: Callable[[str], None] = LOG.info):
         self.grid, self.cfg, self.log = grid, cfg, log
+        torch.set_num_threads(cfg.runtime.threads)  # the server's own torch work (distillation)
         self.run_dir = Path(cfg.output.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.output.audit and grid is not None and not isinstance(grid, AuditGrid):
@@ -409,75 +284,10 @@ class Coordinator:
         self.state.rounds.setdefault(str(rnd), {})["evaluate"] = summary
         self._done(f"evaluate_r{rnd}", time.perf_counter() - t0)
 
-    def capacity_search(self, targets: Targets) -> None:
-        """Distil the candidate students from ``targets``, smallest first (server.capacity)."""
-        from common.profile import profile_network
-        from server import capacity as cap
-
-        t0 = time.perf_counter()
-        c = self.cfg.capacity
-        result = self.state.rounds.setdefault("1", {}).setdefault("capacity", {"candidates": {}})
-        result.update(dice_target=cap.dice_target(self.cfg, self.state.teachers),
-                      max_slice_ms=c.max_slice_ms, max_volume_ms=c.max_volume_ms,
-                      volume_slices=c.volume_slices, threads=self.cfg.runtime.threads,
-                      sites=sorted(set(self.site_nodes().values())))
-        rows = result["candidates"]
-        budget = self.cfg.model.max_student_fraction * count_parameters(
-            build_teacher(self.cfg.model.teacher, self.in_channels))
-        _, images, _ = self.proxy()
-        self.log(f"[server] capacity: Dice target {result['dice_target']:.4f}; candidates "
-                 + ", ".join(f"{n} ({p:,})" for n, _, p in cap.candidate_specs(self.cfg)))
-        for name, spec, params in cap.candidate_specs(self.cfg):
-            row = rows.get(name, {})
-            if not ("val_dice" in row or "skipped" in row):  # not done before a restart
-                row = {"parameters": params, "channels": list(spec.channels)}
-                if params > budget:
-                    row["skipped"] = "over model.max_student_fraction"
-                else:
-                    student = cap.new_candidate(self.cfg, spec)
-                    history = distill_student(student, images, targets, self.cfg.distill,
-                                              self.cfg.student, self.cfg.runtime.seed, self.log,
-                                              tag=f"distill {name}")
-                    weights = student.net.state_dict()
-                    path = self.run_dir / f"capacity_{len(rows)}.pt"
-                    torch.save(weights, path)
-                    ccfg = cap.student_config(self.cfg, spec)
-                    val = self.site_metrics(ccfg, weights, "val", f"capacity/{name}/val")
-                    test = self.site_metrics(ccfg, weights, "test", f"capacity/{name}/test")
-                    prof = profile_network(student, tuple(self.cfg.data.size), c.volume_slices,
-                                           self.cfg.runtime.threads)
-                    ok = cap.within_budget(self.cfg, prof)
-                    row.update(spec=asdict(spec), weights=path.name, val_dice=val["dice_mean"],
-                               test_dice=test["dice_mean"], test=test,
-                               site_test_dice={s: m["dice_mean"] for s, m in test["sites"].items()},
-                               macs_per_slice=prof["macs_per_slice"], slice_ms=prof["slice_ms"],
-                               volume_ms=prof["volume_ms"], within_budget=ok,
-                               meets=ok and val["dice_mean"] >= result["dice_target"],
-                               distill_loss=history[-1]["loss"])
-                    self.log(f"[server] capacity: {name}: val Dice {val['dice_mean']:.4f}, "
-                             f"{prof['slice_ms']:.1f} ms/slice, "
-                             f"{'meets' if row['meets'] else 'misses'} the target")
-                rows[name] = row
-                self.state.save(self.run_dir)
-            if row.get("meets") and not c.map_all:
-                break
-        if not any("val_dice" in r for r in rows.values()):
-            raise FederationError("capacity: every candidate is over model.max_student_fraction")
-        chosen, met = cap.choose(self.cfg, rows)
-        result.update(chosen=chosen, met=met)
-        shutil.copyfile(self.run_dir / rows[chosen]["weights"], self.run_dir / "student_r1.pt")
-        self.state.rounds["1"]["evaluate"] = rows[chosen]["test"]
-        cap.capacity_plot(result, self.run_dir / "capacity.png")
-        self.log(f"[server] capacity: chose {chosen} ({rows[chosen]['parameters']:,} parameters)"
-                 + ("" if met else ": NO candidate meets the target; exporting the best one"))
-        self._done("capacity", time.perf_counter() - t0)
-
     def export_config(self) -> RunConfig:
         """The run config describing the exported student (the chosen capacity candidate)."""
-        from server.capacity import chosen_spec, student_config
-
-        spec = chosen_spec(self.state.rounds)
-        return self.cfg if spec is None else student_config(self.cfg, spec)
+        spec = capacity.chosen_spec(self.state.rounds)
+        return self.cfg if spec is None else capacity.student_config(self.cfg, spec)
 
     def weight_sharing(self, nodes: list[int]) -> None:
         """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""
@@ -541,7 +351,7 @@ class Coordinator:
                 targets = self.query_and_aggregate(q)
             if self.cfg.capacity.enabled:  # one round (checked by the config)
                 if self._pending("capacity"):
-                    self.capacity_search(targets or self.load_targets(q))
+                    capacity.search(self, targets or self.load_targets(q))
                 continue
             if self._pending(f"distill_r{rnd}"):
                 self.distill(rnd, targets or self.load_targets(q))

@@ -33,7 +33,8 @@ import torch
 from client.site import Node, load_private, load_teacher, resolve_node, train_teacher
 from common.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config
-from common.data import CaseVolume, discover_liu_site, discover_sites, load_unsplit, proxy_dir
+from common.data import CaseVolume, discover_liu_site, discover_sites, proxy_dir
+from common.splits import load_unsplit
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.training import evaluate_cases, summary_metrics, train_segmenter
 

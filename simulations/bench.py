@@ -29,14 +29,9 @@ import numpy as np
 import torch
 
 from common.config import RunConfig, to_plain, with_overrides
+from common.plotting import pyplot, save
 from common.models import FeatureNet, build_teacher, input_channels
 from common.profile import latency_ms, profile_network
-
-
-def _pyplot():
-    from simulations.plots import _pyplot as plt
-
-    return plt()
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -49,9 +44,7 @@ def _finish(cfg: RunConfig, name: str, result: dict, table: str, fig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     result = {"bench": name, "machine": _machine(), "config": to_plain(cfg), **result}
     (root / f"bench_{name}.json").write_text(json.dumps(result, indent=1))
-    fig.tight_layout()
-    fig.savefig(root / f"bench_{name}.png", dpi=90)
-    _pyplot().close(fig)
+    save(fig, root / f"bench_{name}.png")
     print(table)
     print(f"[bench] {name}: {root / f'bench_{name}.json'}, {root / f'bench_{name}.png'}")
     return result
@@ -188,7 +181,7 @@ def bench_compress(cfg: RunConfig) -> dict:
                     "peak MB (volume)"], rows)
     if not s["onnxruntime_slice_ms"]:
         table += f"\n\nONNX Runtime: {s['onnxruntime_note']}."
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     kinds = [("eager", "volume_ms"), ("TorchScript", "torchscript_volume_ms"),
              ("ONNX Runtime", "onnxruntime_volume_ms")]
@@ -276,7 +269,7 @@ def bench_scale(cfg: RunConfig) -> dict:
     table += "\n\n" + _table(["sites (Simulation Engine)", "wall s", "ratio", "student Dice"],
                              [[e["sites"], f"{e['seconds']:.0f}", f"{e['time_ratio']:.1f}x",
                                f"{e['dice_mean']:.3f}"] for e in engine])
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     x = [a["sites"] for a in agg]
     axes[0].plot(x, [a["seconds"] for a in agg], "o-", label="seconds")
@@ -360,7 +353,7 @@ def bench_comm(cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> d
                    [[r["method"], f"{r['bytes_per_site_round'] / 1e6:.3f}",
                      f"{r['ratio_to_fedavg_student']:.1f}x", r["rounds"], f"{r['dice_round1']:.3f}",
                      f"{r['dice_final']:.3f}", mb(r["bytes_to_target"])] for r in rows])
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
         xs = [r["bytes_per_site_round"] * r["sites"] * k / 1e6 for k, _ in r["curve"]]

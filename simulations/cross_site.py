@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from common.config import RunConfig, dump_config
-from common.data import DataError, discover_sites, load_site
+from common.data import DataError, discover_sites
+from common.splits import load_site
 from common.models import build_teacher, input_channels
 from common.training import evaluate_cases, seed_everything, train_segmenter
 

@@ -56,7 +56,7 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            if not msg.metadata.message_id:  # built by a strategy, not by create_message
+            if not msg.metadata.message_id:  # a Message built with Message(...), not by a Grid
                 msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             node = msg.metadata.dst_node_id
             self.sent.append(msg)

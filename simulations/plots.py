@@ -7,22 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from common.config import DataConfig
+from common.plotting import pyplot, save
 from common.data import discover_liu_site, discover_sites, load_case, proxy_dir
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def site_montage(cfg: DataConfig, out: str | Path, cases_per_site: int = 1) -> Path:
     """One row per case index, one column per site (and the proxy set when present): the
     preprocessed slice with the largest gland area, mask outline in red. Returns the PNG path."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = {site: recs[:cases_per_site] for site, recs in discover_sites(cfg).items()}
     if proxy_dir(cfg).is_dir():
         recs = discover_liu_site(proxy_dir(cfg), require_labels=False)
@@ -43,23 +35,12 @@ def site_montage(cfg: DataConfig, out: str | Path, cases_per_site: int = 1) -> P
                            origin="lower")
             ax.set_title(f"{site}\n{rec.case_id} z={z}", fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 # --------------------------------------------------------------------------------------------
 # Experiment figures (fedkd experiment)
 # --------------------------------------------------------------------------------------------
-def _save(fig, out: Path) -> Path:
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    _pyplot().close(fig)
-    return out
 
 
 def _by_method(results: list[dict]) -> dict[str, list[dict]]:
@@ -71,7 +52,7 @@ def _by_method(results: list[dict]) -> dict[str, list[dict]]:
 
 def per_site_dice_plot(results: list[dict], out: Path) -> Path:
     """Grouped bars: Dice per site (unseen sites marked) per method, mean +- std over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _by_method(results)
     sites = sorted({s for r in results for s in r["site_dice"]})
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
@@ -88,14 +69,14 @@ def per_site_dice_plot(results: list[dict], out: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=max(1, len(groups) // 5), loc="upper left",
               bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def _dice_against(results: list[dict], out: Path, key: str, scale: float, xlabel: str,
                   missing: str = "") -> Path:
     """Mean +- std Dice (over seeds) per method against the mean of ``key`` x ``scale`` (log x).
     Methods without that figure are left out, or drawn as a labelled line with ``missing``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, rows in _by_method(results).items():
         dice = [r["dice_mean"] for r in rows]
@@ -113,7 +94,7 @@ def _dice_against(results: list[dict], out: Path, key: str, scale: float, xlabel
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Dice (sites' test splits)")
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def dice_vs_bytes_plot(results: list[dict], out: Path) -> Path:
@@ -131,7 +112,7 @@ def dice_vs_epsilon_plot(results: list[dict], out: Path) -> Path:
 def learning_curves_plot(results: list[dict], out: Path) -> Path:
     """One panel per kind of curve (distillation loss, FedAvg rounds, pooled training); one line
     per method (first seed)."""
-    plt = _pyplot()
+    plt = pyplot()
     first = {}
     for r in results:
         if r["curve"] and r["method"] not in first:
@@ -146,7 +127,7 @@ def learning_curves_plot(results: list[dict], out: Path) -> Path:
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.legend(fontsize=7)
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def prediction_montage(cfg, model, out: Path, title: str) -> Path:
@@ -156,7 +137,7 @@ def prediction_montage(cfg, model, out: Path, title: str) -> Path:
     from common.training import predict_volume
     from simulations.baselines import load_private, site_nodes, unseen_nodes
 
-    plt = _pyplot()
+    plt = pyplot()
     nodes = [(n, False) for n in site_nodes(cfg)] + [(n, True) for n in unseen_nodes(cfg)]
     fig, axes = plt.subplots(1, len(nodes), figsize=(2.4 * len(nodes), 2.9), squeeze=False)
     for ax, (node, unseen) in zip(axes[0], nodes):
@@ -172,7 +153,7 @@ def prediction_montage(cfg, model, out: Path, title: str) -> Path:
                      f"Dice {dice_score(pred, case.label):.2f}", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{title}: ground truth green, prediction red", fontsize=9)
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:

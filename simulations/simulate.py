@@ -77,6 +77,11 @@ def simulate(cfg: RunConfig) -> dict:
         result.update(run_federation(grid, cfg, LOG.info))
 
     t0 = time.perf_counter()
+    # Flower 1.42 marks run_simulation deprecated in favour of `flwr run` against a local
+    # SuperLink. It stays here on purpose: it runs the ServerApp in this process, so the caller
+    # (fedkd experiment runs dozens of federations) gets the report object back and keeps its
+    # data caches, with no SuperLink process, app bundle or per-run dependency step per run. The
+    # same apps run unchanged under `flwr run` and in a real deployment (tests/test_deploy.py).
     run_simulation(server_app, client_app, num_supernodes=len(sites),
                    backend_config={"client_resources": {"num_cpus": cores / parallel,
                                                         "num_gpus": 0.0},

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
 from client.site import load_private, load_proxy_cases, resolve_node, train_student_local
-from common.data import proxy_slice_ids
+from common.slices import proxy_slice_ids
 from common.config import ConfigError, load_config
 from common.models import FeatureNet
 from common.protocol import (ERR_BAD_MESSAGE, ERR_CONFIG, ERR_DATA, EVALUATE_STUDENT, QUERY_PROXY,

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ConfigError, RunConfig, dump_config, load_config, parse_override
+from common.config import ConfigError, RunConfig, dump_config, load_config
+from common.typedconfig import parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 

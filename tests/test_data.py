@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from common.config import DataConfig, SplitConfig
-from common.data import (CaseRecord, DataError, SliceDataset, discover_sites, foreground_slices,
-                         load_case, load_proxy, load_site, read_case, split_cases)
+from common.data import CaseRecord, DataError, discover_sites, load_case, load_proxy, read_case
+from common.slices import SliceDataset, foreground_slices
+from common.splits import load_site, split_cases
 
 
 def save(path, arr, affine=None):
@@ -143,7 +144,7 @@ def test_k_fold_tests_every_case_once_and_keeps_patients_together(tmp_path):
 
 
 def test_an_unseen_site_of_one_case_is_tested_without_a_split(tmp_path):
-    from common.data import load_unsplit
+    from common.splits import load_unsplit
 
     liu_site(tmp_path, "One", n=1)
     cfg = small_cfg(tmp_path, sites=["One"])
@@ -307,7 +308,8 @@ def test_group_pattern_from_the_config(tmp_path):
 
 
 def test_proxy_slice_step_queries_every_kth_slice():
-    from common.data import CaseVolume, proxy_slice_ids
+    from common.data import CaseVolume
+    from common.slices import proxy_slice_ids
 
     vols = {c: CaseVolume("PROXY", c, np.zeros((n, 4, 4), np.float32), None, (1, 1, 1))
             for c, n in (("Case01", 5), ("Case00", 3))}

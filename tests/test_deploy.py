@@ -24,13 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.deploy import (
-    add_connection,
-    make_certificates,
-    make_node_key,
-    superlink_command,
-    supernode_command,
-)
+from client.deploy import make_node_key, supernode_command
+from server.deploy import add_connection, make_certificates, superlink_command
 from common.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]

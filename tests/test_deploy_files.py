@@ -1,4 +1,5 @@
-"""Deployment files and commands (common/deploy.py, ``fedkd deploy``) without starting Flower."""
+"""Deployment files and commands (server/deploy.py, client/deploy.py, ``fedkd deploy``) without
+starting Flower."""
 
 from __future__ import annotations
 
@@ -14,16 +15,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.common.config import parse_config_args
 
 from common.cli import main
-from common.deploy import (
-    DeployError,
-    add_connection,
-    bundle,
-    make_certificates,
-    make_node_key,
-    node_config_text,
-    superlink_command,
-    supernode_command,
-)
+from client.deploy import make_node_key, node_config_text, supernode_command
+from common.tooling import DeployError
+from server.deploy import add_connection, bundle, make_certificates, superlink_command
 
 
 def test_server_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from common.config import ConfigError, ModelSpec, RunConfig
-from common.models import (FeatureNet, build_student, build_teacher, count_parameters,
-                           feature_names)
+from common.architectures import feature_names
+from common.models import FeatureNet, build_student, build_teacher, count_parameters
 
 
 def test_default_teacher_and_student_sizes():

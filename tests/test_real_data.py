@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from common.data import discover_liu_site, discover_sites, load_unsplit, proxy_dir, split_cases
+from common.data import discover_liu_site, discover_sites, proxy_dir
+from common.splits import load_unsplit, split_cases
 from conftest import REPO
 from simulations.experiment import method_configs
 

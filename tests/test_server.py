@@ -18,7 +18,8 @@ from common.protocol import EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
 from common.synthetic import write_dataset
 from server.export import load_exported
 from server.predict import predict_file
-from server.workflow import FederationError, run_federation
+from server.state import FederationError
+from server.workflow import run_federation
 from simulations.local_grid import LocalGrid
 
 SETTINGS = ["data.size=[64,64]", "data.spacing=[2.0,2.0]",
@@ -74,8 +75,8 @@ def test_federation_distils_a_student_that_beats_an_untrained_one(adaptive_run, 
     torch.save(untrained, tmp_path / "u.pt")
     from common.protocol import evaluate_request
 
-    msgs = [grid.create_message(evaluate_request(cfg, untrained), EVALUATE_STUDENT, n, "x")
-            for n in (1, 2, 3)]
+    msgs = [Message(evaluate_request(cfg, untrained), dst_node_id=n,
+                    message_type=EVALUATE_STUDENT, group_id="x") for n in (1, 2, 3)]
     base = [r.content["metrics"]["dice_mean"] for r in grid.send_and_receive(msgs)]
     assert dice > np.mean(base) + 0.1
     assert set(rnd["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
@@ -359,8 +360,20 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
     assert needle in np.asanyarray(nib.load(path).dataobj).tobytes()
 
 
+def test_the_server_runs_torch_with_runtime_threads(fed, tmp_path):
+    from server.workflow import Coordinator
+
+    before = torch.get_num_threads()
+    try:
+        cfg, grid = make(fed, tmp_path, ["runtime.threads=1"])
+        Coordinator(grid, cfg, lambda s: None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_config_digest_covers_what_defines_a_run(tmp_path):
-    from server.workflow import RunState, config_digest, legacy_digest
+    from server.state import RunState, config_digest, legacy_digest
 
     base = load_config(None, SETTINGS)
     digest = config_digest(base)

@@ -1,0 +1,87 @@
+"""What a coordinator's run has done, persisted so that a restarted server goes on.
+
+:class:`RunState` is ``RUN_DIR/state.json``: completed steps, the sites' node ids, the teachers'
+figures, excluded sites with reasons, per-round figures and timings. A run directory is bound to
+its config by :func:`config_digest`; another config there is refused (:class:`FederationError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import RunConfig
+from common.protocol import config_to_text
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (too few sites, a different run in the run directory, ...)."""
+
+
+@dataclass
+class RunState:
+    """What has been done, persisted as ``state.json`` after every step."""
+
+    config_digest: str
+    completed: list[str] = field(default_factory=list)
+    nodes: dict[str, str] = field(default_factory=dict)        # node id -> site
+    teachers: dict[str, dict] = field(default_factory=dict)    # site -> train metrics
+    excluded: dict[str, str] = field(default_factory=dict)     # "step/site" -> reason
+    rounds: dict[str, dict] = field(default_factory=dict)      # round -> figures
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        tmp.replace(run_dir / "state.json")
+
+    @classmethod
+    def load(cls, run_dir: Path, digest: str, accepted: tuple[str, ...] = ()) -> "RunState":
+        """The state in ``run_dir`` (or a fresh one); FederationError if it was made with a
+        config whose digest is neither ``digest`` nor one of ``accepted``."""
+        path = run_dir / "state.json"
+        if not path.is_file():
+            return cls(digest)
+        data = json.loads(path.read_text())
+        if data.get("config_digest") not in (digest, *accepted):
+            raise FederationError(f"{run_dir}: holds a run with a different config; choose a "
+                                  f"new output.run_dir (or delete {path} to start over)")
+        data["config_digest"] = digest
+        return cls(**data)
+
+
+# Settings that do not change what a run computes: a resumed run may change them.
+NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
+                 "output": ("audit",), "federation": ("wait_timeout_s",),
+                 "runtime": ("threads", "client_threads")}
+
+
+def _changed(value, default):
+    """The parts of ``value`` (plain nested dicts) that differ from ``default``."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {k: _changed(v, default.get(k)) for k, v in value.items()
+               if k not in default or v != default[k]}
+        return out
+    return value
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """Digest of the settings that define a run: only those that differ from the defaults (so
+    a new config key, added with its default, leaves old run directories resumable), without
+    :data:`NOT_IN_DIGEST`."""
+    plain = cfg.to_dict()
+    for section, keys in NOT_IN_DIGEST.items():
+        if keys is None:
+            plain.pop(section, None)
+        else:
+            for k in keys:
+                plain.get(section, {}).pop(k, None)
+    changed = _changed(plain, RunConfig().to_dict())
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def legacy_digest(cfg: RunConfig) -> str:
+    """The digest of versions before 2026-11-29 (over the whole config text)."""
+    return hashlib.sha256(config_to_text(cfg).encode()).hexdigest()[:16]
