@@ -57,6 +57,8 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     write_dataset(tmp_path / "data", 3, 5, 2, seed=1, log=lambda s: None)
     (tmp_path / "data" / "other").mkdir()
     (tmp_path / "data" / "SiteC").rename(tmp_path / "data" / "other" / "SiteC")
+    for extra in (tmp_path / "data" / "other" / "SiteC").glob("Case0[1-9]*"):
+        extra.unlink()  # a single case, too few to split: it is only tested
     cfg = yaml.safe_load(path.read_text())
     cfg["data"]["sites"] = ["SiteA", "SiteB"]
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -70,6 +72,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     for r in runs:
         assert 0.0 <= r["dice_mean"] <= 1.0 and set(r["site_dice"]) == {"SiteA", "SiteB"}
         assert set(r["unseen_dice"]) == {"SiteC"} and 0.0 <= r["unseen_dice"]["SiteC"] <= 1.0
+        assert r["unseen_cases"] == {"SiteC": 1}
         assert r["curve"].get("points") or r["method"] == "local"
         assert 0.0 <= r["val_dice"] <= 1.0 and r["n_test_cases"] == sum(r["site_cases"].values())
     by = {r["method"]: r for r in runs}
