@@ -235,7 +235,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                    cmd_cross_site),
     "simulate": ("run a federation of the synthetic sites in Flower's Simulation Engine",
                  cmd_simulate),
-    "experiment": ("run experiment.methods x experiment.seeds and tabulate them", cmd_experiment),
+    "experiment": ("run experiment.methods x seeds (x folds) and tabulate them", cmd_experiment),
     "bench": ("benchmarks: comm (bytes vs Dice), compress (teacher vs student speed), scale "
               "(aggregation and simulation with more sites)", cmd_bench),
     "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
