@@ -48,7 +48,7 @@ from common.data import (
     site_folders,
 )
 from common.slices import slice_stack
-from common.splits import SiteData, load_site
+from common.splits import SiteData, load_site, load_unsplit
 from common.logs import get_logger
 from common.architectures import feature_names
 from common.models import FeatureNet, build_teacher, input_channels
@@ -159,28 +159,42 @@ def _site_data_config(cfg: RunConfig, node: Node):
                    manifest=str(node.data_path), sites=[])
 
 
+def _records(node: Node) -> list:
+    """The site's cases on disk (its layout's discovery; a manifest is filtered to the site)."""
+    if node.layout == "liu":
+        return discover_liu_site(node.data_path)
+    if node.layout == "msd":
+        return discover_msd(node.data_path)
+    listed = discover_manifest(node.data_path)
+    sites = sorted({r.site for r in listed})
+    records = [r for r in listed if r.site == node.site]
+    if not records and len(sites) == 1:  # a one-site manifest needs no site name
+        records = listed
+    if not records:
+        raise ConfigError(f"node config site: {node.site!r} is not in "
+                          f"{node.data_path} (sites: {', '.join(sites)})")
+    return records
+
+
 def load_private(cfg: RunConfig, node: Node) -> SiteData:
     """This site's private data, split by case, preprocessed as the run config says."""
-    dcfg = _site_data_config(cfg, node)
     key = json.dumps(["private", str(node.data_path), node.layout, _preprocessing_key(cfg),
                       asdict(cfg.data.split), cfg.data.seed, cfg.data.group_pattern,
                       cfg.data.folds, cfg.data.fold],
                      sort_keys=True)
     if key not in _CACHE:
-        if node.layout == "liu":
-            records = discover_liu_site(node.data_path)
-        elif node.layout == "msd":
-            records = discover_msd(node.data_path)
-        else:
-            listed = discover_manifest(node.data_path)
-            sites = sorted({r.site for r in listed})
-            records = [r for r in listed if r.site == node.site]
-            if not records and len(sites) == 1:  # a one-site manifest needs no site name
-                records = listed
-            if not records:
-                raise ConfigError(f"node config site: {node.site!r} is not in "
-                                  f"{node.data_path} (sites: {', '.join(sites)})")
-        _CACHE[key] = load_site(dcfg, records, log=LOG.info)
+        _CACHE[key] = load_site(_site_data_config(cfg, node), _records(node), log=LOG.info)
+    return _CACHE[key]
+
+
+def load_unsplit_cases(cfg: RunConfig, node: Node) -> list[CaseVolume]:
+    """Every case of a site that is only tested (an unseen site: not split, so one case is
+    enough), preprocessed as the run config says; cached like :func:`load_private`, whatever
+    the split settings."""
+    key = json.dumps(["unsplit", str(node.data_path), node.layout, _preprocessing_key(cfg)],
+                     sort_keys=True)
+    if key not in _CACHE:
+        _CACHE[key] = load_unsplit(_site_data_config(cfg, node), _records(node), log=LOG.info)
     return _CACHE[key]
 
 

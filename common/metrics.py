@@ -72,3 +72,12 @@ def gland_ring_ratio(image: np.ndarray, label: np.ndarray, ring: int = 3) -> flo
     img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
     inner, outer = img[lab > 0].mean(), img[band].mean()
     return float(inner / outer.clamp_min(1e-6))
+
+
+def case_weighted_mean(sites: dict[str, dict], value: str = "dice_mean",
+                       count: str = "n_cases") -> float:
+    """Mean of the sites' ``value`` weighted by their ``count`` of cases (sites without
+    ``count`` are left out): the federation's figure over all its cases. NaN without a case."""
+    rows = [m for m in sites.values() if count in m]
+    n = sum(m[count] for m in rows)
+    return sum(m[value] * m[count] for m in rows) / n if n else float("nan")

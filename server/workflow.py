@@ -35,7 +35,7 @@ from common.config import RunConfig, dump_config
 from common.data import DataError, load_proxy
 from common.slices import proxy_slice_ids, slice_stack
 from common.logs import get_logger
-from common.metrics import dice_score
+from common.metrics import case_weighted_mean, dice_score
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.privacy import epsilon
 from common.protocol import (
@@ -265,15 +265,9 @@ class Coordinator:
 
         self._broadcast(step, nodes or self.site_nodes(), content, EVALUATE_STUDENT,
                         self.timeout * 10 + 600, on_reply)
-        n = sum(r["n_cases"] for r in results.values())
-        out = {"sites": results,
-               "dice_mean": sum(r["dice_mean"] * r["n_cases"] for r in results.values()) / n
-               if n else float("nan")}
+        out = {"sites": results, "dice_mean": case_weighted_mean(results)}
         if with_val:
-            nv = sum(r.get("val_n_cases", 0) for r in results.values())
-            out["val_dice_mean"] = sum(r["val_dice_mean"] * r["val_n_cases"] for r in
-                                       results.values() if "val_n_cases" in r) / nv if nv \
-                else float("nan")
+            out["val_dice_mean"] = case_weighted_mean(results, "val_dice_mean", "val_n_cases")
         return out
 
     def evaluate(self, rnd: int, nodes: Optional[dict[int, str]] = None) -> None:

@@ -23,19 +23,26 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from client.site import Node, load_private, load_teacher, resolve_node, train_teacher
+from client.site import (
+    Node,
+    load_private,
+    load_teacher,
+    load_unsplit_cases,
+    resolve_node,
+    train_teacher,
+)
 from common.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config
-from common.data import CaseVolume, discover_liu_site, discover_sites, proxy_dir
-from common.splits import load_unsplit
+from common.data import CaseVolume, discover_sites, proxy_dir
 from common.models import FeatureNet, build_student, count_parameters, input_channels
+from common.metrics import case_weighted_mean
 from common.training import evaluate_cases, summary_metrics, train_segmenter
 
 
@@ -53,18 +60,6 @@ def unseen_nodes(cfg: RunConfig) -> list[Node]:
             for s in cfg.experiment.unseen_sites]
 
 
-def unseen_cases(cfg: RunConfig, node: Node) -> list[CaseVolume]:
-    """Every case of an unseen site (it is only tested, so it is not split; cached)."""
-    key = (str(node.data_path), json.dumps(asdict(cfg.data), sort_keys=True))
-    if key not in _UNSEEN:
-        dcfg = replace(cfg.data, root=str(node.data_path.parent), sites=[node.data_path.name])
-        _UNSEEN[key] = load_unsplit(dcfg, discover_liu_site(node.data_path))
-    return _UNSEEN[key]
-
-
-_UNSEEN: dict = {}
-
-
 def test_metrics(model: torch.nn.Module, cases: list[CaseVolume], cfg: RunConfig) -> dict:
     return summary_metrics(evaluate_cases(model, cases, cfg.data.context_slices))
 
@@ -73,7 +68,7 @@ def evaluate_unseen(cfg: RunConfig, model: torch.nn.Module) -> dict[str, dict]:
     """Dice / HD95 of ``model`` on every case of each ``experiment.unseen_sites`` site."""
     out = {}
     for node in unseen_nodes(cfg):
-        out[node.site] = test_metrics(model, unseen_cases(cfg, node), cfg)
+        out[node.site] = test_metrics(model, load_unsplit_cases(cfg, node), cfg)
     return out
 
 
@@ -227,13 +222,8 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         sites = _per_site(cfg, model, nodes)
         rnd["unseen"] = evaluate_unseen(cfg, model)
         _save(run_dir, model, "teacher" if strategy == "central" else "student")
-    n = sum(m["n_cases"] for m in sites.values())
-    nv = sum(m.get("val_n_cases", 0) for m in sites.values())
-    rnd["evaluate"] = {"sites": sites,
-                       "dice_mean": sum(m["dice_mean"] * m["n_cases"] for m in sites.values()) / n,
-                       "val_dice_mean": sum(m["val_dice_mean"] * m["val_n_cases"] for m in
-                                            sites.values() if "val_n_cases" in m) / nv
-                       if nv else float("nan")}
+    rnd["evaluate"] = {"sites": sites, "dice_mean": case_weighted_mean(sites),
+                       "val_dice_mean": case_weighted_mean(sites, "val_dice_mean", "val_n_cases")}
     report = {"name": cfg.name, "config": cfg.to_dict(),
               "state": {"completed": [strategy], "nodes": {}, "teachers": teachers,
                         "excluded": {}, "rounds": {"1": rnd}, "timings": {}},

@@ -135,14 +135,15 @@ def prediction_montage(cfg, model, out: Path, title: str) -> Path:
     truth outlined in green and the model's prediction in red, with the case's Dice."""
     from common.metrics import dice_score
     from common.training import predict_volume
-    from simulations.baselines import load_private, site_nodes, unseen_cases, unseen_nodes
+    from client.site import load_private, load_unsplit_cases
+    from simulations.baselines import site_nodes, unseen_nodes
 
     plt = pyplot()
     nodes = [(n, False) for n in site_nodes(cfg)] + [(n, True) for n in unseen_nodes(cfg)]
     fig, axes = plt.subplots(1, len(nodes), figsize=(2.4 * len(nodes), 2.9), squeeze=False)
     for ax, (node, unseen) in zip(axes[0], nodes):
         if unseen:  # only tested: not split (it may hold a single case)
-            case = unseen_cases(cfg, node)[0]
+            case = load_unsplit_cases(cfg, node)[0]
         else:
             data = load_private(cfg, node)
             case = (data.test or data.val or data.train)[0]
