@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from common.affinity import AffinityReference, fit_temperature, slice_embedding
 from common.config import ConfigError, RunConfig, TrainConfig
 from common.typedconfig import build_section
 from common.data import (
@@ -53,7 +54,7 @@ from common.logs import get_logger
 from common.architectures import feature_names
 from common.models import FeatureNet, build_teacher, input_channels
 from common.privacy import clip_and_noise, epsilon
-from common.protocol import PRECISIONS, ProtocolError, encode_array, parse_slice_ids
+from common.protocol import AFFINITY, PRECISIONS, ProtocolError, encode_array, parse_slice_ids
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
 LOG = get_logger("fedkd.client")
@@ -269,6 +270,39 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
 # 2. Proxy query
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
+def site_reference(cfg: RunConfig, node: Node, model: FeatureNet, batch_size: int = 32) -> dict:
+    """What the site measures on its private data to qualify its proxy reply (common.affinity):
+    ``{"affinity": AffinityReference, "temperature": float}``. ``model`` must return the
+    ``bottleneck`` map. Cached per teacher checkpoint and split; nothing here leaves the site."""
+    data = load_private(cfg, node)
+    key = json.dumps(["reference", teacher_key(cfg, node, site_train_config(cfg, node), data),
+                      str(node.state_dir)])
+    if key in _CACHE:
+        return _CACHE[key]
+    ctx = cfg.data.context_slices
+
+    def run(cases: list[CaseVolume]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        items = [(c, z) for c in cases for z in range(c.num_slices)]
+        emb, logits, labels = [], [], []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            x = torch.from_numpy(np.stack([slice_stack(c.image, z, ctx) for c, z in chunk]))
+            out, feats = model(x)
+            emb.append(slice_embedding(feats["bottleneck"]))
+            logits.append(out)
+            labels.append(torch.from_numpy(np.stack([c.label[z] for c, z in chunk]).astype(np.int64)))
+        if not items:
+            return np.empty((0, 0)), torch.empty(0), torch.empty(0)
+        return np.concatenate(emb), torch.cat(logits), torch.cat(labels)
+
+    train_emb, _, _ = run(data.train)
+    val_emb, val_logits, val_labels = run(data.val)
+    _CACHE[key] = {"affinity": AffinityReference(train_emb, val_emb, cfg.reply.affinity_k),
+                   "temperature": fit_temperature(val_logits, val_labels)}
+    return _CACHE[key]
+
+
+@torch.no_grad()
 def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], features: list[str],
                        precision: str = "float16", batch_size: int = 32
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
@@ -288,21 +322,32 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     if batch_size < 1:
         raise ProtocolError(f"query.batch_size: expected >= 1, got {batch_size}")
     t0 = time.perf_counter()
-    model, val_dice = load_teacher(cfg, node, features)
+    dp = cfg.privacy
+    reply = cfg.reply
+    # the affinity is an unnoised statistic of the private data: not released under privacy noise
+    send_affinity = cfg.aggregation.method == "affinity" and dp.noise_multiplier == 0
+    taps = list(features) + (["bottleneck"] if send_affinity and "bottleneck" not in features
+                             else [])
+    model, val_dice = load_teacher(cfg, node, taps)
+    reference = site_reference(cfg, node, model) if (send_affinity or reply.calibrate) else None
+    temperature = reference["temperature"] if reply.calibrate else 1.0
     proxy = load_proxy_cases(cfg, node)
     wanted = parse_slice_ids(slice_ids, proxy)
     n = len(wanted)
     out_logits: dict[str, np.ndarray] = {}
     out_feats: dict[str, np.ndarray] = {}
+    affinity = np.empty(n, np.float32) if send_affinity else None
     entropy_sum = 0.0
-    dp = cfg.privacy
     noise = np.random.default_rng()  # fresh OS entropy: the noise must not be reproducible
     for start in range(0, n, batch_size):
         chunk = wanted[start:start + batch_size]
         x = torch.from_numpy(np.stack([slice_stack(proxy[c].image, z, cfg.data.context_slices)
                                        for c, z in chunk]))
         logits, feats = model(x)
-        arrays = [logits.numpy()] + [feats[f].numpy() for f in features]
+        if affinity is not None:
+            affinity[start:start + len(chunk)] = reference["affinity"].distance(
+                slice_embedding(feats["bottleneck"]))
+        arrays = [(logits / temperature).numpy()] + [feats[f].numpy() for f in features]
         if dp.noise_multiplier > 0:  # Gaussian mechanism: nothing unnoised leaves the site
             arrays = clip_and_noise(arrays, dp.clip_norm, dp.noise_multiplier, noise)
         probs = torch.from_numpy(arrays[0]).softmax(dim=1)
@@ -314,9 +359,14 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
                 if key not in dest:
                     dest[key] = np.empty((n, *enc.shape[1:]), dtype=enc.dtype)
                 dest[key][start:start + len(chunk)] = enc
+    if affinity is not None:
+        out_logits[AFFINITY] = affinity
     reply_bytes = sum(a.nbytes for a in (*out_logits.values(), *out_feats.values()))
     stats = {"val_dice": val_dice, "proxy_entropy": entropy_sum / n, "n_slices": n,
-             "reply_bytes": reply_bytes, "seconds": time.perf_counter() - t0}
+             "reply_bytes": reply_bytes, "temperature": temperature,
+             "seconds": time.perf_counter() - t0}
+    if affinity is not None:
+        stats["affinity_median"] = float(np.median(affinity))
     if dp.noise_multiplier > 0:
         stats.update(dp_noise_multiplier=dp.noise_multiplier, dp_clip_norm=dp.clip_norm,
                      dp_epsilon=epsilon(dp.noise_multiplier, n, dp.delta), dp_delta=dp.delta)

@@ -5,8 +5,21 @@ site sends) and fold replies in one at a time, so server memory does not grow wi
 sites: the state is a weighted sum and a sum of weights of the size of one reply.
 
 * ``mean`` (FedMD / FedDF): ``p = (1/K) sum_k p_k``.
-* ``era`` (DS-FL entropy-reduction averaging): ``p = softmax(mean_k p_k / T_era)`` with
-  ``T_era < 1`` sharpening the averaged distribution.
+* ``era`` (DS-FL entropy-reduction averaging): the mean sharpened with temperature
+  ``T_era < 1``, ``p = softmax(log(mean_k p_k) / T_era)``, i.e. ``p_c ∝ (mean_k p_kc)^(1/T_era)``.
+  (DS-FL's ``softmax(mean / T)`` sharpens ten-class outputs but, on two classes with
+  probabilities in [0, 1], softens them at T = 0.5; the log form sharpens at every T < 1.)
+* ``affinity``: per-slice weights from each site's own judgement of how much a proxy slice looks
+  like its private data (``common.affinity``: ``d_k(n)`` ~ 1 for the site's own unseen slices,
+  larger further away), sent with the reply::
+
+      w_k(n) = exp(-d_k(n) / tau_a) / sum_j exp(-d_j(n) / tau_a),   p(n) = sum_k w_k(n) p_k(n)
+
+  ``tau_a`` is ``aggregation.affinity_temperature``. The teachers' probabilities are calibrated
+  at the site (temperature scaling on its validation split, ``reply.calibrate``). A site that
+  sends no affinity (privacy noise on) counts as d = 1 everywhere. ``Targets.claim`` keeps
+  ``min_k d_k(n)``: a slice that no teacher claims can be left out of distillation
+  (``distill.max_claim_distance``).
 * ``adaptive`` (default): per-pixel weights from each teacher's confidence times its site
   reliability, normalised over teachers::
 
@@ -22,8 +35,9 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
 * ``single``: the one designated teacher's probabilities (single-teacher distillation).
 
 Feature targets: teachers of different architectures have feature maps with different channel
-counts. Features are grouped by ``(name, channels)`` and each group's target is the
-reliability-weighted mean of its teachers' maps; the student gets one 1x1 adapter per group.
+counts. Features are grouped by ``(name, channels)`` and each group's target is, per slice, the
+mean of its teachers' maps weighted by each teacher's mean pixel weight on that slice (the
+weights of the probabilities); the student gets one 1x1 adapter per group.
 Memory grows with the number of distinct teacher architectures, not with the number of sites.
 (Averaging raw maps of independently trained teachers of one architecture is an approximation;
 ``distill.feature_loss: attention`` compares channel-pooled attention maps instead.)
@@ -54,6 +68,11 @@ def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def sharpen(p: np.ndarray, temperature: float, axis: int = 1) -> np.ndarray:
+    """``softmax(log p / T)``: p_c^(1/T) renormalised; T < 1 lowers the entropy."""
+    return softmax(np.log(np.clip(p, 1e-12, None)) / temperature, axis=axis)
+
+
 def confidence_weight(p: np.ndarray, reliability: float, tau: float) -> np.ndarray:
     """Unnormalised adaptive weight w~_k(x) = r_k * exp(-H(p_k(x)) / tau): (N, H, W)."""
     return max(reliability, MIN_RELIABILITY) * np.exp(-entropy(p) / tau)
@@ -69,12 +88,14 @@ def hard_dice(a: np.ndarray, b: np.ndarray) -> float:
 class Targets:
     """Distillation targets. ``probs``: (N, 2, H, W) float32 summing to 1 over classes;
     ``features``: ``{"name@channels": (N, C, h, w)}``; ``site_weights``: each site's mean share
-    of the per-pixel weight (sums to 1); ``agreement``: per-site agreement when computed."""
+    of the per-pixel weight (sums to 1); ``agreement``: per-site agreement when computed;
+    ``claim``: (N,) the smallest site affinity distance of each slice (``affinity`` only)."""
 
     probs: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
     site_weights: dict[str, float] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)
+    claim: Optional[np.ndarray] = None
 
 
 def feature_group(name: str, channels: int) -> str:
@@ -91,7 +112,8 @@ class StreamingAggregator:
         self.den: Optional[np.ndarray] = None      # sum_k w~_k           (N, H, W) or scalar
         self.site_mass: dict[str, float] = {}      # sum over pixels of w~_k
         self.feat_num: dict[str, np.ndarray] = {}
-        self.feat_den: dict[str, float] = {}
+        self.feat_den: dict[str, np.ndarray] = {}   # (N,) per group
+        self.claim: Optional[np.ndarray] = None      # affinity: min_k d_k(n)
         self.reliability: dict[str, float] = {}
         self.spill_dir = spill_dir
         self.spilled: dict[str, Path] = {}
@@ -103,8 +125,10 @@ class StreamingAggregator:
         return list(self.reliability)
 
     def add(self, site: str, probs: np.ndarray, reliability: float,
-            features: Optional[dict[str, np.ndarray]] = None) -> None:
-        """Fold in one teacher: probs (N, 2, H, W) float; features {name: (N, C, h, w)}."""
+            features: Optional[dict[str, np.ndarray]] = None,
+            affinity: Optional[np.ndarray] = None) -> None:
+        """Fold in one teacher: probs (N, 2, H, W) float; features {name: (N, C, h, w)};
+        affinity (N,) the site's distance of each slice to its own data (``affinity``)."""
         if self.method == "single" and self.reliability:
             raise ValueError(f"aggregation 'single' takes one teacher; got {site} after "
                              f"{self.sites[0]}")
@@ -115,6 +139,14 @@ class StreamingAggregator:
         self.reliability[site] = float(reliability)
         if self.method == "adaptive":
             w = confidence_weight(probs, reliability, self.cfg.confidence_temperature)
+        elif self.method == "affinity":
+            d = np.ones(len(probs), np.float32) if affinity is None else affinity
+            if d.shape != probs.shape[:1]:
+                raise ValueError(f"{site}: affinity of shape {d.shape}, expected "
+                                 f"({probs.shape[0]},)")
+            self.claim = d.copy() if self.claim is None else np.minimum(self.claim, d)
+            w = np.exp(-np.clip(d, 0.0, 50.0) / self.cfg.affinity_temperature).astype(np.float32)
+            w = np.broadcast_to(w[:, None, None], probs.shape[:1] + probs.shape[2:])
         else:
             w = np.ones(probs.shape[:1] + probs.shape[2:], np.float32)
         if self.method == "adaptive" and self.cfg.use_agreement:
@@ -126,16 +158,18 @@ class StreamingAggregator:
             self._fold(site, probs, w_mean)
         else:
             self._fold(site, probs, w)
+        slice_w = np.asarray(w, np.float32).mean(axis=(1, 2))        # (N,)
+        if self.method == "adaptive" and self.cfg.use_agreement:  # first pass: reliability only
+            slice_w = np.full(len(probs), max(reliability, MIN_RELIABILITY), np.float32)
         for name, f in (features or {}).items():
             key = feature_group(name, f.shape[1])
-            r = max(reliability, MIN_RELIABILITY)
-            f32 = f.astype(np.float32, copy=False)
+            contrib = slice_w[:, None, None, None] * f.astype(np.float32, copy=False)
             if key in self.feat_num:
-                self.feat_num[key] += r * f32
-                self.feat_den[key] += r
+                self.feat_num[key] += contrib
+                self.feat_den[key] += slice_w
             else:
-                self.feat_num[key] = r * f32
-                self.feat_den[key] = r
+                self.feat_num[key] = contrib
+                self.feat_den[key] = slice_w.copy()
 
     def _fold(self, site: str, probs: np.ndarray, w: np.ndarray) -> None:
         contrib = probs * w[:, None]
@@ -166,19 +200,21 @@ class StreamingAggregator:
         agreement = self._agreement_pass() if self.spilled else {}
         probs = self.num / np.maximum(self.den, EPS)[:, None]
         if self.method == "era":
-            probs = softmax(probs / self.cfg.era_temperature, axis=1)
+            probs = sharpen(probs, self.cfg.era_temperature)
         total = sum(self.site_mass.values())
         weights = {s: m / total for s, m in self.site_mass.items()}
-        feats = {k: v / self.feat_den[k] for k, v in self.feat_num.items()}
-        return Targets(probs.astype(np.float32), feats, weights, agreement)
+        feats = {k: v / np.maximum(self.feat_den[k], EPS)[:, None, None, None]
+                 for k, v in self.feat_num.items()}
+        return Targets(probs.astype(np.float32), feats, weights, agreement, self.claim)
 
 
 def aggregate(cfg: AggregationConfig, probs: dict[str, np.ndarray], reliability: dict[str, float],
-              spill_dir: Optional[Path] = None) -> Targets:
+              spill_dir: Optional[Path] = None,
+              affinity: Optional[dict[str, np.ndarray]] = None) -> Targets:
     """Batch form: aggregate ``{site: (N, 2, H, W)}`` at once (same result as streaming)."""
     agg = StreamingAggregator(cfg, spill_dir)
     for site, p in probs.items():
-        agg.add(site, p, reliability[site])
+        agg.add(site, p, reliability[site], affinity=(affinity or {}).get(site))
     return agg.finalize()
 
 

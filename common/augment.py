@@ -11,6 +11,9 @@ Two implementations of the same standard recipe (:data:`STANDARD`):
 
 ``intensity="strong"`` (teachers only, ``train.intensity_augment``) adds what changes between
 scanners and protocols: contrast inversion, histogram shift, bias field, wide gamma, blur, noise.
+``intensity="scanner"`` (teachers or students) adds only physical scanner changes, in one torch
+implementation (:func:`scanner_intensity`) shared by both paths: a smooth multiplicative bias
+field, a surface/endorectal-coil hot spot, wide gamma, blur and noise; no contrast inversion.
 """
 
 from __future__ import annotations
@@ -38,11 +41,69 @@ def _invert(x):
     return 1.0 - x  # images are scaled to [0, 1] by preprocessing
 
 
+# The scanner recipe (on top of the standard flips, affine, scale and shift).
+SCANNER = {
+    "bias_prob": 0.5, "bias": 0.4,                 # exp(quadratic field), coefficients U(-b, b)
+    "coil_prob": 0.3, "coil_gain": (0.5, 2.0),     # x * (1 + g exp(-r^2 / 2 s^2))
+    "coil_sigma": (0.15, 0.4),                     # s, in units of the image half-width
+    "gamma_prob": 0.5, "gamma": (0.5, 2.0),
+    "blur_prob": 0.2, "blur_sigma": (0.25, 1.0),   # pixels
+    "noise_prob": 0.3, "noise_std": 0.06,
+}
+
+
+def scanner_intensity(x: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Physical scanner changes on a batch ``x`` (N, C, H, W) in [0, 1]; returns a new tensor
+    (one draw per slice, the same across its context channels). Draws from ``gen`` (default:
+    torch's global generator)."""
+    a = SCANNER
+    n, _, h, w = x.shape
+    yy = torch.linspace(-1, 1, h).view(1, h, 1).expand(n, h, w)
+    xx = torch.linspace(-1, 1, w).view(1, 1, w).expand(n, h, w)
+    coef = _uniform(n * 5, -a["bias"], a["bias"], gen).view(5, n, 1, 1)
+    field = coef[0] * yy + coef[1] * xx + coef[2] * yy * xx + coef[3] * yy ** 2 + coef[4] * xx ** 2
+    field = torch.where(_coin(n, a["bias_prob"], gen).view(-1, 1, 1), field.exp(), torch.ones(1))
+    cy, cx = _uniform(n, -0.6, 0.6, gen).view(-1, 1, 1), _uniform(n, -0.6, 0.6, gen).view(-1, 1, 1)
+    sigma = _uniform(n, *a["coil_sigma"], gen).view(-1, 1, 1)
+    gain = _uniform(n, *a["coil_gain"], gen).view(-1, 1, 1)
+    spot = 1 + gain * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+    field = field * torch.where(_coin(n, a["coil_prob"], gen).view(-1, 1, 1), spot, torch.ones(1))
+    out = x * field[:, None]
+    out = out / out.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8) * x.amax(
+        dim=(1, 2, 3), keepdim=True)                                   # keep the slice's range
+    gamma = torch.where(_coin(n, a["gamma_prob"], gen), _uniform(n, *a["gamma"], gen),
+                        torch.ones(n)).view(-1, 1, 1, 1)
+    out = out.clamp(0, 1).pow(gamma)
+    blur = _coin(n, a["blur_prob"], gen)
+    if bool(blur.any()):
+        sig = _uniform(n, *a["blur_sigma"], gen)
+        k = torch.arange(-2, 3, dtype=x.dtype)
+        kern = torch.exp(-k.view(1, -1) ** 2 / (2 * sig.view(-1, 1) ** 2))
+        kern = kern / kern.sum(dim=1, keepdim=True)                     # (N, 5)
+        blurred = []
+        for i in range(n):
+            ki = kern[i]
+            img = out[i:i + 1].transpose(0, 1)                          # (C, 1, H, W)
+            img = F.conv2d(F.pad(img, (2, 2, 0, 0), mode="replicate"), ki.view(1, 1, 1, 5))
+            img = F.conv2d(F.pad(img, (0, 0, 2, 2), mode="replicate"), ki.view(1, 1, 5, 1))
+            blurred.append(img.transpose(0, 1))
+        out = torch.where(blur.view(-1, 1, 1, 1), torch.cat(blurred), out)
+    std = torch.where(_coin(n, a["noise_prob"], gen), _uniform(n, 0.0, a["noise_std"], gen),
+                      torch.zeros(n)).view(-1, 1, 1, 1)
+    return out + std * torch.randn(out.shape, generator=gen)
+
+
+def _scanner_one(img):
+    """MONAI-path wrapper: one (C, H, W) slice through :func:`scanner_intensity`."""
+    return scanner_intensity(torch.as_tensor(img, dtype=torch.float32)[None])[0]
+
+
 def augmentation(intensity: str = "standard"):
     """MONAI transforms on ``{"image": (C, H, W), "label": (1, H, W)}``: the standard recipe
-    (:data:`STANDARD`), or its strong variant for teachers."""
+    (:data:`STANDARD`), its strong variant for teachers, or its scanner variant."""
     from monai.transforms import (
         Compose,
+        Lambdad,
         RandAdjustContrastd,
         RandAffined,
         RandBiasFieldd,
@@ -72,6 +133,8 @@ def augmentation(intensity: str = "standard"):
             RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=0.2),
             RandGaussianNoised("image", std=0.08, prob=0.3),
         ]
+    elif intensity == "scanner":
+        steps += [Lambdad("image", func=_scanner_one)]
     else:
         steps += [RandAdjustContrastd("image", gamma=a["gamma"], prob=a["gamma_prob"]),
                   RandGaussianNoised("image", std=a["noise_std"], prob=a["noise_prob"])]
@@ -87,7 +150,7 @@ def _coin(n: int, p: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def augment_batch(image: torch.Tensor, maps: dict[str, torch.Tensor], gen: torch.Generator,
-                  background: Optional[str] = None
+                  background: Optional[str] = None, intensity: str = "standard"
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The standard recipe on a batch: ``image`` (N, C, H, W) in [0, 1] and spatial ``maps``
     {name: (N, C', h, w)} that follow it (any resolution). Returns new tensors.
@@ -131,6 +194,8 @@ def augment_batch(image: torch.Tensor, maps: dict[str, torch.Tensor], gen: torch
     shift = torch.where(_coin(n, a["shift_prob"], gen),
                         _uniform(n, -a["shift"], a["shift"], gen), torch.zeros(n))
     x = x * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1)
+    if intensity == "scanner":
+        return scanner_intensity(x.clamp(0, 1), gen), out_maps
     gamma = torch.where(_coin(n, a["gamma_prob"], gen), _uniform(n, *a["gamma"], gen),
                         torch.ones(n)).view(-1, 1, 1, 1)
     lo = x.amin(dim=(1, 2, 3), keepdim=True)

@@ -114,9 +114,10 @@ class TrainConfig:
     batch_size: int = field_(8, lo=1, hi=4096)
     patience: int = field_(10, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
     augment: bool = field_(True, doc="random flips, 90-degree rotations, intensity scale/shift")
-    intensity_augment: Literal["standard", "strong"] = field_(
+    intensity_augment: Literal["standard", "strong", "scanner"] = field_(
         "standard", doc="strong: + contrast inversion, histogram shift, bias field, wide gamma, "
-        "blur, noise (teachers that transfer to other scanners)")
+        "blur, noise (teachers that transfer to other scanners); scanner: physical changes "
+        "only (bias field, coil hot spot, wide gamma, blur, noise; common.augment)")
     empty_slice_fraction: float = field_(0.3, lo=0.0, hi=1.0,
                                      doc="fraction of gland-free train slices kept per epoch")
     max_steps_per_epoch: int = field_(0, lo=0, doc="0 = no cap (a cap keeps CPU runs short)")
@@ -148,6 +149,9 @@ class StudentConfig:
     empty_slice_fraction: float = field_(0.3, lo=0.0, hi=1.0, doc="fraction of gland-free slices "
                                      "kept per epoch (distillation: slices whose target has no "
                                      "gland)")
+    intensity_augment: Literal["standard", "scanner"] = field_(
+        "standard", doc="scanner: + bias field, coil hot spot, wide gamma, blur, noise "
+        "(common.augment.SCANNER), for every student method alike")
 
 
 @dataclass
@@ -162,13 +166,25 @@ class DistillConfig:
     w_dice: float = field_(0.5, lo=0.0)
     w_feature: float = field_(0.1, lo=0.0)
     feature_loss: Literal["mse", "attention"] = field_("mse")
+    soft_dice: bool = field_(True, doc="Dice against the soft target probabilities (else "
+                             "against their argmax)")
+    kl_foreground_weight: float = field_(2.0, lo=0.0, doc="foreground-aware KL: a pixel's KL "
+                                         "counts 1 + this x its target gland probability")
+    lovasz_confidence: float = field_(0.7, lo=0.5, hi=1.0, doc="Lovasz on the argmax of the "
+                                      "targets where their top probability reaches this (0.5: "
+                                      "every pixel)")
+    max_claim_distance: Optional[float] = field_(None, lo=0.0, doc="aggregation affinity: leave "
+                                                 "out proxy slices whose nearest site distance "
+                                                 "exceeds this (None: keep all)")
 
 
 @dataclass
 class AggregationConfig:
-    method: Literal["adaptive", "mean", "era", "single"] = field_("adaptive")
+    method: Literal["affinity", "adaptive", "mean", "era", "single"] = field_("affinity")
     confidence_temperature: float = field_(1.0, lo=0.01, hi=100.0)
-    era_temperature: float = field_(0.5, lo=0.01, hi=1.0)
+    era_temperature: float = field_(0.5, lo=0.01, hi=1.0, doc="era: p^(1/T) renormalised")
+    affinity_temperature: float = field_(0.1, lo=0.01, hi=100.0, doc="affinity: per-slice "
+                                         "weight exp(-d / T) of each site's distance d")
     use_agreement: bool = field_(False, doc="adaptive: multiply reliability by agreement with ensemble")
     single_site: Optional[str] = field_(None, doc="site whose teacher 'single' uses; None = best val Dice")
 
@@ -180,11 +196,12 @@ class FederationConfig:
     requery_teachers: bool = field_(False)
     wait_timeout_s: float = field_(120.0, lo=0.0)
     precision: Literal["float32", "float16", "int8"] = field_("float16")
-    strategy: Literal["kd", "fedavg", "fedprox", "local", "central", "central-student",
+    strategy: Literal["kd", "fedavg", "fedprox", "feddf", "local", "central", "central-student",
                       "central-kd"] = field_(
         "kd", doc="kd: federated distillation; fedavg / fedprox: Flower's strategies on the "
-        "student architecture; local, central, central-student, central-kd: baselines on "
-        "pooled data, simulation only")
+        "student architecture; feddf: FedAvg, then the FedAvg student refined by distillation "
+        "on the proxy set (Lin et al. 2020; student weights leave the sites); local, central, "
+        "central-student, central-kd: baselines on pooled data, simulation only")
     local_epochs: int = field_(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
     proximal_mu: float = field_(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
 
@@ -203,7 +220,7 @@ class ExperimentConfig:
     """``fedkd experiment``: methods (name -> ``key.path=value`` overrides of this config) x
     seeds, each run in the Simulation Engine on the same data and splits."""
 
-    methods: dict[str, list[str]] = field_(factory=lambda: {"adaptive-kd": []})
+    methods: dict[str, list[str]] = field_(factory=lambda: {"kd": []})
     seeds: list[int] = field_(factory=lambda: [0])
     folds: int = field_(0, lo=0, hi=100, doc="k >= 2: every method and seed runs k times, once per "
                     "test fold (data.folds = k, data.fold = 0..k-1), so every case is tested "
@@ -217,6 +234,17 @@ class ExperimentConfig:
     unseen_sites: list[str] = field_(factory=list, doc="sites (folders of data.root) outside the "
                                  "federation; every run's final model is also tested on all "
                                  "their cases")
+
+
+@dataclass
+class ReplyConfig:
+    """What a site adds to its proxy reply, computed from its private data (common.affinity)."""
+
+    affinity_k: int = field_(5, lo=1, hi=1000, doc="aggregation affinity: neighbours of the "
+                             "per-slice distance a site sends (4 bytes a slice; not sent under "
+                             "privacy noise)")
+    calibrate: bool = field_(True, doc="temperature-scale the logits on the site's validation "
+                             "split before sending")
 
 
 @dataclass
@@ -286,6 +314,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    reply: ReplyConfig = field(default_factory=ReplyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -303,7 +332,7 @@ class RunConfig:
         s = self.student
         return dataclasses.replace(base or self.train, lr=s.lr, weight_decay=s.weight_decay,
                                    batch_size=s.batch_size, augment=s.augment,
-                                   intensity_augment="standard",
+                                   intensity_augment=s.intensity_augment,
                                    empty_slice_fraction=s.empty_slice_fraction, **changes)
 
     def teacher_spec(self, site: str) -> ModelSpec:

@@ -90,14 +90,17 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, per_image: bool =
 
 
 def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``, summed over classes and averaged over the
     batch and pixels (Hinton et al.). Both inputs (B, K, H, W). To distil from probabilities
-    ``p`` (e.g. an aggregated ensemble) pass ``teacher_logits = log(p)``."""
+    ``p`` (e.g. an aggregated ensemble) pass ``teacher_logits = log(p)``. ``weight`` (B, H, W)
+    makes it a weighted mean over pixels (e.g. more weight where the target holds gland)."""
     t = temperature
     log_q = F.log_softmax(student_logits / t, dim=1)
     log_p = F.log_softmax(teacher_logits / t, dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    if weight is not None:
+        return (kl * weight).sum() / weight.sum().clamp_min(1e-8) * t * t
     return kl.mean() * t * t
 
 

@@ -46,7 +46,7 @@ whose reason names the site, the file or field, and the cause; the node keeps se
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import yaml
@@ -67,6 +67,7 @@ INFO = "info"          # ConfigRecord in replies
 LOGITS = "logits"      # ArrayRecord in proxy replies
 FEATURES = "features"  # ArrayRecord in proxy replies
 SCALE_SUFFIX = ".scale"
+AFFINITY = "affinity"  # optional (N,) float32 array in the logits record (common.affinity)
 # Flower's built-in strategies (FedAvg / FedProx baseline) send ``arrays`` + ``config``; the run
 # config travels in their config record under RUN_CONFIG_KEY.
 FLWR_ARRAYS = "arrays"
@@ -203,3 +204,18 @@ def decode_proxy_reply(content) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if "logits" not in logits:
         raise ProtocolError("proxy reply: logits record has no 'logits' array")
     return logits["logits"], decode(content[FEATURES])
+
+
+def decode_affinity(content, n: int) -> Optional[np.ndarray]:
+    """The per-slice affinity distances (N,) float32 of a proxy reply, or None if it has none.
+    ProtocolError if the array is not N finite values >= 0."""
+    record = content[LOGITS] if LOGITS in content else {}
+    if AFFINITY not in record:
+        return None
+    a = record[AFFINITY].numpy()
+    if a.shape != (n,) or not np.issubdtype(a.dtype, np.floating):
+        raise ProtocolError(f"proxy reply: affinity of shape {a.shape} and dtype {a.dtype}, "
+                            f"expected ({n},) floats")
+    if not np.isfinite(a).all() or (a < 0).any():
+        raise ProtocolError("proxy reply: affinity holds NaN, infinite or negative values")
+    return a.astype(np.float32)

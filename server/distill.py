@@ -1,8 +1,10 @@
 """Distil the student on the public proxy images from aggregated teacher targets.
 
-loss = w_kl      * T^2 KL(p_teachers^(1/T) || softmax(student / T))
-     + w_lovasz  * Lovasz-softmax(student, argmax p_teachers)
-     + w_dice    * Dice(student, argmax p_teachers)
+loss = w_kl      * T^2 KL(p_teachers^(1/T) || softmax(student / T)), each pixel weighted by
+                 1 + kl_foreground_weight * p_teachers[gland] (mean over the weights)
+     + w_lovasz  * Lovasz-softmax(student, argmax p_teachers), on pixels whose top target
+                 probability reaches lovasz_confidence
+     + w_dice    * Dice(student, p_teachers if soft_dice else argmax p_teachers)
      + w_feature * feature loss(student features -> 1x1 adapter per feature group, teacher targets;
                  common.losses.FeatureDistillLoss)
 
@@ -36,6 +38,8 @@ from common.losses import (
 )
 from common.models import FeatureNet
 
+IGNORE = -1   # label of pixels left out of the Lovasz term
+
 
 def epoch_slices(has_gland: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of one epoch: every slice with gland and a random ``fraction`` of the others
@@ -63,6 +67,14 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
     x_all = torch.from_numpy(images.astype(np.float32))
     p_all = torch.from_numpy(targets.probs.astype(np.float32))
     has_gland = (targets.probs.argmax(axis=1) > 0).reshape(len(images), -1).any(axis=1)
+    usable = np.ones(len(images), bool)
+    if cfg.max_claim_distance is not None and targets.claim is not None:
+        usable = targets.claim <= cfg.max_claim_distance
+        log(f"[{tag}] {int((~usable).sum())} of {len(usable)} proxy slices left out: no site "
+            f"claims them (nearest distance > {cfg.max_claim_distance:g})")
+        if not usable.any():
+            raise ValueError(f"{tag}: no proxy slice within distill.max_claim_distance "
+                             f"{cfg.max_claim_distance:g} of any site")
     if not has_gland.any() and recipe.empty_slice_fraction == 0:
         raise ValueError(f"{tag}: no target holds gland and student.empty_slice_fraction is 0")
     feat_all = {g: torch.from_numpy(f.astype(np.float32)) for g, f in targets.features.items()}
@@ -84,24 +96,29 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
         student.train()
         sums = {"loss": 0.0, "kl": 0.0, "lovasz": 0.0, "dice": 0.0, "feature": 0.0}
         steps = 0
-        chosen = torch.from_numpy(epoch_slices(has_gland, recipe.empty_slice_fraction, rng))
+        chosen = torch.from_numpy(np.intersect1d(
+            epoch_slices(has_gland, recipe.empty_slice_fraction, rng), np.flatnonzero(usable)))
         order = chosen[torch.randperm(len(chosen), generator=gen)]
         for idx in order.split(recipe.batch_size):
             x, p = x_all[idx], p_all[idx]
             feats_t = {g: f[idx] for g, f in feat_all.items()}
             if recipe.augment:
-                x, maps = augment_batch(x, {"probs": p, **feats_t}, gen, background="probs")
+                x, maps = augment_batch(x, {"probs": p, **feats_t}, gen, background="probs",
+                                        intensity=recipe.intensity_augment)
                 p = maps.pop("probs")
                 feats_t = maps
             logits, feats = student(x)
             terms = {}
             if cfg.w_kl > 0:
-                terms["kl"] = kd_kl_loss(logits, probs_to_logits(p), cfg.temperature)
+                weight = 1.0 + cfg.kl_foreground_weight * p[:, 1] if cfg.kl_foreground_weight else None
+                terms["kl"] = kd_kl_loss(logits, probs_to_logits(p), cfg.temperature, weight)
             label = p.argmax(dim=1)
             if cfg.w_lovasz > 0:
-                terms["lovasz"] = lovasz_softmax(logits, label)
+                if cfg.lovasz_confidence > 0.5:
+                    label = torch.where(p.amax(dim=1) >= cfg.lovasz_confidence, label, IGNORE)
+                terms["lovasz"] = lovasz_softmax(logits, label, ignore_index=IGNORE)
             if cfg.w_dice > 0:
-                terms["dice"] = dice(logits, label)
+                terms["dice"] = dice(logits, p if cfg.soft_dice else p.argmax(dim=1))
             if cfg.w_feature > 0 and feature_loss is not None:
                 terms["feature"] = feature_loss(feats, feats_t)
             loss = sum(weights[k] * v for k, v in terms.items())

@@ -12,7 +12,10 @@ their teacher checkpoints, so a repeated ``train.teacher`` only confirms them.
 With ``federation.strategy: fedavg | fedprox`` the same server runs the weight-sharing baseline
 instead: Flower's built-in ``FedAvg`` / ``FedProx`` strategy trains the student architecture
 for ``federation.rounds`` rounds of ``federation.local_epochs`` site epochs, then every site
-evaluates the result exactly as it evaluates a distilled student. The pooled-data baselines
+evaluates the result exactly as it evaluates a distilled student. ``feddf`` (FedDF, Lin et al.
+2020) runs those FedAvg rounds, then one distillation round (round ``federation.rounds + 1``)
+that starts from the FedAvg student: a separate method, because its student weights leave the
+sites, unlike ``kd`` where only proxy outputs do. The pooled-data baselines
 (``local``, ``central*``) exist only in simulation (:mod:`simulations.baselines`).
 
 A site that fails (error reply, no reply before the timeout, malformed arrays: wrong shape or
@@ -45,6 +48,7 @@ from common.protocol import (
     TRAIN_TEACHER,
     ProtocolError,
     config_to_text,
+    decode_affinity,
     decode_proxy_reply,
     evaluate_request,
     parse_slice_ids,
@@ -198,14 +202,18 @@ class Coordinator:
             try:
                 logits, feats = decode_proxy_reply(reply.content)
                 check_proxy_arrays(logits, feats, len(ids), images.shape[-2:], features)
+                affinity = decode_affinity(reply.content, len(ids))
             except (ProtocolError, ValueError, TypeError) as exc:
                 self._exclude(f"query_r{rnd}", site, f"malformed reply: {exc}")
                 return
             stats = dict(reply.content["stats"])
             probs = torch.from_numpy(logits).softmax(dim=1).numpy()
-            agg.add(site, probs, stats["val_dice"], feats)
+            agg.add(site, probs, stats["val_dice"], feats, affinity)
             figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
-                             "proxy_entropy": stats["proxy_entropy"]}
+                             "proxy_entropy": stats["proxy_entropy"],
+                             "temperature": stats.get("temperature", 1.0)}
+            if affinity is not None:
+                figures[site]["affinity_median"] = float(np.median(affinity))
             if "dp_epsilon" in stats:  # rounds of re-queries compose
                 figures[site]["epsilon"] = epsilon(stats["dp_noise_multiplier"], len(ids),
                                                    stats["dp_delta"], releases=rnd)
@@ -219,6 +227,7 @@ class Coordinator:
             raise FederationError(f"round {rnd}: no usable teacher reply")
         targets = agg.finalize()
         np.savez(self.run_dir / f"targets_r{rnd}.npz", probs=targets.probs,
+                 **({} if targets.claim is None else {"claim": targets.claim}),
                  **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids), "precision": precision}
@@ -233,7 +242,7 @@ class Coordinator:
     def load_targets(self, rnd: int) -> Targets:
         data = np.load(self.run_dir / f"targets_r{rnd}.npz")
         feats = {k[5:]: data[k] for k in data.files if k.startswith("feat:")}
-        return Targets(data["probs"], feats)
+        return Targets(data["probs"], feats, claim=data["claim"] if "claim" in data.files else None)
 
     def distill(self, rnd: int, targets: Targets):
         t0 = time.perf_counter()
@@ -283,6 +292,13 @@ class Coordinator:
         spec = capacity.chosen_spec(self.state.rounds)
         return self.cfg if spec is None else capacity.student_config(self.cfg, spec)
 
+    @property
+    def final_round(self) -> int:
+        """The round of the final student: ``federation.rounds``; with ``feddf`` the
+        distillation after the FedAvg rounds is one round more."""
+        rounds = self.cfg.federation.rounds
+        return rounds + 1 if self.cfg.federation.strategy == "feddf" else rounds
+
     def weight_sharing(self, nodes: list[int]) -> None:
         """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""
         from flwr.serverapp.strategy import FedAvg, FedProx
@@ -292,7 +308,7 @@ class Coordinator:
         n = max(fed.min_sites, 1)
         kwargs = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
         strategy = (FedProx(proximal_mu=fed.proximal_mu, **kwargs) if fed.strategy == "fedprox"
-                    else FedAvg(**kwargs))
+                    else FedAvg(**kwargs))   # fedavg, and feddf's first stage
         student = self.new_student()
         conf = ConfigRecord({RUN_CONFIG_KEY: config_to_text(self.cfg)})
         self.log(f"[server] {type(strategy).__name__} of the student: {fed.rounds} round(s) of "
@@ -331,6 +347,8 @@ class Coordinator:
             if self._pending(f"evaluate_r{rounds}"):
                 self.evaluate(rounds, {n: f"node {n}" for n in nodes})
             return self.finish(t0)
+        if strategy == "feddf" and self._pending("weights"):
+            self.weight_sharing(nodes)   # FedAvg rounds first: student weights leave the sites
         known = set(self.state.nodes)
         if "train" in self.state.completed and known <= {str(n) for n in nodes}:
             self.log("[server] skipping step train (done)")
@@ -339,8 +357,9 @@ class Coordinator:
                 self.state.completed.remove("train")
             self.train_teachers(nodes)
         targets: Optional[Targets] = None
-        for rnd in range(1, self.cfg.federation.rounds + 1):
-            q = rnd if self.cfg.federation.requery_teachers else 1
+        first = self.cfg.federation.rounds + 1 if strategy == "feddf" else 1
+        for rnd in range(first, self.final_round + 1):
+            q = rnd if self.cfg.federation.requery_teachers else first
             if self._pending(f"query_r{q}"):
                 targets = self.query_and_aggregate(q)
             if self.cfg.capacity.enabled:  # one round (checked by the config)
@@ -358,7 +377,7 @@ class Coordinator:
         report = self.report(time.perf_counter() - t0)
         from server.export import export_student
 
-        export_student(self.export_config(), self.run_dir / f"student_r{self.cfg.federation.rounds}.pt",
+        export_student(self.export_config(), self.run_dir / f"student_r{self.final_round}.pt",
                        self.run_dir / "export", report, self.log)
         return report
 

@@ -30,7 +30,7 @@ import torch
 from common.config import RunConfig, dump_config, with_overrides
 from simulations.plots import _by_method
 
-STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "central-student", "central-kd")
+STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "central-student", "central-kd")
 
 
 def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:
@@ -102,14 +102,17 @@ def _curve(strategy: str, last: dict) -> dict:
     return {}
 
 
-def student_steps(strategy: str, last: dict) -> Optional[int]:
+def student_steps(strategy: str, last: dict, weights: Optional[dict] = None) -> Optional[int]:
     """Optimizer steps on the final student's trajectory: distillation steps; for FedAvg /
-    FedProx the sum over rounds of a site's mean local steps; for central-student its epochs'
-    steps. None for teachers (local, central)."""
+    FedProx the sum over rounds of a site's mean local steps (``weights``: the round record
+    that holds them; feddf adds both); for central-student its epochs' steps. None for
+    teachers (local, central)."""
+    weights = weights or last.get("weights")
+    fed = int(round(sum(h.get("steps", 0) for h in weights["history"]))) if weights else 0
     if "distill" in last:
-        return int(sum(h.get("steps", 0) for h in last["distill"]["history"]))
-    if "weights" in last:
-        return int(round(sum(h.get("steps", 0) for h in last["weights"]["history"])))
+        return fed + int(sum(h.get("steps", 0) for h in last["distill"]["history"]))
+    if weights:
+        return fed
     if strategy == "central-student" and "central" in last:
         return int(sum(h.get("steps", 0) for h in last["central"]["history"]))
     return None
@@ -125,9 +128,10 @@ def run_figures(report: dict) -> dict:
     unseen = last.get("unseen", {})
     replies = [f["reply_bytes"] for r in st["rounds"].values() if "query" in r
                for f in r["query"]["sites"].values()]
-    if "weights" in last:  # FedAvg / FedProx: every site uploads the model every round
-        w = last["weights"]
-        per_site, total = w["bytes_per_site_round"], w["bytes_per_site_round"] * w["sites"] * len(w["history"])
+    w = next((r["weights"] for r in st["rounds"].values() if "weights" in r), None)
+    if w:  # FedAvg / FedProx (and feddf's first stage): every site uploads every round
+        per_site = w["bytes_per_site_round"]
+        total = w["bytes_per_site_round"] * w["sites"] * len(w["history"]) + int(sum(replies))
     elif replies:
         per_site, total = float(np.mean(replies)), int(sum(replies))
     else:  # pooled-data baselines communicate nothing (they need the data itself)
@@ -151,7 +155,7 @@ def run_figures(report: dict) -> dict:
             "n_test_cases": int(sum(m["n_cases"] for m in sites.values())),
             "site_cases": {s: int(m["n_cases"]) for s, m in sites.items()},
             "unseen_cases": {s: int(m["n_cases"]) for s, m in unseen.items() if "n_cases" in m},
-            "student_steps": student_steps(strategy, last),
+            "student_steps": student_steps(strategy, last, w),
             "curve": _curve(strategy, last),
             "excluded": st["excluded"], "wall_seconds": report["wall_seconds"]}
 

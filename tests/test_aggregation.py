@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from common.aggregation import (StreamingAggregator, aggregate, entropy, pixel_weights, softmax)
+from common.aggregation import (StreamingAggregator, aggregate, entropy, pixel_weights, sharpen,
+                                softmax)
 from common.config import AggregationConfig
 
 
@@ -30,12 +31,17 @@ def test_identical_teachers_give_that_teacher(method):
     assert np.allclose(t.probs, p, atol=1e-6)
 
 
-def test_era_sharpens_the_mean():
+def test_era_sharpens_the_mean_at_its_default():
     probs = {"A": random_probs(1), "B": random_probs(2)}
     mean = aggregate(AggregationConfig(method="mean"), probs, {"A": 1, "B": 1}).probs
-    era = aggregate(AggregationConfig(method="era", era_temperature=0.1), probs, {"A": 1, "B": 1}).probs
-    assert np.allclose(era, softmax(mean / 0.1), atol=1e-6)
-    assert entropy(era).mean() < entropy(mean).mean()
+    era = aggregate(AggregationConfig(method="era"), probs, {"A": 1, "B": 1}).probs
+    assert AggregationConfig().era_temperature == 0.5
+    # p_c^(1/T) renormalised: 0.3 / 0.7 becomes 0.09 / 0.49 -> 0.155 / 0.845 at T = 0.5
+    assert np.allclose(sharpen(np.array([[0.3, 0.7]]), 0.5), [[0.09 / 0.58, 0.49 / 0.58]])
+    assert np.allclose(era, sharpen(mean, 0.5), atol=1e-6)
+    assert entropy(era).mean() < entropy(mean).mean() - 0.1   # DS-FL's form: +0.01 (softer)
+    assert (era.argmax(axis=1) == mean.argmax(axis=1)).all()
+    assert (np.abs(era[:, 1] - 0.5) >= np.abs(mean[:, 1] - 0.5) - 1e-6).all()
 
 
 def test_adaptive_follows_the_confident_reliable_teacher():
@@ -74,7 +80,7 @@ def test_streaming_equals_batch_and_is_order_free(method):
     w = pixel_weights(cfg, probs, rel)
     ref = sum(w[s][:, None] * probs[s] for s in probs)
     if method == "era":
-        ref = softmax(ref / cfg.era_temperature)
+        ref = sharpen(ref, cfg.era_temperature)
     forward = aggregate(cfg, probs, rel).probs
     backward = aggregate(cfg, dict(reversed(list(probs.items()))), rel).probs
     assert np.allclose(forward, ref, atol=1e-5) and np.allclose(backward, ref, atol=1e-5)
@@ -97,10 +103,51 @@ def test_features_grouped_by_channels_and_single_takes_one():
     agg.add("C", random_probs(2), 1.0, {"enc2": np.full((3, 16, 2, 2), 2.0, np.float32)})
     t = agg.finalize()
     assert set(t.features) == {"enc2@8", "enc2@16"}
-    assert np.allclose(t.features["enc2@8"], 4.0)  # (1*1 + 3*5) / 4
+    assert np.allclose(t.features["enc2@8"], 3.0)  # mean: (1 + 5) / 2, reliability ignored
     single = StreamingAggregator(AggregationConfig(method="single"))
     p = random_probs(3)
     single.add("A", p, 0.9)
     assert np.allclose(single.finalize().probs, p)
     with pytest.raises(ValueError, match="takes one teacher"):
         single.add("B", p, 0.9)
+
+
+def test_lone_in_domain_teacher_leads_at_the_default_affinity_temperature():
+    """One teacher whose site says a slice looks like its data (d = 1) and two confident, wrong
+    teachers far from their data (d = 3): the target follows the in-domain one, not the vote."""
+    n, h, w = 4, 6, 6
+    truth = np.zeros((n, h, w), np.int64); truth[:, 2:5, 1:4] = 1
+    onehot = np.stack([truth == 0, truth == 1], axis=1).astype(np.float32)
+    inside = 0.3 * onehot + 0.35                      # p(gland) = 0.65 on the gland: unsure, right
+    wrong = np.stack([np.full((n, h, w), 0.99), np.full((n, h, w), 0.01)], 1).astype(np.float32)
+    probs = {"in": inside, "far1": wrong, "far2": wrong.copy()}
+    aff = {"in": np.ones(n, np.float32), "far1": np.full(n, 3.0, np.float32),
+           "far2": np.full(n, 3.0, np.float32)}
+    rel = {"in": 0.5, "far1": 0.9, "far2": 0.9}     # home Dice says nothing about the proxy
+    cfg = AggregationConfig(method="affinity")
+    t = aggregate(cfg, probs, rel, affinity=aff)
+    assert (t.probs.argmax(axis=1) == truth).all()
+    assert t.site_weights["in"] > 0.9
+    assert np.allclose(t.claim, 1.0)
+    for other in ("mean", "adaptive"):  # what the old defaults did with it: all background
+        assert aggregate(AggregationConfig(method=other), probs, rel).probs.argmax(axis=1).sum() == 0
+
+
+def test_affinity_weights_per_slice_and_without_affinity_counts_as_one():
+    a, b = random_probs(0, sharp=3.0), random_probs(1, sharp=3.0)
+    aff = {"A": np.array([1.0, 5.0, 1.0], np.float32), "B": np.array([5.0, 1.0, 1.0], np.float32)}
+    cfg = AggregationConfig(method="affinity", affinity_temperature=0.25)
+    feats = {"A": np.zeros((3, 4, 2, 2), np.float32), "B": np.ones((3, 4, 2, 2), np.float32)}
+    agg = StreamingAggregator(cfg)
+    for s, p in (("A", a), ("B", b)):
+        agg.add(s, p, 0.5, {"enc2": feats[s]}, aff[s])
+    t = agg.finalize()
+    assert np.allclose(t.probs[0], a[0], atol=1e-6) and np.allclose(t.probs[1], b[1], atol=1e-6)
+    assert np.allclose(t.probs[2], (a[2] + b[2]) / 2, atol=1e-6)
+    f = t.features["enc2@4"][:, 0, 0, 0]     # feature targets carry the same per-slice weights
+    assert f[0] < 1e-6 and f[1] > 1 - 1e-6 and f[2] == pytest.approx(0.5)
+    assert np.allclose(t.claim, [1.0, 1.0, 1.0])
+    plain = aggregate(cfg, {"A": a, "B": b}, {"A": 0.9, "B": 0.1})  # no affinity: uniform
+    assert np.allclose(plain.probs, (a + b) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="affinity of shape"):
+        StreamingAggregator(cfg).add("A", a, 0.5, affinity=np.ones(5, np.float32))

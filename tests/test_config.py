@@ -37,7 +37,7 @@ def test_yaml_values_override_defaults_and_keep_the_rest(tmp_path):
     ({"train": {"epochs": 0}}, "train.epochs: expected a value >= 1, got 0"),
     ({"train": {"augment": "yes"}}, "train.augment: expected true or false"),
     ({"distill": {"temperature": -1}}, "distill.temperature: expected a value >= 0.01"),
-    ({"aggregation": {"method": "median"}}, "aggregation.method: expected one of 'adaptive'"),
+    ({"aggregation": {"method": "median"}}, "aggregation.method: expected one of 'affinity'"),
     ({"data": {"size": [128]}}, "data.size: expected a list of 2 values"),
     ({"data": {"spacing": [1.0, "a"]}}, "data.spacing[1]: expected a number"),
     ({"data": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}}, "train + val + test must be 1"),

@@ -249,6 +249,29 @@ def test_fedprox_baseline_runs_flowers_strategy_and_sites_evaluate_the_result(fe
     assert "FedProx of the student over 3 sites" in (tmp_path / "report.md").read_text()
 
 
+def test_feddf_refines_the_fedavg_student_by_distillation(fed, tmp_path, adaptive_run):
+    """FedDF: two FedAvg rounds, then the teachers answer the proxy query and the FedAvg student
+    (not a fresh one) is distilled and evaluated once, as round 3."""
+    cfg, grid = make(fed, tmp_path, ["federation.strategy=feddf", "federation.rounds=2",
+                                     "distill.epochs=2"])
+    report = run_federation(grid, cfg, lambda s: None)
+    types = sent_types(grid)
+    assert types == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3 + \
+        [TRAIN_TEACHER] * 3 + [QUERY_PROXY] * 3 + [EVALUATE_STUDENT] * 3
+    assert report["state"]["completed"] == ["weights", "train", "query_r3", "distill_r3",
+                                            "evaluate_r3"]
+    fedavg, refined = torch.load(tmp_path / "student_r2.pt"), torch.load(tmp_path / "student_r3.pt")
+    fresh = FeatureNet(cfg.model.student).net.state_dict()
+    # two distillation epochs move the FedAvg weights a little; from a fresh start they would
+    # stay far from them
+    moved = sum(float((refined[k].float() - fedavg[k].float()).norm()) for k in fedavg)
+    fresh_gap = sum(float((fresh[k].float() - fedavg[k].float()).norm()) for k in fedavg)
+    assert 0 < moved < 0.5 * fresh_gap
+    assert set(report["state"]["rounds"]["3"]["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["config"]["federation"]["strategy"] == "feddf"
+
+
 def test_pooled_data_baselines_are_refused_outside_a_simulation(fed, tmp_path):
     cfg, grid = make(fed, tmp_path, ["federation.strategy=central"])
     with pytest.raises(FederationError, match="baseline on pooled data: it runs only in"):
