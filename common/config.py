@@ -374,6 +374,9 @@ def _check_consistency(cfg: RunConfig) -> None:
                 raise ConfigError(f"experiment.methods.{name}: {item!r} is not a key.path=value "
                                   f"override of the run (experiment.* and output.* are set by "
                                   f"the runner)")
+    if cfg.aggregation.use_agreement and cfg.aggregation.method != "adaptive":
+        raise ConfigError(f"aggregation.use_agreement: applies to aggregation.method 'adaptive', "
+                          f"not {cfg.aggregation.method!r}")
     if cfg.capacity.enabled and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
         raise ConfigError("capacity.enabled: needs federation.strategy 'kd' and "
                           "federation.rounds 1 (the family is distilled from one set of targets)")

@@ -63,13 +63,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
-    cfg = load_config(None, ["train.epochs=7", "data.size=[64, 64]", "aggregation.use_agreement=true",
+    cfg = load_config(None, ["train.epochs=7", "data.size=[64, 64]", "aggregation.method=adaptive",
+                             "aggregation.use_agreement=true",
                              "model.site_teachers.SiteB.channels=[8,16,32,64,128]"])
     assert cfg.train.epochs == 7 and cfg.data.size == [64, 64] and cfg.aggregation.use_agreement
     assert cfg.teacher_spec("SiteB").channels == [8, 16, 32, 64, 128]
     assert cfg.teacher_spec("SiteA").channels == [16, 32, 64, 128, 256]
     with pytest.raises(ConfigError, match=r"train\.lr: expected a value >= 1e-07"):
         load_config(None, ["train.lr=0"])
+    with pytest.raises(ConfigError, match="use_agreement: applies to aggregation.method 'adaptive', "
+                                          "not 'affinity'"):
+        load_config(None, ["aggregation.use_agreement=true"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_override("train.epochs")
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
