@@ -48,6 +48,13 @@ def candidate_specs(cfg: RunConfig) -> list[tuple[str, ModelSpec, int]]:
     return sorted(out, key=lambda t: t[2])
 
 
+def fits(val_dice: float, target: float, within_budget: bool) -> bool:
+    """A candidate fits when it is within the latency budget and its validation Dice reaches
+    the target; a candidate that finds no gland (Dice 0: it collapsed to background) never
+    fits, even when the target is 0."""
+    return within_budget and val_dice > 0.0 and val_dice >= target
+
+
 def dice_target(cfg: RunConfig, teachers: dict[str, dict]) -> float:
     """The target: ``capacity.dice_target``, or ``relative_target`` x the teachers' mean
     validation Dice (weighted by validation cases), whichever is larger."""
@@ -191,7 +198,7 @@ def search(coord, targets: Targets) -> None:
                            site_test_dice={s: m["dice_mean"] for s, m in test["sites"].items()},
                            macs_per_slice=prof["macs_per_slice"], slice_ms=prof["slice_ms"],
                            volume_ms=prof["volume_ms"], within_budget=ok,
-                           meets=ok and val["dice_mean"] >= result["dice_target"],
+                           meets=fits(val["dice_mean"], result["dice_target"], ok),
                            distill_loss=history[-1]["loss"])
                 coord.log(f"[server] capacity: {name}: val Dice {val['dice_mean']:.4f}, "
                          f"{prof['slice_ms']:.1f} ms/slice, "

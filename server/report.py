@@ -33,6 +33,13 @@ def report_markdown(report: dict) -> str:
             truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
                      if "target_dice" in q else "")
             lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.{truth}", ""]
+            cov = q.get("coverage")
+            if cov:
+                lines += [f"Proxy coverage: {cov['claimed']:.0%} of the proxy slices are within "
+                          f"distance {cov['threshold']:g} of some site's own data (median nearest "
+                          f"distance {cov['median']:.2f}; 1 = as close as the site's own unseen "
+                          f"slices)." + (f" **{cov['warning']}**" if cov.get("warning") else ""),
+                          ""]
             dp = {s: f for s, f in q["sites"].items() if "epsilon" in f}
             if dp:
                 lines += ["Differential privacy (Gaussian mechanism on every reply, "
@@ -40,11 +47,13 @@ def report_markdown(report: dict) -> str:
                               f"{s} epsilon {f['epsilon']:.3g}" for s, f in sorted(dp.items()))
                           + f" at delta {next(iter(dp.values()))['delta']:g}.", ""]
             if q["sites"]:
-                lines += ["| site | weight share | agreement | proxy entropy | reply MB |",
-                          "|---|---|---|---|---|"]
+                lines += ["| site | weight share | agreement | calibration T | median affinity "
+                          "distance | proxy entropy | reply MB |",
+                          "|---|---|---|---|---|---|---|"]
             for site, fig in sorted(q["sites"].items()):
                 lines.append(f"| {site} | {_f(q['site_weights'].get(site), 3)} | "
-                             f"{_f(q['agreement'].get(site), 3)} | {_f(fig['proxy_entropy'])} | "
+                             f"{_f(q['agreement'].get(site), 3)} | {_f(fig.get('temperature'), 2)} | "
+                             f"{_f(fig.get('affinity_median'), 2)} | {_f(fig['proxy_entropy'])} | "
                              f"{fig['reply_bytes'] / 1e6:.2f} |")
         w = r.get("weights")
         if w:

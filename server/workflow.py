@@ -65,6 +65,21 @@ LOG = get_logger("fedkd.server")
 
 
 SIMULATION_ONLY = ("local", "central", "central-student", "central-kd")
+COVERAGE_DISTANCE = 1.5   # a proxy slice within this affinity distance of a site is "claimed"
+COVERAGE_WARNING = 0.5    # warn when fewer proxy slices than this are claimed
+
+
+def proxy_coverage(claim: np.ndarray) -> dict:
+    """How much of the proxy set the sites recognise as like their own data: ``claim`` (N,) is
+    each slice's smallest site affinity distance (1 ~ a site's own unseen slices). A proxy set
+    that no site claims cannot carry the sites' knowledge to the student (the report says so)."""
+    claimed = float((claim <= COVERAGE_DISTANCE).mean())
+    out = {"claimed": claimed, "median": float(np.median(claim)), "threshold": COVERAGE_DISTANCE}
+    if claimed < COVERAGE_WARNING:
+        out["warning"] = (f"only {claimed:.0%} of the proxy slices look like any site's data: "
+                          f"this proxy set is unlikely to carry the sites' knowledge; choose a "
+                          f"public set closer to the sites' scanners")
+    return out
 
 
 class Coordinator:
@@ -231,6 +246,13 @@ class Coordinator:
                  **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids), "precision": precision}
+        if targets.claim is not None:
+            query["coverage"] = proxy_coverage(targets.claim)
+            self.log(f"[server] proxy coverage: {query['coverage']['claimed']:.0%} of the slices "
+                     f"within distance {COVERAGE_DISTANCE:g} of some site "
+                     f"(median {query['coverage']['median']:.2f})")
+            if "warning" in query["coverage"]:
+                self.log(f"[server] WARNING: {query['coverage']['warning']}")
         if labels is not None:  # synthetic proxy sets ship masks: how good are the targets?
             query["target_dice"] = self.target_dice(ids, targets.probs, labels)
             self.log(f"[server] aggregated targets vs proxy ground truth: Dice "

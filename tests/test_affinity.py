@@ -62,3 +62,13 @@ def test_malformed_affinity_is_refused(bad, why):
     good = np.array([0.5, 1.0, 2.0, 9.0], np.float32)
     assert np.array_equal(decode_affinity({LOGITS: {AFFINITY: _Array(good)}}, 4), good)
     assert decode_affinity({LOGITS: {}}, 4) is None
+
+
+def test_proxy_coverage_warns_when_no_site_recognises_the_proxy():
+    from server.workflow import proxy_coverage
+
+    near = proxy_coverage(np.array([0.9, 1.1, 1.4, 2.5], np.float32))
+    assert near["claimed"] == 0.75 and "warning" not in near
+    far = proxy_coverage(np.array([1.2, 2.0, 3.1, 4.0], np.float32))
+    assert far["claimed"] == 0.25 and far["median"] == pytest.approx(2.55)
+    assert "unlikely to carry the sites' knowledge" in far["warning"]

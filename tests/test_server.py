@@ -308,6 +308,14 @@ def test_capacity_with_a_loose_target_picks_the_smallest_candidate(fed, tmp_path
     assert (tmp_path / "capacity.png").stat().st_size > 5000
 
 
+def test_a_collapsed_candidate_never_fits_even_a_zero_target():
+    from server.capacity import fits
+
+    assert not fits(0.0, 0.0, True)          # all background: no gland found
+    assert fits(0.01, 0.0, True) and fits(0.7, 0.6, True)
+    assert not fits(0.5, 0.6, True) and not fits(0.9, 0.6, False)
+
+
 def test_capacity_with_an_impossible_target_maps_all_and_exports_the_best(fed, tmp_path):
     cfg, grid = make(fed, tmp_path, [*CAPACITY, "capacity.dice_target=1.0"])
     report = run_federation(grid, cfg, lambda s: None)
