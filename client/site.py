@@ -326,10 +326,11 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     reply = cfg.reply
     # the affinity is an unnoised statistic of the private data: not released under privacy noise
     send_affinity = cfg.aggregation.method == "affinity" and dp.noise_multiplier == 0
-    taps = list(features) + (["bottleneck"] if send_affinity and "bottleneck" not in features
+    needs_reference = send_affinity or reply.calibrate
+    taps = list(features) + (["bottleneck"] if needs_reference and "bottleneck" not in features
                              else [])
     model, val_dice = load_teacher(cfg, node, taps)
-    reference = site_reference(cfg, node, model) if (send_affinity or reply.calibrate) else None
+    reference = site_reference(cfg, node, model) if needs_reference else None
     temperature = reference["temperature"] if reply.calibrate else 1.0
     proxy = load_proxy_cases(cfg, node)
     wanted = parse_slice_ids(slice_ids, proxy)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import RunConfig
-from common.protocol import config_to_text
 
 
 class FederationError(RuntimeError):
@@ -38,17 +37,16 @@ class RunState:
         tmp.replace(run_dir / "state.json")
 
     @classmethod
-    def load(cls, run_dir: Path, digest: str, accepted: tuple[str, ...] = ()) -> "RunState":
+    def load(cls, run_dir: Path, digest: str) -> "RunState":
         """The state in ``run_dir`` (or a fresh one); FederationError if it was made with a
-        config whose digest is neither ``digest`` nor one of ``accepted``."""
+        config of another digest."""
         path = run_dir / "state.json"
         if not path.is_file():
             return cls(digest)
         data = json.loads(path.read_text())
-        if data.get("config_digest") not in (digest, *accepted):
+        if data.get("config_digest") != digest:
             raise FederationError(f"{run_dir}: holds a run with a different config; choose a "
                                   f"new output.run_dir (or delete {path} to start over)")
-        data["config_digest"] = digest
         return cls(**data)
 
 
@@ -58,19 +56,10 @@ NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
                  "runtime": ("threads", "client_threads")}
 
 
-def _changed(value, default):
-    """The parts of ``value`` (plain nested dicts) that differ from ``default``."""
-    if isinstance(value, dict) and isinstance(default, dict):
-        out = {k: _changed(v, default.get(k)) for k, v in value.items()
-               if k not in default or v != default[k]}
-        return out
-    return value
-
-
 def config_digest(cfg: RunConfig) -> str:
-    """Digest of the settings that define a run: only those that differ from the defaults (so
-    a new config key, added with its default, leaves old run directories resumable), without
-    :data:`NOT_IN_DIGEST`."""
+    """Digest of every setting that defines a run, defaults included (without
+    :data:`NOT_IN_DIGEST`): a run directory made when a default had another value is not
+    resumed as if it were this run."""
     plain = cfg.to_dict()
     for section, keys in NOT_IN_DIGEST.items():
         if keys is None:
@@ -78,10 +67,4 @@ def config_digest(cfg: RunConfig) -> str:
         else:
             for k in keys:
                 plain.get(section, {}).pop(k, None)
-    changed = _changed(plain, RunConfig().to_dict())
-    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def legacy_digest(cfg: RunConfig) -> str:
-    """The digest of versions before 2026-11-29 (over the whole config text)."""
-    return hashlib.sha256(config_to_text(cfg).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]

@@ -59,7 +59,7 @@ from server import capacity
 from server.audit import AuditGrid
 from server.distill import distill_student
 from server.messaging import check_proxy_arrays, exchange, wait_for_nodes
-from server.state import FederationError, RunState, config_digest, legacy_digest
+from server.state import FederationError, RunState, config_digest
 
 LOG = get_logger("fedkd.server")
 
@@ -92,7 +92,7 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.output.audit and grid is not None and not isinstance(grid, AuditGrid):
             self.grid = AuditGrid(grid, self.run_dir / "audit.jsonl")
-        self.state = RunState.load(self.run_dir, config_digest(cfg), (legacy_digest(cfg),))
+        self.state = RunState.load(self.run_dir, config_digest(cfg))
         dump_config(cfg, self.run_dir / "config.yaml")
         self.timeout = cfg.federation.wait_timeout_s
         self.in_channels = input_channels(cfg.data)

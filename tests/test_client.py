@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -126,6 +127,36 @@ def test_precisions_agree_and_int8_error_is_bounded(fed, trained):
     again, _ = decode_proxy_reply(send(query_request(cfg, ids[::-1], ["enc2"], "float32", 4),
                                        QUERY_PROXY, node).content)
     assert np.allclose(again[::-1], ref_logits, atol=1e-5)
+
+
+def test_reply_carries_calibrated_logits_and_a_per_slice_affinity(fed, trained):
+    """Default (affinity): an (N,) float32 affinity, ~1 on slices like the site's own; the
+    logits are the raw ones divided by the temperature fit on the site's validation split. With
+    mean aggregation the logits are still calibrated and no affinity is sent."""
+    root, cfg, node = fed
+    ids = [f"Case0{c}/{z}" for c in range(3) for z in range(0, 12, 3)]
+    reply = send(query_request(cfg, ids, ["enc2"], "float32"), QUERY_PROXY, node)
+    assert not reply.has_error(), reply.error
+    aff = reply.content["logits"]["affinity"].numpy()
+    assert aff.shape == (len(ids),) and aff.dtype == np.float32
+    assert np.isfinite(aff).all() and 0.3 < np.median(aff) < 5.0
+    stats = reply.content["stats"]
+    assert stats["reply_bytes"] == sum(a.numpy().nbytes for rec in ("logits", "features")
+                                       for a in reply.content[rec].values())
+    t = stats["temperature"]
+    assert 0.25 <= t <= 8.0
+    raw_cfg = replace(cfg, reply=replace(cfg.reply, calibrate=False),
+                      aggregation=replace(cfg.aggregation, method="mean"))
+    raw = send(query_request(raw_cfg, ids, [], "float32"), QUERY_PROXY, node)
+    assert "affinity" not in raw.content["logits"] and raw.content["stats"]["temperature"] == 1.0
+    raw_logits = raw.content["logits"]["logits"].numpy()
+    got = reply.content["logits"]["logits"].numpy()
+    assert np.allclose(got, raw_logits / t, atol=1e-4)
+    mean_cfg = replace(cfg, aggregation=replace(cfg.aggregation, method="mean"))
+    calibrated = send(query_request(mean_cfg, ids, [], "float32"), QUERY_PROXY, node)
+    assert not calibrated.has_error(), calibrated.error
+    assert "affinity" not in calibrated.content["logits"]
+    assert np.allclose(calibrated.content["logits"]["logits"].numpy(), got, atol=1e-4)
 
 
 def test_evaluation_against_known_models(fed, trained):

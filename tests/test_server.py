@@ -404,7 +404,7 @@ def test_the_server_runs_torch_with_runtime_threads(fed, tmp_path):
 
 
 def test_config_digest_covers_what_defines_a_run(tmp_path):
-    from server.state import RunState, config_digest, legacy_digest
+    from server.state import RunState, config_digest
 
     base = load_config(None, SETTINGS)
     digest = config_digest(base)
@@ -412,12 +412,15 @@ def test_config_digest_covers_what_defines_a_run(tmp_path):
     same = load_config(None, [*SETTINGS, "federation.wait_timeout_s=999", "output.audit=true",
                               "runtime.threads=1", "experiment.seeds=[5]", "train.lr=0.005"])
     assert RunConfig().train.lr == 0.005 and config_digest(same) == digest
-    for change in ("train.epochs=3", "aggregation.method=mean", "data.size=[32,32]"):
+    for change in ("train.epochs=3", "aggregation.method=mean", "data.size=[32,32]",
+                   "distill.soft_dice=false", "reply.calibrate=false"):
         assert config_digest(load_config(None, [*SETTINGS, change])) != digest, change
-    # a run directory written by an older version (whole-config digest) is still resumable
-    RunState(legacy_digest(base), completed=["train"]).save(tmp_path)
-    state = RunState.load(tmp_path, digest, (legacy_digest(base),))
-    assert state.completed == ["train"] and state.config_digest == digest
+    # every setting counts, defaults included: a run directory made when a default had another
+    # value (distill.soft_dice was false) is not resumed as a run with today's default
+    old_default = load_config(None, [*SETTINGS, "distill.soft_dice=false"])
+    assert RunConfig().distill.soft_dice and config_digest(old_default) != digest
+    RunState(digest, completed=["train"]).save(tmp_path)
+    assert RunState.load(tmp_path, digest).completed == ["train"]
     with pytest.raises(FederationError, match="different config"):
         RunState.load(tmp_path, config_digest(load_config(None, [*SETTINGS, "train.epochs=3"])))
 
