@@ -13,13 +13,17 @@ message type           server -> site (content)                     site -> serv
                                                                     seconds, reused (1 = checkpoint reused)
                                                                     ``info`` (ConfigRecord): site, teacher_arch
 ``query.proxy``        ``run``: {config}; ``query``: {slice_ids     ``logits`` (ArrayRecord): ``logits``
-                       (list[str], "PROXY/CaseXX/z"), features      (N, 2, H, W); with int8 also
-                       (list[str]), precision ("float32" |          ``logits.scale`` (N, 2) float32
-                       "float16" | "int8"), batch_size (int)}       ``features`` (ArrayRecord): one
+                       (list[str], "PROXY/CaseXX/z"), features      (N, 2, H, W), divided by the site's
+                       (list[str]), precision ("float32" |          calibration temperature; with int8
+                       "float16" | "int8"), batch_size (int)}       ``logits.scale`` (N, 2) float32; with
+                                                                    aggregation affinity ``affinity`` (N,)
+                                                                    float32 (common.affinity)
+                                                                    ``features`` (ArrayRecord): one
                                                                     (N, C, h, w) per requested name (+ .scale)
                                                                     ``stats`` (MetricRecord): val_dice,
                                                                     proxy_entropy, n_slices, reply_bytes,
-                                                                    seconds; ``info``: site, slice_ids
+                                                                    temperature, seconds (affinity_median);
+                                                                    ``info``: site, slice_ids
 ``evaluate.student``   ``run``: {config}; ``student``              ``metrics`` (MetricRecord): dice_mean,
                        (ArrayRecord): the student's state dict;     dice_std, dice_median, dice_min, dice_max,
                        ``evaluate``: {split: "test" (default) |

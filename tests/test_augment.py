@@ -1,5 +1,6 @@
 """The batch augmentation of distillation moves soft targets and feature maps with the image."""
 
+import numpy as np
 import torch
 
 from common import augment
@@ -49,3 +50,30 @@ def test_intensity_changes_the_image_only_within_the_recipe_ranges():
     lo = 0.5 * (1 - STANDARD["scale"]) - STANDARD["shift"] - 0.02
     hi = 0.5 * (1 + STANDARD["scale"]) + STANDARD["shift"] + 0.02
     assert lo < mean.min() and mean.max() < hi and mean.std() > 0.03
+
+
+def test_scanner_intensity_is_physical_reproducible_and_leaves_targets_alone():
+    from common.augment import augment_batch, augmentation, scanner_intensity
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    r2 = (yy - 16) ** 2 + (xx - 16) ** 2
+    blob, ring = r2 <= 25, (r2 > 36) & (r2 <= 81)            # a gland and a ring around it
+    x = torch.where(blob, 0.6, 0.4).expand(64, 1, 32, 32).clone()
+    a = scanner_intensity(x, torch.Generator().manual_seed(3))
+    b = scanner_intensity(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert (a - x).abs().amax(dim=(1, 2, 3)).max() > 0.05       # it changes intensities
+    # a smooth field, a monotone gamma, mild blur and noise: the gland stays brighter than the
+    # tissue around it (a tissue-contrast inversion would flip this for whole slices)
+    contrast = a[:, 0][:, blob].mean(1) - a[:, 0][:, ring].mean(1)
+    assert (contrast > 0).float().mean() >= 0.9 and contrast.mean() > 0.1, contrast
+    x = x[:16]
+    probs = torch.softmax(torch.randn(16, 2, 32, 32, generator=g), dim=1)
+    _, maps = augment_batch(x, {"probs": probs}, torch.Generator().manual_seed(1),
+                            background="probs", intensity="scanner")
+    _, ref = augment_batch(x, {"probs": probs}, torch.Generator().manual_seed(1),
+                           background="probs")
+    assert torch.allclose(maps["probs"], ref["probs"])          # targets move only with geometry
+    out = augmentation("scanner")({"image": x[0].numpy(), "label": np.zeros((1, 32, 32), np.int64)})
+    assert tuple(out["image"].shape) == (1, 32, 32)
