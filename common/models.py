@@ -3,7 +3,7 @@
 Both are MONAI networks (``UNet`` by default, ``BasicUNet`` as an alternative teacher) wrapped in
 :class:`FeatureNet`, whose forward returns ``(logits (B, 2, H, W), {name: (B, C_name, H/s, W/s)})``.
 Feature maps are captured with forward hooks on the MONAI modules, so the network itself is
-unchanged (``FeatureNet.export_network()`` gives a hook-free copy for TorchScript).
+unchanged (``FeatureNet.export_network()`` gives a hook-free copy for torch.export).
 
 Feature names are shared across architectures (:mod:`common.architectures` says which maps each
 architecture returns and where they are tapped). Channels differ between networks;
@@ -75,7 +75,7 @@ class FeatureNet(nn.Module):
         return logits, feats
 
     def export_network(self) -> nn.Module:
-        """A hook-free copy of the bare network (logits only), for TorchScript/ONNX export."""
+        """A hook-free copy of the bare network (logits only), for torch.export / ONNX export."""
         net = copy.deepcopy(self.net)
         for module in net.modules():
             module._forward_hooks.clear()

@@ -1,5 +1,6 @@
-"""Export the final student: state dict, TorchScript, ONNX (when ``onnx`` is installed) and a
-model card (``model_card.json``: config, parameters, sites, metrics) that ``fedkd predict`` reads."""
+"""Export the final student: state dict, a ``torch.export`` program (``student.pt2``; TorchScript
+is deprecated in torch 2.13), ONNX (when ``onnx`` is installed) and a model card
+(``model_card.json``: config, parameters, sites, metrics) that ``fedkd predict`` reads."""
 
 from __future__ import annotations
 
@@ -18,9 +19,22 @@ CARD = "model_card.json"
 def export_onnx(net: torch.nn.Module, in_channels: int, size: tuple[int, int], path: Path) -> None:
     """``net`` (logits only) as ONNX with input ``image`` (B, C, H, W) and output ``logits``, the
     batch axis dynamic. Needs the ``onnx`` extra."""
-    torch.onnx.export(net, torch.zeros(1, in_channels, *size), str(path), input_names=["image"],
-                      output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    from torch.export import Dim
+
+    torch.onnx.export(net, (torch.zeros(2, in_channels, *size),), str(path),
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}})
+
+
+def export_program(net: torch.nn.Module, in_channels: int, size: tuple[int, int],
+                   path: Path) -> None:
+    """``net`` (logits only) as a ``torch.export`` program with a dynamic batch axis; load it
+    with ``torch.export.load(path).module()``: (B, C, H, W) -> logits (B, 2, H, W)."""
+    from torch.export import Dim, export, save
+
+    program = export(net, (torch.zeros(2, in_channels, *size),),
+                     dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}}, strict=False)
+    save(program, str(path))
 
 
 def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
@@ -32,8 +46,8 @@ def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
     model.eval()
     torch.save(model.net.state_dict(), out / "student.pt")
     net = model.export_network().eval()
-    torch.jit.script(net).save(str(out / "student.ts"))
-    formats = ["state_dict", "torchscript"]
+    export_program(net, in_ch, tuple(cfg.data.size), out / "student.pt2")
+    formats = ["state_dict", "torch.export"]
     try:
         import onnx  # noqa: F401
 

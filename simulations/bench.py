@@ -6,7 +6,7 @@
                 federation runs in this process over :class:`simulations.local_grid.LocalGrid`
                 (the same ServerApp workflow and ClientApp as a deployment).
 * ``compress``  teacher vs student: parameters, MACs, CPU latency per slice and per volume
-                (eager PyTorch, TorchScript, ONNX Runtime when installed), peak memory of a
+                (eager PyTorch, a torch.export program, ONNX Runtime when installed), peak memory of a
                 volume's inference (measured in a fresh process).
 * ``scale``     server aggregation time and peak memory (tracemalloc) for ``bench.scale_sites``
                 simulated teacher replies of realistic size, and the Simulation Engine's wall
@@ -32,6 +32,7 @@ from common.config import RunConfig, to_plain, with_overrides
 from common.plotting import pyplot, save
 from common.models import FeatureNet, build_teacher, input_channels
 from common.profile import latency_ms, profile_network
+from server.export import export_program
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -134,9 +135,10 @@ def bench_compress(cfg: RunConfig) -> dict:
     for name, model in models.items():
         p = profile_network(model, size, b.volume_slices, threads, b.repeats)
         net = model.export_network().eval()
-        scripted = torch.jit.script(net)
+        export_program(net, ch, size, Path(cfg.output.run_dir) / f"bench_{name}.pt2")
+        exported = torch.export.load(str(Path(cfg.output.run_dir) / f"bench_{name}.pt2")).module()
 
-        def run_ts(x, m=scripted):
+        def run_ts(x, m=exported):
             with torch.inference_mode():
                 m(x)
 
@@ -146,7 +148,7 @@ def bench_compress(cfg: RunConfig) -> dict:
         ort = (latency_ms(ort_run, ch, size, b.volume_slices, b.repeats,
                           to_input=lambda t: t.numpy()) if ort_run else None)
         out["models"][name] = {
-            **p, "torchscript_slice_ms": ts[0], "torchscript_volume_ms": ts[1],
+            **p, "export_slice_ms": ts[0], "export_volume_ms": ts[1],
             "onnxruntime_slice_ms": ort[0] if ort else None,
             "onnxruntime_volume_ms": ort[1] if ort else None, "onnxruntime_note": why,
             "peak_mb": peak_inference_mb(model, size, b.volume_slices, threads)}
@@ -157,7 +159,7 @@ def bench_compress(cfg: RunConfig) -> dict:
                      "slice_ms": t["slice_ms"] / s["slice_ms"],
                      "volume_ms": t["volume_ms"] / s["volume_ms"],
                      "peak_mb": t["peak_mb"] / max(s["peak_mb"], 1e-9),
-                     "torchscript_volume_ms": t["torchscript_volume_ms"] / s["torchscript_volume_ms"]}
+                     "export_volume_ms": t["export_volume_ms"] / s["export_volume_ms"]}
     if s["onnxruntime_volume_ms"]:
         out["ratios"]["onnxruntime_volume_ms"] = (t["onnxruntime_volume_ms"]
                                                   / s["onnxruntime_volume_ms"])
@@ -166,24 +168,24 @@ def bench_compress(cfg: RunConfig) -> dict:
         return "-" if x is None else f"{x:.1f}"
 
     rows = [[n, f"{m['parameters']:,}", f"{m['macs_per_slice'] / 1e6:.1f}", ms(m["slice_ms"]),
-             ms(m["volume_ms"]), ms(m["torchscript_slice_ms"]), ms(m["torchscript_volume_ms"]),
+             ms(m["volume_ms"]), ms(m["export_slice_ms"]), ms(m["export_volume_ms"]),
              ms(m["onnxruntime_slice_ms"]), ms(m["onnxruntime_volume_ms"]), f"{m['peak_mb']:.0f}"]
             for n, m in out["models"].items()]
     r = out["ratios"]
     ort_ratio = r.get("onnxruntime_volume_ms")
     rows.append(["teacher / student", f"{r['parameters']:.1f}x", f"{r['macs']:.1f}x",
                  f"{r['slice_ms']:.1f}x", f"{r['volume_ms']:.1f}x", "",
-                 f"{r['torchscript_volume_ms']:.1f}x", "",
+                 f"{r['export_volume_ms']:.1f}x", "",
                  f"{ort_ratio:.1f}x" if ort_ratio else "", f"{r['peak_mb']:.1f}x"])
     table = _table(["model", "parameters", "MMACs/slice", "eager ms/slice",
-                    f"eager ms/volume ({b.volume_slices})", "TorchScript ms/slice",
-                    "TorchScript ms/volume", "ONNX RT ms/slice", "ONNX RT ms/volume",
+                    f"eager ms/volume ({b.volume_slices})", "torch.export ms/slice",
+                    "torch.export ms/volume", "ONNX RT ms/slice", "ONNX RT ms/volume",
                     "peak MB (volume)"], rows)
     if not s["onnxruntime_slice_ms"]:
         table += f"\n\nONNX Runtime: {s['onnxruntime_note']}."
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    kinds = [("eager", "volume_ms"), ("TorchScript", "torchscript_volume_ms"),
+    kinds = [("eager", "volume_ms"), ("torch.export", "export_volume_ms"),
              ("ONNX Runtime", "onnxruntime_volume_ms")]
     for k, (label, key) in enumerate(kinds):
         vals = [out["models"][n][key] or 0 for n in ("teacher", "student")]

@@ -32,7 +32,7 @@ def test_bench_compress(bench_cfg, tmp_path, capsys):
     assert r["ratios"]["parameters"] == pytest.approx(51777 / 10340)
     assert r["ratios"]["macs"] > 1 and t["size"] == [32, 32] and t["depth"] == 4
     for m in (t, s):
-        assert 0 < m["slice_ms"] < m["volume_ms"] and m["torchscript_volume_ms"] > 0
+        assert 0 < m["slice_ms"] < m["volume_ms"] and m["export_volume_ms"] > 0
         assert m["peak_mb"] >= 0
         if importlib.util.find_spec("onnxruntime"):  # the onnx extra (make installs it)
             assert m["onnxruntime_volume_ms"] > 0, m["onnxruntime_note"]

@@ -89,8 +89,8 @@ def test_federation_distils_a_student_that_beats_an_untrained_one(adaptive_run, 
     assert "| SiteB |" in md and "student Dice" in md and "proxy ground truth: Dice" in md
     assert json.loads((run_dir / "report.json").read_text())["student_parameters"] == 10340
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
-    assert card["sites"] == ["SiteA", "SiteB", "SiteC"] and "torchscript" in card["formats"]
-    scripted = torch.jit.load(str(run_dir / "export" / "student.ts"))
+    assert card["sites"] == ["SiteA", "SiteB", "SiteC"] and "torch.export" in card["formats"]
+    scripted = torch.export.load(str(run_dir / "export" / "student.pt2")).module()
     model, _ = load_exported(run_dir / "export")
     x = torch.rand(2, 1, 64, 64)
     assert torch.allclose(scripted(x), model(x)[0], atol=1e-5)
@@ -245,7 +245,7 @@ def test_fedprox_baseline_runs_flowers_strategy_and_sites_evaluate_the_result(fe
     final = torch.load(tmp_path / "student_r2.pt")
     initial = FeatureNet(cfg.model.student).net.state_dict()
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
-    assert (tmp_path / "export" / "student.ts").is_file()
+    assert (tmp_path / "export" / "student.pt2").is_file()
     assert "FedProx of the student over 3 sites" in (tmp_path / "report.md").read_text()
 
 

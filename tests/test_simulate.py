@@ -18,4 +18,4 @@ def test_simulate_runs_the_federation_in_the_simulation_engine(tmp_path, capsys)
     assert set(ev) == {"SiteA", "SiteB"}
     assert all(0.0 <= m["dice_mean"] <= 1.0 and m["n_cases"] == 1 for m in ev.values())
     assert (tmp_path / "state" / "SiteA" / "teacher.pt").is_file()
-    assert (tmp_path / "run" / "export" / "student.ts").is_file()
+    assert (tmp_path / "run" / "export" / "student.pt2").is_file()
