@@ -58,7 +58,9 @@ def test_bench_comm(bench_cfg, tmp_path, capsys):
     by = {m["method"]: m for m in r["methods"]}
     b = {k: v["bytes_per_site_round"] for k, v in by.items()}
     assert b["KD float32 + features"] > b["KD float16 + features"] > b["KD int8 + features"]
-    assert b["KD float32"] == pytest.approx(2 * b["KD float16"])
+    # logits halve from float32 to float16; the affinity (4 bytes a proxy slice) stays float32
+    affinity = 2 * b["KD float16"] - b["KD float32"]
+    assert affinity > 0 and affinity % 4 == 0 and affinity < 0.001 * b["KD float16"]
     assert b["KD float16 + features"] > b["KD float16"]
     assert b["FedAvg student"] == 4 * 10340 and b["FedAvg teacher"] == 4 * 51777
     assert by["FedAvg student"]["rounds"] == 2 and by["KD int8"]["rounds"] == 1
