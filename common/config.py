@@ -173,6 +173,10 @@ class DistillConfig:
     lovasz_confidence: float = field_(0.7, lo=0.5, hi=1.0, doc="Lovasz on the argmax of the "
                                       "targets where their top probability reaches this (0.5: "
                                       "every pixel)")
+    select_every: int = field_(0, lo=0, hi=10000, doc="keep the student every this many "
+                               "epochs (and the starting weights of a refinement, e.g. feddf's "
+                               "FedAvg student); the sites' validation Dice picks the final one "
+                               "(0: the last epoch, no selection)")
     max_claim_distance: Optional[float] = field_(None, lo=0.0, doc="aggregation affinity: leave "
                                                  "out proxy slices whose nearest site distance "
                                                  "exceeds this (None: keep all)")

@@ -53,11 +53,13 @@ def epoch_slices(has_gland: np.ndarray, fraction: float, rng: np.random.Generato
 def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, cfg: DistillConfig,
                     recipe: Optional[StudentConfig] = None, seed: int = 0,
                     log: Callable[[str], None] = print, tag: str = "distill",
-                    feature_loss: Optional[FeatureDistillLoss] = None) -> list[dict]:
+                    feature_loss: Optional[FeatureDistillLoss] = None,
+                    on_epoch: Optional[Callable[[int, FeatureNet], None]] = None) -> list[dict]:
     """Train ``student`` in place on ``images`` (N, C_in, H, W) toward ``targets``.
 
     Returns the per-epoch history: total loss, each term's mean, the slices used and the
-    optimizer steps.
+    optimizer steps. ``on_epoch(epoch, student)`` is called after every epoch (e.g. to keep
+    checkpoints for selection on validation).
     """
     recipe = recipe or StudentConfig()
     if images.shape[0] != targets.probs.shape[0]:
@@ -136,5 +138,8 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
         log(f"[{tag}] epoch {epoch}/{cfg.epochs} loss={row['loss']:.4f} kl={row['kl']:.4f} "
             f"lovasz={row['lovasz']:.4f} dice={row['dice']:.4f} feature={row['feature']:.4f} "
             f"({len(chosen)} slices, {row['seconds']:.1f}s)")
+        if on_epoch is not None:
+            student.eval()
+            on_epoch(epoch, student)
     student.eval()
     return history

@@ -272,11 +272,31 @@ class Coordinator:
         if rnd > 1:
             student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
         _, images, _ = self.proxy()
+        every, epochs = self.cfg.distill.select_every, self.cfg.distill.epochs
+        candidates: dict[int, dict] = {}
+        if every and rnd > 1:   # a refinement may also keep the weights it started from
+            candidates[0] = {k: v.clone() for k, v in student.net.state_dict().items()}
+
+        def keep(epoch: int, net) -> None:
+            if every and (epoch % every == 0 or epoch == epochs):
+                candidates[epoch] = {k: v.clone() for k, v in net.net.state_dict().items()}
+
         history = distill_student(student, images, targets, self.cfg.distill,
                                   self.cfg.student, self.cfg.runtime.seed, self.log,
-                                  tag=f"distill r{rnd}")
-        torch.save(student.net.state_dict(), self.run_dir / f"student_r{rnd}.pt")
-        self.state.rounds.setdefault(str(rnd), {})["distill"] = {"history": history}
+                                  tag=f"distill r{rnd}", on_epoch=keep)
+        record: dict = {"history": history}
+        weights = student.net.state_dict()
+        if candidates:
+            val = {e: self.site_metrics(self.cfg, w, "val", f"select_r{rnd}/epoch_{e}")["dice_mean"]
+                   for e, w in candidates.items()}
+            best = max(val, key=lambda e: (val[e], e))
+            weights = candidates[best]
+            record["selection"] = {"val_dice": {str(e): v for e, v in val.items()}, "epoch": best}
+            self.log(f"[server] distillation r{rnd}: epoch {best} chosen on the sites' "
+                     f"validation Dice ({val[best]:.4f}; candidates "
+                     + ", ".join(f"{e}: {v:.4f}" for e, v in val.items()) + ")")
+        torch.save(weights, self.run_dir / f"student_r{rnd}.pt")
+        self.state.rounds.setdefault(str(rnd), {})["distill"] = record
         self._done(f"distill_r{rnd}", time.perf_counter() - t0)
 
     def site_metrics(self, cfg: RunConfig, weights: dict, split: str, step: str,

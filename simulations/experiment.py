@@ -27,7 +27,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common.config import RunConfig, dump_config, with_overrides
+from common.config import ConfigError, RunConfig, dump_config, with_overrides
+from common.data import DataError
+from server.state import FederationError
 from simulations.plots import _by_method
 
 STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "central-student", "central-kd")
@@ -299,29 +301,44 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
           f"{len(cfg.experiment.seeds)} seeds); teacher {models['teacher']['parameters']:,} "
           f"parameters, student {models['student']['parameters']:,}")
     results: list[dict] = []
+    failed: list[dict] = []
     for i, (method, seed, run_cfg) in enumerate(runs, 1):
         spent = time.perf_counter() - t0
         eta = f", about {spent / (i - 1) * (len(runs) - i + 1) / 60:.1f} min left" if i > 1 else ""
         tag = f" fold {run_cfg.data.fold}" if run_cfg.data.folds else ""
         print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: {spent / 60:.1f} min "
               f"so far{eta}", flush=True)
-        report = simulate(run_cfg)
         fold = run_cfg.data.fold if run_cfg.data.folds else None
+        try:
+            report = simulate(run_cfg)
+        except (FederationError, ConfigError, DataError, RuntimeError) as exc:
+            # one failed run must not cost the rest of the grid: record it, go on
+            failed.append({"method": family(method), "run": method, "seed": seed, "fold": fold,
+                           "error": f"{type(exc).__name__}: {exc}",
+                           "run_dir": run_cfg.output.run_dir})
+            print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: FAILED: "
+                  f"{failed[-1]['error']} (see {run_cfg.output.run_dir}); going on", flush=True)
+            _write(root, cfg, results, models, time.perf_counter() - t0, failed)
+            continue
         results.append({"method": family(method), "run": method, "seed": seed, "fold": fold,
                         "lr": run_cfg.student.lr if LR_TAG in method else None,
                         **run_figures(report), "config": run_cfg.to_dict()})
         print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: Dice "
               f"{results[-1]['dice_mean']:.4f} on {results[-1]['n_test_cases']} test cases",
               flush=True)
-        _write(root, cfg, results, models, time.perf_counter() - t0)
+        _write(root, cfg, results, models, time.perf_counter() - t0, failed)
     wall = time.perf_counter() - t0
-    _write(root, cfg, results, models, wall)
-    write_report(cfg, results, models, wall, runs)
+    _write(root, cfg, results, models, wall, failed)
+    if not results:
+        raise SystemExit(f"[experiment] every run failed; the first: {failed[0]['error']}")
+    write_report(cfg, results, models, wall, runs, failed)
+    if failed:
+        print(f"[experiment] {len(failed)} run(s) FAILED (listed in {root / 'report.md'})")
     return results
 
 
 def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
-                 runs: Optional[list] = None) -> Path:
+                 runs: Optional[list] = None, failed: Optional[list[dict]] = None) -> Path:
     """``report.md`` and the plots of an experiment from its figures (``fedkd experiment
     --report-only`` calls it on an existing ``results.json``)."""
     from simulations.plots import experiment_plots
@@ -347,6 +364,10 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
         f"itself; the first run of a seed also trains the seed's site teachers, which the "
         f"other runs of that seed reuse (as `central-kd` reuses `central`'s teacher).\n\n"
         f"{table}\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+        + ("".join(["\n**Failed runs** (not in the figures above):\n\n"]
+                   + [f"* `{f['run']}` seed {f['seed']}"
+                      + ("" if f["fold"] is None else f" fold {f['fold']}")
+                      + f": {f['error']}\n" for f in failed]) if failed else "")
         + f"\nMachine: {host['processor']}, {host['cpus']} CPUs, torch {host['torch']}; "
         f"wall time {wall / 60:.1f} min.\n")
     print(table)
@@ -361,10 +382,12 @@ def report_only(cfg: RunConfig) -> Path:
     if not path.is_file():
         raise SystemExit(f"{path}: not found (run the experiment first)")
     data = json.loads(path.read_text())
-    return write_report(cfg, data["runs"], data["models"], data["wall_seconds"])
+    return write_report(cfg, data["runs"], data["models"], data["wall_seconds"],
+                        failed=data.get("failed"))
 
 
-def _write(root: Path, cfg: RunConfig, results: list[dict], models: dict, wall: float) -> None:
+def _write(root: Path, cfg: RunConfig, results: list[dict], models: dict, wall: float,
+           failed: Optional[list[dict]] = None) -> None:
     (root / "results.json").write_text(json.dumps(
         {"name": cfg.name, "machine": machine(), "wall_seconds": wall, "models": models,
-         "runs": results}, indent=1))
+         "runs": results, "failed": failed or []}, indent=1))

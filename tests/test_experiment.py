@@ -48,7 +48,9 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     methods = {"adaptive-kd": [], "dp": ["privacy.noise_multiplier=0.01"],
                "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
                "local": ["federation.strategy=local"], "central": ["federation.strategy=central"],
-               "central-kd": ["federation.strategy=central-kd"]}
+               "central-kd": ["federation.strategy=central-kd"],
+               # fails at run time (no such site): recorded, and the grid goes on
+               "broken": ["aggregation.method=single", "aggregation.single_site=SiteZ"]}
     path = tiny_sim_config(tmp_path, output={"run_dir": str(tmp_path / "exp")},
                            experiment={"methods": methods, "seeds": [0],
                                        "unseen_sites": ["other/SiteC"]},
@@ -64,11 +66,13 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["experiment", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[experiment] (6/6) central-kd seed 0" in out and "min left" in out
+    assert "[experiment] (6/7) central-kd seed 0" in out and "min left" in out
+    assert "(7/7) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
     exp = tmp_path / "exp"
     results = json.loads((exp / "results.json").read_text())
     runs = results["runs"]
-    assert [r["method"] for r in runs] == list(methods)
+    assert [r["method"] for r in runs] == [m for m in methods if m != "broken"]
+    assert [f["run"] for f in results["failed"]] == ["broken"]
     for r in runs:
         assert 0.0 <= r["dice_mean"] <= 1.0 and set(r["site_dice"]) == {"SiteA", "SiteB"}
         assert set(r["unseen_dice"]) == {"SiteC"} and 0.0 <= r["unseen_dice"]["SiteC"] <= 1.0
@@ -89,7 +93,9 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert s["slice_ms"] > 0 and s["volume_ms"] > s["slice_ms"]
     report = (exp / "report.md").read_text()
     for m in methods:
-        assert f"| {m} | 1 |" in report
+        if m != "broken":
+            assert f"| {m} | 1 |" in report
+    assert "**Failed runs**" in report and "* `broken` seed 0: FederationError" in report
     assert "Dice, unseen SiteC" in report and "MMACs per slice" in report
     for png in ("per_site_dice", "dice_vs_bytes", "learning_curves", "montage", "dice_vs_epsilon"):
         assert (exp / f"{png}.png").stat().st_size > 5000, png

@@ -251,13 +251,20 @@ def test_fedprox_baseline_runs_flowers_strategy_and_sites_evaluate_the_result(fe
 
 def test_feddf_refines_the_fedavg_student_by_distillation(fed, tmp_path, adaptive_run):
     """FedDF: two FedAvg rounds, then the teachers answer the proxy query and the FedAvg student
-    (not a fresh one) is distilled and evaluated once, as round 3."""
+    (not a fresh one) is distilled; the sites' validation Dice picks among the FedAvg start and
+    the distilled epochs kept (select_every), and the chosen one is tested once, as round 3."""
     cfg, grid = make(fed, tmp_path, ["federation.strategy=feddf", "federation.rounds=2",
-                                     "distill.epochs=2"])
+                                     "distill.epochs=2", "distill.select_every=1"])
     report = run_federation(grid, cfg, lambda s: None)
     types = sent_types(grid)
     assert types == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3 + \
-        [TRAIN_TEACHER] * 3 + [QUERY_PROXY] * 3 + [EVALUATE_STUDENT] * 3
+        [TRAIN_TEACHER] * 3 + [QUERY_PROXY] * 3 + [EVALUATE_STUDENT] * 12
+    splits = [m.content["evaluate"]["split"] for m in grid.sent
+              if m.metadata.message_type == EVALUATE_STUDENT]
+    assert splits == ["val"] * 9 + ["test"] * 3          # selection never reads a test split
+    sel = report["state"]["rounds"]["3"]["distill"]["selection"]
+    assert set(sel["val_dice"]) == {"0", "1", "2"}
+    assert sel["val_dice"][str(sel["epoch"])] == max(sel["val_dice"].values())
     assert report["state"]["completed"] == ["weights", "train", "query_r3", "distill_r3",
                                             "evaluate_r3"]
     fedavg, refined = torch.load(tmp_path / "student_r2.pt"), torch.load(tmp_path / "student_r3.pt")
@@ -266,7 +273,7 @@ def test_feddf_refines_the_fedavg_student_by_distillation(fed, tmp_path, adaptiv
     # stay far from them
     moved = sum(float((refined[k].float() - fedavg[k].float()).norm()) for k in fedavg)
     fresh_gap = sum(float((fresh[k].float() - fedavg[k].float()).norm()) for k in fedavg)
-    assert 0 < moved < 0.5 * fresh_gap
+    assert (moved == 0) == (sel["epoch"] == 0) and moved < 0.5 * fresh_gap
     assert set(report["state"]["rounds"]["3"]["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert card["config"]["federation"]["strategy"] == "feddf"
