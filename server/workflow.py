@@ -69,6 +69,13 @@ COVERAGE_DISTANCE = 1.5   # a proxy slice within this affinity distance of a sit
 COVERAGE_WARNING = 0.5    # warn when fewer proxy slices than this are claimed
 
 
+def final_round(cfg: RunConfig) -> int:
+    """The round of a run's final student: ``federation.rounds``; with ``feddf`` the
+    distillation after the FedAvg rounds is one round more."""
+    rounds = cfg.federation.rounds
+    return rounds + 1 if cfg.federation.strategy == "feddf" else rounds
+
+
 def proxy_coverage(claim: np.ndarray) -> dict:
     """How much of the proxy set the sites recognise as like their own data: ``claim`` (N,) is
     each slice's smallest site affinity distance (1 ~ a site's own unseen slices). A proxy set
@@ -336,10 +343,7 @@ class Coordinator:
 
     @property
     def final_round(self) -> int:
-        """The round of the final student: ``federation.rounds``; with ``feddf`` the
-        distillation after the FedAvg rounds is one round more."""
-        rounds = self.cfg.federation.rounds
-        return rounds + 1 if self.cfg.federation.strategy == "feddf" else rounds
+        return final_round(self.cfg)
 
     def weight_sharing(self, nodes: list[int]) -> None:
         """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""

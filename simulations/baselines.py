@@ -134,6 +134,7 @@ def final_model(cfg: RunConfig) -> FeatureNet:
     baseline (architecture in ``model.json``), else the federation's ``student_rR.pt`` (for a
     capacity search, the chosen candidate's architecture)."""
     from server.capacity import chosen_spec
+    from server.workflow import final_round
 
     run_dir = Path(cfg.output.run_dir)
     weights = run_dir / "model.pt"
@@ -141,7 +142,7 @@ def final_model(cfg: RunConfig) -> FeatureNet:
         arch = json.loads((run_dir / "model.json").read_text())["arch"]
         spec = cfg.model.teacher if arch == "teacher" else cfg.model.student
     else:
-        weights = run_dir / f"student_r{cfg.federation.rounds}.pt"
+        weights = run_dir / f"student_r{final_round(cfg)}.pt"
         rounds = json.loads((run_dir / "state.json").read_text())["rounds"]
         spec = chosen_spec(rounds) or cfg.model.student
     model = FeatureNet(spec, input_channels(cfg.data))

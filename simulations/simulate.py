@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.data import discover_sites
 from common.logs import get_logger
 from common.synthetic import existing_matches, write_dataset
-from server.workflow import SIMULATION_ONLY
+from server.workflow import SIMULATION_ONLY, final_round
 
 LOG = get_logger("fedkd.server")
 
@@ -102,7 +102,7 @@ def add_unseen(cfg: RunConfig, report: dict) -> None:
     from simulations.baselines import evaluate_unseen, final_model
 
     unseen = evaluate_unseen(cfg, final_model(cfg))
-    report["state"]["rounds"][str(cfg.federation.rounds)]["unseen"] = unseen
+    report["state"]["rounds"][str(final_round(cfg))]["unseen"] = unseen
     write_report(report, Path(cfg.output.run_dir), LOG.info)
     for site, m in unseen.items():
         print(f"[simulate] unseen site {site}: Dice {m['dice_mean']:.4f} on {int(m['n_cases'])} cases")

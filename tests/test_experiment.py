@@ -47,6 +47,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     sites in the federation and a third one unseen."""
     methods = {"adaptive-kd": [], "dp": ["privacy.noise_multiplier=0.01"],
                "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
+               "feddf": ["federation.strategy=feddf", "federation.rounds=2"],
                "local": ["federation.strategy=local"], "central": ["federation.strategy=central"],
                "central-kd": ["federation.strategy=central-kd"],
                # fails at run time (no such site): recorded, and the grid goes on
@@ -66,8 +67,8 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["experiment", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[experiment] (6/7) central-kd seed 0" in out and "min left" in out
-    assert "(7/7) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
+    assert "[experiment] (7/8) central-kd seed 0" in out and "min left" in out
+    assert "(8/8) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
     exp = tmp_path / "exp"
     results = json.loads((exp / "results.json").read_text())
     runs = results["runs"]
@@ -83,6 +84,10 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     student_bytes = 4 * results["models"]["student"]["parameters"]
     assert by["fedavg"]["bytes_per_site_round"] == student_bytes
     assert by["fedavg"]["bytes_to_server"] == student_bytes * 2 * 2  # 2 sites x 2 rounds
+    # feddf: the FedAvg rounds' uploads plus one proxy reply per site; its final model is the
+    # refined student of round 3 (tested on the unseen site like every other)
+    assert by["feddf"]["bytes_to_server"] > by["fedavg"]["bytes_to_server"]
+    assert by["feddf"]["student_steps"] > by["fedavg"]["student_steps"]
     assert by["adaptive-kd"]["bytes_to_server"] > 0 and 0.0 <= by["adaptive-kd"]["target_dice"] <= 1
     assert by["dp"]["epsilon"] > 0 and by["adaptive-kd"]["epsilon"] is None
     assert by["local"]["bytes_to_server"] is None and by["local"]["model"] == "teacher"
