@@ -65,8 +65,12 @@ LOG = get_logger("fedkd.server")
 
 
 SIMULATION_ONLY = ("local", "central", "central-student", "central-kd")
-COVERAGE_DISTANCE = 1.5   # a proxy slice within this affinity distance of a site is "claimed"
-COVERAGE_WARNING = 0.5    # warn when fewer proxy slices than this are claimed
+# A proxy slice within COVERAGE_DISTANCE of some site's own data is "claimed"; the report warns
+# when fewer than COVERAGE_WARNING of the slices are. Calibrated on the real federations (3 folds
+# each): with RUNMC as the public set 86-98 % of the slices are claimed and the student matches
+# FedAvg; with ucl-mr-proxy 18-55 % are and distillation fails (README, real tables).
+COVERAGE_DISTANCE = 1.2
+COVERAGE_WARNING = 0.7
 
 
 def final_round(cfg: RunConfig) -> int:

@@ -67,8 +67,8 @@ def test_malformed_affinity_is_refused(bad, why):
 def test_proxy_coverage_warns_when_no_site_recognises_the_proxy():
     from server.workflow import proxy_coverage
 
-    near = proxy_coverage(np.array([0.9, 1.1, 1.4, 2.5], np.float32))
-    assert near["claimed"] == 0.75 and "warning" not in near
-    far = proxy_coverage(np.array([1.2, 2.0, 3.1, 4.0], np.float32))
-    assert far["claimed"] == 0.25 and far["median"] == pytest.approx(2.55)
+    near = proxy_coverage(np.array([0.9, 1.0, 1.1, 1.15, 2.5], np.float32))
+    assert near["claimed"] == 0.8 and "warning" not in near
+    far = proxy_coverage(np.array([1.1, 1.3, 1.4, 4.0], np.float32))
+    assert far["claimed"] == 0.25 and far["median"] == pytest.approx(1.35)
     assert "unlikely to carry the sites' knowledge" in far["warning"]
