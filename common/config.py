@@ -217,6 +217,9 @@ class OutputConfig:
                          "checkpoints (shared by runs, so equal teachers are trained once)")
     audit: bool = field_(False, doc="record every message (sizes, array names, shapes, dtypes) in "
                      "RUN_DIR/audit.jsonl")
+    export: bool = field_(True, doc="write RUN_DIR/export (torch.export program, ONNX, model "
+                          "card) at the end; fedkd experiment turns it off for its runs, whose "
+                          "comparison needs only the weights (student_rN.pt)")
 
 
 @dataclass

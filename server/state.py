@@ -52,7 +52,7 @@ class RunState:
 
 # Settings that do not change what a run computes: a resumed run may change them.
 NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
-                 "output": ("audit",), "federation": ("wait_timeout_s",),
+                 "output": ("audit", "export"), "federation": ("wait_timeout_s",),
                  "runtime": ("threads", "client_threads")}
 
 

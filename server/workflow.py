@@ -425,6 +425,8 @@ class Coordinator:
     def finish(self, t0: float) -> dict:
         """Write the report and export the final student."""
         report = self.report(time.perf_counter() - t0)
+        if not self.cfg.output.export:
+            return report
         from server.export import export_student
 
         export_student(self.export_config(), self.run_dir / f"student_r{self.final_round}.pt",

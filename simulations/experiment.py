@@ -61,7 +61,8 @@ def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:
                         *items, *extra, *split, ("runtime.seed", seed),
                         ("name", f"{cfg.name}/{folder}/{sub}"),
                         ("output", {"run_dir": str(root / folder / sub),
-                                    "state_root": str(root / "state" / sub.replace("/", "_"))})],
+                                    "state_root": str(root / "state" / sub.replace("/", "_")),
+                                    "export": False})],
                         f"experiment.methods.{method}")))
     return runs
 

@@ -384,8 +384,12 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
     assert {r["site"] for r in replies} == {"SiteA", "SiteB", "SiteC"}
     for r in replies:
         names = {a["name"] for a in r["arrays"]}
-        assert {"logits", "enc2", "dec2"} <= names and r["bytes"] == sum(a["bytes"] for a in r["arrays"])
-        assert all(a["dtype"] == "float16" for a in r["arrays"])
+        assert {"logits", "enc2", "dec2", "affinity"} <= names
+        assert r["bytes"] == sum(a["bytes"] for a in r["arrays"])
+        for a in r["arrays"]:  # teacher outputs in float16; the affinity: 4 bytes a proxy slice
+            assert a["dtype"] == ("float32" if a["name"] == "affinity" else "float16"), a
+            if a["name"] == "affinity":
+                assert a["shape"] == [n_proxy] and 4 * n_proxy <= a["bytes"] <= 4 * n_proxy + 200
     for r in lines:
         if r["direction"] == "from-site":
             for a in r["arrays"]:  # every array a site sends is indexed by proxy slice
