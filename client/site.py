@@ -270,36 +270,42 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
 # 2. Proxy query
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def site_reference(cfg: RunConfig, node: Node, model: FeatureNet, batch_size: int = 32) -> dict:
+def site_reference(cfg: RunConfig, node: Node, model: FeatureNet, affinity: bool,
+                   batch_size: int = 32) -> dict:
     """What the site measures on its private data to qualify its proxy reply (common.affinity):
-    ``{"affinity": AffinityReference, "temperature": float}``. ``model`` must return the
-    ``bottleneck`` map. Cached per teacher checkpoint and split; nothing here leaves the site."""
+    ``{"temperature": float}`` and, with ``affinity``, ``"affinity": AffinityReference`` (then
+    ``model`` must return the ``bottleneck`` map). Cached per teacher checkpoint and split;
+    nothing here leaves the site."""
     data = load_private(cfg, node)
     key = json.dumps(["reference", teacher_key(cfg, node, site_train_config(cfg, node), data),
-                      str(node.state_dir)])
+                      str(node.state_dir), affinity])
     if key in _CACHE:
         return _CACHE[key]
     ctx = cfg.data.context_slices
 
-    def run(cases: list[CaseVolume]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    def run(cases: list[CaseVolume]):
+        """Batches of (logits (B, 2, H, W), features, labels (B, H, W)) over every slice."""
         items = [(c, z) for c in cases for z in range(c.num_slices)]
-        emb, logits, labels = [], [], []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             x = torch.from_numpy(np.stack([slice_stack(c.image, z, ctx) for c, z in chunk]))
             out, feats = model(x)
-            emb.append(slice_embedding(feats["bottleneck"]))
-            logits.append(out)
-            labels.append(torch.from_numpy(np.stack([c.label[z] for c, z in chunk]).astype(np.int64)))
-        if not items:
-            return np.empty((0, 0)), torch.empty(0), torch.empty(0)
-        return np.concatenate(emb), torch.cat(logits), torch.cat(labels)
+            yield out, feats, torch.from_numpy(
+                np.stack([c.label[z] for c, z in chunk]).astype(np.int64))
 
-    train_emb, _, _ = run(data.train)
-    val_emb, val_logits, val_labels = run(data.val)
-    _CACHE[key] = {"affinity": AffinityReference(train_emb, val_emb, cfg.reply.affinity_k),
-                   "temperature": fit_temperature(val_logits, val_labels)}
-    return _CACHE[key]
+    val = list(run(data.val))
+    logits = torch.cat([o for o, _, _ in val]) if val else torch.empty(0)
+    labels = torch.cat([y for _, _, y in val]) if val else torch.empty(0)
+    out = {"temperature": fit_temperature(logits, labels)}
+    if affinity:
+        def embed(batches) -> np.ndarray:
+            emb = [slice_embedding(f["bottleneck"]) for _, f, _ in batches]
+            return np.concatenate(emb) if emb else np.empty((0, 0))
+
+        out["affinity"] = AffinityReference(embed(run(data.train)), embed(val),
+                                            cfg.reply.affinity_k)
+    _CACHE[key] = out
+    return out
 
 
 @torch.no_grad()
@@ -327,10 +333,10 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     # the affinity is an unnoised statistic of the private data: not released under privacy noise
     send_affinity = cfg.aggregation.method == "affinity" and dp.noise_multiplier == 0
     needs_reference = send_affinity or reply.calibrate
-    taps = list(features) + (["bottleneck"] if needs_reference and "bottleneck" not in features
+    taps = list(features) + (["bottleneck"] if send_affinity and "bottleneck" not in features
                              else [])
     model, val_dice = load_teacher(cfg, node, taps)
-    reference = site_reference(cfg, node, model) if needs_reference else None
+    reference = site_reference(cfg, node, model, send_affinity) if needs_reference else None
     temperature = reference["temperature"] if reply.calibrate else 1.0
     proxy = load_proxy_cases(cfg, node)
     wanted = parse_slice_ids(slice_ids, proxy)

@@ -407,7 +407,7 @@ class Coordinator:
                 self.state.completed.remove("train")
             self.train_teachers(nodes)
         targets: Optional[Targets] = None
-        first = self.cfg.federation.rounds + 1 if strategy == "feddf" else 1
+        first = self.final_round if strategy == "feddf" else 1
         for rnd in range(first, self.final_round + 1):
             q = rnd if self.cfg.federation.requery_teachers else first
             if self._pending(f"query_r{q}"):
