@@ -61,6 +61,7 @@ from common.protocol import (
     STUDENT,
     ProtocolError,
     config_from_text,
+    reply_encoding,
 )
 
 LOG = get_logger("fedkd.client")
@@ -143,7 +144,7 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     logits, features, stats = site_ops.answer_proxy_query(cfg, node, ids, feats,
                                                           str(q["precision"]), batch)
     LOG.info(f"[{node.site}] proxy reply: {stats['n_slices']} slices, "
-             f"{stats['reply_bytes'] / 1e6:.2f} MB ({q['precision']}), "
+             f"{stats['reply_bytes'] / 1e6:.2f} MB ({reply_encoding(cfg, str(q['precision']), bool(feats))}), "
              f"entropy {stats['proxy_entropy']:.4f}, {stats['seconds']:.1f}s")
     return RecordDict({
         LOGITS: ArrayRecord({k: Array(v) for k, v in logits.items()}),

@@ -53,8 +53,16 @@ from common.splits import SiteData, load_site, load_unsplit
 from common.logs import get_logger
 from common.architectures import feature_names
 from common.models import FeatureNet, build_teacher, input_channels
-from common.privacy import clip_and_noise, epsilon
-from common.protocol import AFFINITY, PRECISIONS, ProtocolError, encode_array, parse_slice_ids
+from common.codec import encode_stream, quantize
+from common.privacy import epsilon, release
+from common.protocol import (
+    AFFINITY,
+    FOREGROUND,
+    PRECISIONS,
+    ProtocolError,
+    encode_array,
+    parse_slice_ids,
+)
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
 LOG = get_logger("fedkd.client")
@@ -314,11 +322,20 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Run the teacher on the named proxy slices.
 
-    Returns ``(logits {"logits": (N, 2, H, W)}, features {name: (N, C, h, w)}, stats)``, encoded
-    in ``precision`` (int8 adds ``NAME.scale`` arrays of shape (N, C)). Memory is bounded: the
-    outputs are preallocated in the wire dtype and filled ``batch_size`` slices at a time. With
-    ``privacy.noise_multiplier`` > 0 every slice is clipped and noised first (common.privacy) and
-    the stats carry the release's ``dp_epsilon``.
+    Returns ``(logits record, features record, stats)`` as arrays for the wire:
+
+    * ``reply.output: logits``: ``{"logits": (N, 2, H, W)}`` in ``precision`` (int8 adds
+      ``logits.scale`` (N, 2)); ``foreground``: ``{"foreground": stream}``, the gland
+      probability (N, 1, H/f, W/f) with f = ``reply.downsample``, quantised to ``reply.bits`` and
+      coded with ``reply.codec`` (common.codec);
+    * ``reply.features: full``: ``{name: (N, C, h, w)}`` in ``precision`` (+ ``.scale``);
+      ``pooled``: ``{name: stream}`` of the channel RMS map (N, 1, h, w);
+    * the affinity (N,) float32 in the logits record with ``aggregation.method: affinity``.
+
+    Memory is bounded: the outputs are preallocated in the wire dtype (or as quantised codes)
+    and filled ``batch_size`` slices at a time. With ``privacy.noise_multiplier`` > 0 every
+    slice's prediction and features are clipped and noised, each part with its own bound
+    (common.privacy), and the stats carry the release's ``dp_epsilon``.
     """
     if precision not in PRECISIONS:
         raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
@@ -330,6 +347,7 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     t0 = time.perf_counter()
     dp = cfg.privacy
     reply = cfg.reply
+    compact, pooled = reply.output == "foreground", reply.features == "pooled"
     # the affinity is an unnoised statistic of the private data: not released under privacy noise
     send_affinity = cfg.aggregation.method == "affinity" and dp.noise_multiplier == 0
     needs_reference = send_affinity or reply.calibrate
@@ -343,40 +361,66 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     n = len(wanted)
     out_logits: dict[str, np.ndarray] = {}
     out_feats: dict[str, np.ndarray] = {}
+    coded: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, bool]] = {}  # codes, scales, fixed
     affinity = np.empty(n, np.float32) if send_affinity else None
     entropy_sum = 0.0
     noise = np.random.default_rng()  # fresh OS entropy: the noise must not be reproducible
     for start in range(0, n, batch_size):
         chunk = wanted[start:start + batch_size]
+        rows = slice(start, start + len(chunk))
         x = torch.from_numpy(np.stack([slice_stack(proxy[c].image, z, cfg.data.context_slices)
                                        for c, z in chunk]))
         logits, feats = model(x)
         if affinity is not None:
-            affinity[start:start + len(chunk)] = reference["affinity"].distance(
-                slice_embedding(feats["bottleneck"]))
-        arrays = [(logits / temperature).numpy()] + [feats[f].numpy() for f in features]
+            affinity[rows] = reference["affinity"].distance(slice_embedding(feats["bottleneck"]))
+        pred = logits / temperature
+        if compact:
+            pred = pred.softmax(dim=1)[:, 1:2]
+            if reply.downsample > 1:
+                pred = torch.nn.functional.avg_pool2d(pred, reply.downsample)
+        maps = [feats[f] for f in features]
+        if pooled:
+            maps = [m.pow(2).mean(dim=1, keepdim=True).sqrt() for m in maps]
+        pred, maps = pred.numpy(), [m.numpy() for m in maps]
         if dp.noise_multiplier > 0:  # Gaussian mechanism: nothing unnoised leaves the site
-            arrays = clip_and_noise(arrays, dp.clip_norm, dp.noise_multiplier, noise)
-        probs = torch.from_numpy(arrays[0]).softmax(dim=1)
+            pred, maps = release(pred, maps, dp.clip_norm, dp.feature_clip_norm,
+                                 dp.noise_multiplier, noise)
+        if compact:
+            p = torch.from_numpy(np.clip(pred[:, 0], 0.0, 1.0))
+            probs = torch.stack([1 - p, p], dim=1)
+        else:
+            probs = torch.from_numpy(pred).softmax(dim=1)
         entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean(dim=(1, 2)).sum())
-        for dest, name, arr in [(out_logits, "logits", arrays[0])] + [
-                (out_feats, f, a) for f, a in zip(features, arrays[1:])]:
+        for i, (name, arr, is_coded, fixed) in enumerate(
+                [(FOREGROUND if compact else "logits", pred, compact, True)]
+                + [(f, a, pooled, False) for f, a in zip(features, maps)]):
+            if is_coded:
+                q, scale = quantize(arr, reply.bits, fixed)
+                if (i, name) not in coded:
+                    coded[i, name] = (np.empty((n, *q.shape[1:]), np.uint8),
+                                      np.empty((n, q.shape[1]), np.float32), fixed)
+                coded[i, name][0][rows], coded[i, name][1][rows] = q, scale
+                continue
+            dest = out_logits if i == 0 else out_feats
             for suffix, enc in encode_array(arr, precision).items():
                 key = name + suffix
                 if key not in dest:
                     dest[key] = np.empty((n, *enc.shape[1:]), dtype=enc.dtype)
-                dest[key][start:start + len(chunk)] = enc
+                dest[key][rows] = enc
+    for (i, name), (codes, scales, fixed) in coded.items():
+        (out_logits if i == 0 else out_feats)[name] = encode_stream(
+            codes, scales, reply.bits, reply.codec, fixed)
     if affinity is not None:
         out_logits[AFFINITY] = affinity
     reply_bytes = sum(a.nbytes for a in (*out_logits.values(), *out_feats.values()))
     stats = {"val_dice": val_dice, "proxy_entropy": entropy_sum / n, "n_slices": n,
              "reply_bytes": reply_bytes, "temperature": temperature,
              "seconds": time.perf_counter() - t0}
-    if affinity is not None:
-        stats["affinity_median"] = float(np.median(affinity))
     if dp.noise_multiplier > 0:
+        parts = 1 + bool(features)
         stats.update(dp_noise_multiplier=dp.noise_multiplier, dp_clip_norm=dp.clip_norm,
-                     dp_epsilon=epsilon(dp.noise_multiplier, n, dp.delta), dp_delta=dp.delta)
+                     dp_parts=parts, dp_delta=dp.delta,
+                     dp_epsilon=epsilon(dp.noise_multiplier, n, dp.delta, parts=parts))
     return out_logits, out_feats, stats
 
 

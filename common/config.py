@@ -245,13 +245,27 @@ class ExperimentConfig:
 
 @dataclass
 class ReplyConfig:
-    """What a site adds to its proxy reply, computed from its private data (common.affinity)."""
+    """How a site answers a proxy query: what it adds from its private data (calibration, the
+    affinity of common.affinity) and how the teacher outputs are encoded (common.codec)."""
 
     affinity_k: int = field_(5, lo=1, hi=1000, doc="aggregation affinity: neighbours of the "
                              "per-slice distance a site sends (4 bytes a slice; not sent under "
                              "privacy noise)")
     calibrate: bool = field_(True, doc="temperature-scale the logits on the site's validation "
                              "split before sending")
+    output: Literal["logits", "foreground"] = field_(
+        "logits", doc="logits: (N, 2, H, W) in federation.precision; foreground: one gland "
+        "probability channel, quantised to reply.bits and entropy-coded (common.codec)")
+    bits: int = field_(8, lo=1, hi=8, doc="foreground / pooled maps: bits per value (1, 2, 4 "
+                       "or 8; error <= 1 / (2 (2^bits - 1)) of the map's range)")
+    codec: Literal["zlib", "lzma", "none"] = field_("zlib", doc="entropy coding of the "
+                                                   "quantised maps (standard library)")
+    downsample: int = field_(1, lo=1, hi=16, doc="foreground: average-pool the probability map "
+                             "by this factor; the server upsamples it bilinearly")
+    features: Literal["full", "pooled"] = field_(
+        "full", doc="full: every channel in federation.precision; pooled: the channel RMS map "
+        "sqrt(mean_c f^2) (N, 1, h, w), quantised and coded like the foreground (the "
+        "attention-transfer target: distill.feature_loss attention)")
 
 
 @dataclass
@@ -259,8 +273,10 @@ class PrivacyConfig:
     """Gaussian mechanism on the proxy replies of every site (see :mod:`common.privacy`)."""
 
     noise_multiplier: float = field_(0.0, lo=0.0, doc="noise std / clip_norm; 0 = no noise")
-    clip_norm: float = field_(50.0, lo=1e-6, doc="per-slice L2 bound of a reply (logits and "
-                          "features together)")
+    clip_norm: float = field_(50.0, lo=1e-6, doc="per-slice L2 bound of the released "
+                          "prediction (logits, or the foreground probability map)")
+    feature_clip_norm: float = field_(50.0, lo=1e-6, doc="per-slice L2 bound of the released "
+                                  "feature maps (all requested maps of a slice together)")
     delta: float = field_(1e-5, lo=1e-12, hi=0.1, doc="delta of the reported (epsilon, delta)")
 
 
@@ -288,7 +304,6 @@ class BenchConfig:
     """``fedkd bench NAME`` settings (see :mod:`simulations.bench`)."""
 
     rounds: int = field_(10, lo=1, hi=1000, doc="comm: FedAvg rounds (KD needs one query)")
-    target_dice: float = field_(0.5, lo=0.0, hi=1.0, doc="comm: the Dice whose cost in bytes is reported")
     image_size: list[int] = field_(factory=lambda: [128, 128], lo=16, hi=1024, doc="compress and scale: slice size "
                                "of the timed networks and of the simulated replies")
     volume_slices: int = field_(24, lo=1, hi=1000, doc="compress: slices of the timed volume")
@@ -384,6 +399,14 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.aggregation.use_agreement and cfg.aggregation.method != "adaptive":
         raise ConfigError(f"aggregation.use_agreement: applies to aggregation.method 'adaptive', "
                           f"not {cfg.aggregation.method!r}")
+    r = cfg.reply
+    if r.bits not in (1, 2, 4, 8):
+        raise ConfigError(f"reply.bits: expected 1, 2, 4 or 8, got {r.bits}")
+    if r.downsample > 1 and r.output != "foreground":
+        raise ConfigError("reply.downsample: applies to reply.output 'foreground', not 'logits'")
+    if r.downsample > 1 and any(v % r.downsample for v in cfg.data.size):
+        raise ConfigError(f"reply.downsample: {r.downsample} does not divide data.size "
+                          f"{list(cfg.data.size)}")
     if cfg.capacity.enabled and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
         raise ConfigError("capacity.enabled: needs federation.strategy 'kd' and "
                           "federation.rounds 1 (the family is distilled from one set of targets)")

@@ -12,17 +12,21 @@ message type           server -> site (content)                     site -> serv
                                                                     train_slices, epochs_run, best_epoch,
                                                                     seconds, reused (1 = checkpoint reused)
                                                                     ``info`` (ConfigRecord): site, teacher_arch
-``query.proxy``        ``run``: {config}; ``query``: {slice_ids     ``logits`` (ArrayRecord): ``logits``
-                       (list[str], "PROXY/CaseXX/z"), features      (N, 2, H, W), divided by the site's
-                       (list[str]), precision ("float32" |          calibration temperature; with int8
-                       "float16" | "int8"), batch_size (int)}       ``logits.scale`` (N, 2) float32; with
+``query.proxy``        ``run``: {config}; ``query``: {slice_ids     ``logits`` (ArrayRecord), as ``reply`` in
+                       (list[str], "PROXY/CaseXX/z"), features      the run config says: ``logits`` (N, 2, H,
+                       (list[str]), precision ("float32" |          W) divided by the site's calibration
+                       "float16" | "int8"), batch_size (int)}       temperature (int8: + ``logits.scale``
+                                                                    (N, 2) float32), or ``foreground``, a
+                                                                    uint8 stream (common.codec) of the gland
+                                                                    probability (N, 1, H/f, W/f); with
                                                                     aggregation affinity ``affinity`` (N,)
                                                                     float32 (common.affinity)
-                                                                    ``features`` (ArrayRecord): one
-                                                                    (N, C, h, w) per requested name (+ .scale)
+                                                                    ``features`` (ArrayRecord): per requested
+                                                                    name (N, C, h, w) (+ .scale), or a stream
+                                                                    of its channel RMS map (N, 1, h, w)
                                                                     ``stats`` (MetricRecord): val_dice,
                                                                     proxy_entropy, n_slices, reply_bytes,
-                                                                    temperature, seconds (affinity_median);
+                                                                    temperature, seconds (dp_* under noise);
                                                                     ``info``: site, slice_ids
 ``evaluate.student``   ``run``: {config}; ``student``              ``metrics`` (MetricRecord): dice_mean,
                        (ArrayRecord): the student's state dict;     dice_std, dice_median, dice_min, dice_max,
@@ -42,7 +46,8 @@ split (the per-round figures; the final model is evaluated with ``evaluate.stude
 
 N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
 derived from its private images except metrics; every array in a reply has N as its leading
-dimension (the audit test walks every reply to check this).
+dimension, and every stream declares N as the leading dimension of what it decodes to (the audit
+test walks every reply to check this).
 
 A request that cannot be served gets a Flower error reply (``Message(error=Error(code, reason))``)
 whose reason names the site, the file or field, and the cause; the node keeps serving.
@@ -72,6 +77,7 @@ LOGITS = "logits"      # ArrayRecord in proxy replies
 FEATURES = "features"  # ArrayRecord in proxy replies
 SCALE_SUFFIX = ".scale"
 AFFINITY = "affinity"  # optional (N,) float32 array in the logits record (common.affinity)
+FOREGROUND = "foreground"  # compact reply: gland probability stream in the logits record
 # Flower's built-in strategies (FedAvg / FedProx baseline) send ``arrays`` + ``config``; the run
 # config travels in their config record under RUN_CONFIG_KEY.
 FLWR_ARRAYS = "arrays"
@@ -208,6 +214,74 @@ def decode_proxy_reply(content) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if "logits" not in logits:
         raise ProtocolError("proxy reply: logits record has no 'logits' array")
     return logits["logits"], decode(content[FEATURES])
+
+
+def reply_encoding(cfg: RunConfig, precision: str, features: bool = True) -> str:
+    """A short label of how proxy replies are encoded, e.g. ``foreground 4-bit zlib /2,
+    features pooled 4-bit zlib`` or ``logits float16, features float16`` (``features``: whether
+    feature maps are requested)."""
+    r = cfg.reply
+    coded = f"{r.bits}-bit {r.codec}"
+    out = (f"foreground {coded}" + (f" /{r.downsample}" if r.downsample > 1 else "")
+           if r.output == "foreground" else f"logits {precision}")
+    if not features:
+        return out + ", no features"
+    return out + ", features " + (f"pooled {coded}" if r.features == "pooled" else precision)
+
+
+def read_proxy_reply(content, cfg: RunConfig, n: int, hw: tuple[int, int],
+                     features: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """What the server distils from: ``(probs (N, 2, H, W) float32, {feature: (N, C, h, w)
+    float32})`` of a proxy reply encoded as ``cfg.reply`` says (logits in a precision, or
+    compact streams, common.codec). The compact foreground map is upsampled bilinearly to
+    (H, W). ProtocolError names the array and the cause of anything malformed, oversize,
+    non-finite or of the wrong shape."""
+    import torch
+
+    from common.codec import CodecError, decode_stream
+
+    def stream(record, key: str, expect: tuple, fixed: bool) -> np.ndarray:
+        try:   # a map is never finer than the image: n * H * W values at most
+            return decode_stream(record[key].numpy(), expect, fixed, n * hw[0] * hw[1])
+        except CodecError as exc:
+            raise ProtocolError(f"proxy reply: {key}: {exc}") from None
+
+    if LOGITS not in content or FEATURES not in content:
+        raise ProtocolError("proxy reply: missing logits or features record")
+    rec, frec = content[LOGITS], content[FEATURES]
+    r = cfg.reply
+    if r.output == "foreground":
+        if FOREGROUND not in rec:
+            raise ProtocolError("proxy reply: logits record has no 'foreground' stream")
+        h, w = hw[0] // r.downsample, hw[1] // r.downsample
+        p = torch.from_numpy(stream(rec, FOREGROUND, (n, 1, h, w), True))
+        if r.downsample > 1:
+            p = torch.nn.functional.interpolate(p, size=tuple(hw), mode="bilinear",
+                                                align_corners=False).clamp(0.0, 1.0)
+        probs = torch.cat([1 - p, p], dim=1).numpy()
+    else:
+        logits, _ = decode_proxy_reply(content)
+        if logits.shape != (n, 2, *hw):
+            raise ProtocolError(f"logits of shape {logits.shape}, expected {(n, 2, *hw)}")
+        if not np.isfinite(logits).all():
+            raise ProtocolError("logits contain NaN/inf")
+        probs = torch.from_numpy(logits).softmax(dim=1).numpy()
+    feats = {}
+    for name in features:
+        if name not in frec:
+            raise ProtocolError(f"feature {name!r} missing from the reply")
+        if r.features == "pooled":
+            feats[name] = stream(frec, name, (n, 1, None, None), False)
+            continue
+        scale = frec[name + SCALE_SUFFIX].numpy() if name + SCALE_SUFFIX in frec else None
+        f = decode_array(frec[name].numpy(), scale)
+        if f.ndim != 4 or f.shape[0] != n:
+            raise ProtocolError(f"feature {name!r} of shape {f.shape}, expected "
+                                f"(N={n}, C, h, w)")
+        if not np.isfinite(f).all():
+            raise ProtocolError(f"feature {name!r} contains NaN/inf")
+        feats[name] = f
+    return probs.astype(np.float32, copy=False), feats
 
 
 def decode_affinity(content, n: int) -> Optional[np.ndarray]:

@@ -4,7 +4,8 @@
 Simulation Engine's in a simulation) and appends one JSON line per message to
 ``RUN_DIR/audit.jsonl``: direction (``to-site`` / ``from-site``), node id, site (from the reply's
 ``info`` record when known), message type, total array bytes, and for every array its record,
-name, shape and dtype; metric and config records are listed by key. Array contents are never
+name, shape, dtype and bytes (for a coded stream of common.codec also the shape it decodes to,
+its bits and codec); metric and config records are listed by key. Array contents are never
 written. ``inspect`` (tests) additionally sees every raw array.
 """
 
@@ -18,6 +19,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from common.codec import CodecError, decode_stream, read_header
 
 
 def describe(msg: Message, direction: str) -> dict:
@@ -36,12 +39,28 @@ def describe(msg: Message, direction: str) -> dict:
     for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
             for key, arr in rec.items():
-                row["arrays"].append({"record": name, "name": key, "shape": list(arr.shape),
-                                      "dtype": str(arr.dtype), "bytes": len(arr.data)})
+                entry = {"record": name, "name": key, "shape": list(arr.shape),
+                         "dtype": str(arr.dtype), "bytes": len(arr.data)}
+                decoded = _stream_header(arr)
+                if decoded is not None:
+                    entry["stream"] = decoded
+                row["arrays"].append(entry)
                 row["bytes"] += len(arr.data)
         elif isinstance(rec, (MetricRecord, ConfigRecord)):
             row["records"][name] = sorted(rec.keys())
     return row
+
+
+def _stream_header(arr) -> Optional[dict]:
+    """What a coded reply stream (common.codec) declares: the shape it decodes to, bits, codec."""
+    if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
+        return None
+    try:
+        bits, codec, fixed, _, shape = read_header(arr.numpy())
+    except CodecError:
+        return None
+    return {"shape": list(shape), "bits": bits, "codec": codec,
+            "range": "[0, 1]" if fixed else "scaled"}
 
 
 class AuditGrid(Grid):
@@ -94,10 +113,15 @@ class AuditGrid(Grid):
 
 
 def array_bytes(msg: Message) -> Iterable[bytes]:
-    """The raw bytes of every array in ``msg`` (for canary searches)."""
+    """The raw bytes of every array in ``msg``, and of what each coded stream decodes to (for
+    canary searches: a compressed stream would hide a pattern from a search of its bytes)."""
     if msg.has_error():
         return
     for rec in msg.content.values():
         if isinstance(rec, ArrayRecord):
             for arr in rec.values():
-                yield np.ascontiguousarray(arr.numpy()).tobytes()
+                raw = np.ascontiguousarray(arr.numpy())
+                yield raw.tobytes()
+                head = _stream_header(arr)
+                if head is not None:
+                    yield decode_stream(raw, tuple(head["shape"]), head["range"] == "[0, 1]").tobytes()

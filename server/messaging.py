@@ -1,15 +1,14 @@
-"""Sending instructions to site nodes over a Flower ``Grid`` and checking what comes back."""
+"""Sending instructions to site nodes over a Flower ``Grid`` and collecting the replies
+(decoding and checking them: common.protocol.read_proxy_reply)."""
 
 from __future__ import annotations
 
 import time
 from typing import Callable
 
-import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.protocol import ProtocolError
 from server.state import FederationError
 
 
@@ -44,20 +43,3 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, gro
         if pending:
             time.sleep(0.2)
     return list(pending.values())
-
-
-def check_proxy_arrays(logits: np.ndarray, feats: dict[str, np.ndarray], n: int, hw: tuple,
-                       features: list[str]) -> None:
-    """ProtocolError unless the decoded proxy reply has the requested shapes and finite values."""
-    if logits.shape != (n, 2, *hw):
-        raise ProtocolError(f"logits of shape {logits.shape}, expected {(n, 2, *hw)}")
-    if not np.isfinite(logits).all():
-        raise ProtocolError("logits contain NaN/inf")
-    missing = [f for f in features if f not in feats]
-    if missing:
-        raise ProtocolError(f"feature {missing[0]!r} missing from the reply")
-    for name, f in feats.items():
-        if f.ndim != 4 or f.shape[0] != n:
-            raise ProtocolError(f"feature {name!r} of shape {f.shape}, expected (N={n}, C, h, w)")
-        if not np.isfinite(f).all():
-            raise ProtocolError(f"feature {name!r} contains NaN/inf")

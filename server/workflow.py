@@ -49,16 +49,17 @@ from common.protocol import (
     ProtocolError,
     config_to_text,
     decode_affinity,
-    decode_proxy_reply,
     evaluate_request,
     parse_slice_ids,
     query_request,
+    read_proxy_reply,
+    reply_encoding,
     train_request,
 )
 from server import capacity
 from server.audit import AuditGrid
 from server.distill import distill_student
-from server.messaging import check_proxy_arrays, exchange, wait_for_nodes
+from server.messaging import exchange, wait_for_nodes
 from server.state import FederationError, RunState, config_digest
 
 LOG = get_logger("fedkd.server")
@@ -226,14 +227,13 @@ class Coordinator:
 
         def on_reply(site: str, reply: Message) -> None:
             try:
-                logits, feats = decode_proxy_reply(reply.content)
-                check_proxy_arrays(logits, feats, len(ids), images.shape[-2:], features)
+                probs, feats = read_proxy_reply(reply.content, self.cfg, len(ids),
+                                                images.shape[-2:], features)
                 affinity = decode_affinity(reply.content, len(ids))
             except (ProtocolError, ValueError, TypeError) as exc:
                 self._exclude(f"query_r{rnd}", site, f"malformed reply: {exc}")
                 return
             stats = dict(reply.content["stats"])
-            probs = torch.from_numpy(logits).softmax(dim=1).numpy()
             agg.add(site, probs, stats["val_dice"], feats, affinity)
             figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
                              "proxy_entropy": stats["proxy_entropy"],
@@ -242,7 +242,8 @@ class Coordinator:
                 figures[site]["affinity_median"] = float(np.median(affinity))
             if "dp_epsilon" in stats:  # rounds of re-queries compose
                 figures[site]["epsilon"] = epsilon(stats["dp_noise_multiplier"], len(ids),
-                                                   stats["dp_delta"], releases=rnd)
+                                                   stats["dp_delta"], releases=rnd,
+                                                   parts=int(stats.get("dp_parts", 1)))
                 figures[site]["delta"] = stats["dp_delta"]
             self.log(f"[server] proxy reply from {site}: {stats['reply_bytes'] / 1e6:.2f} MB, "
                      f"entropy {stats['proxy_entropy']:.4f}")
@@ -256,7 +257,8 @@ class Coordinator:
                  **({} if targets.claim is None else {"claim": targets.claim}),
                  **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
-                 "agreement": targets.agreement, "n_slices": len(ids), "precision": precision}
+                 "agreement": targets.agreement, "n_slices": len(ids), "precision": precision,
+                 "encoding": reply_encoding(self.cfg, precision, bool(features))}
         if targets.claim is not None:
             query["coverage"] = proxy_coverage(targets.claim)
             self.log(f"[server] proxy coverage: {query['coverage']['claimed']:.0%} of the slices "

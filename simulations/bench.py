@@ -1,16 +1,19 @@
 """``fedkd bench NAME``: the figures a user would pick this system on, measured in one run.
 
-* ``comm``      bytes each site sends per round: KD with float32 / float16 / int8 teacher outputs,
-                with and without feature maps, vs FedAvg of the student and of the teacher; the
-                Dice each reaches, and the bytes each needs to reach ``bench.target_dice``. The
-                federation runs in this process over :class:`simulations.local_grid.LocalGrid`
-                (the same ServerApp workflow and ClientApp as a deployment).
+* ``comm``      bytes each site moves (up and down) and the Dice it buys: KD with every reply
+                encoding (float32 / float16 / int8 logits and features; compact foreground
+                streams of 8 / 4 / 2 bits, zlib or lzma, downsampled, with pooled features) vs
+                FedAvg of the student and of the teacher, and the bytes per site to reach the
+                FedAvg student's Dice. The federation runs in this process over
+                :class:`simulations.local_grid.LocalGrid` (the same ServerApp workflow and
+                ClientApp as a deployment); with a real config it runs on real sites.
 * ``compress``  teacher vs student: parameters, MACs, CPU latency per slice and per volume
                 (eager PyTorch, a torch.export program, ONNX Runtime when installed), peak memory of a
                 volume's inference (measured in a fresh process).
-* ``scale``     server aggregation time and peak memory (tracemalloc) for ``bench.scale_sites``
-                simulated teacher replies of realistic size, and the Simulation Engine's wall
-                time for ``bench.engine_sites`` sites.
+* ``scale``     server decoding + aggregation time and peak memory (tracemalloc) for
+                ``bench.scale_sites`` simulated teacher replies of realistic size, in today's
+                float16 encoding and the compact one, and the Simulation Engine's wall time for
+                ``bench.engine_sites`` sites.
 
 Each writes ``RUN_DIR/bench_NAME.json`` and ``RUN_DIR/bench_NAME.png`` and prints a table.
 """
@@ -33,6 +36,11 @@ from common.plotting import pyplot, save
 from common.models import FeatureNet, build_teacher, input_channels
 from common.profile import latency_ms, profile_network
 from server.export import export_program
+
+# reply encodings: today's logits + full feature maps, and the compact streams (common.codec)
+FULL = [("reply.output", "logits"), ("reply.features", "full"), ("distill.feature_loss", "mse")]
+COMPACT = [("reply.output", "foreground"), ("reply.features", "pooled"),
+           ("distill.feature_loss", "attention")]
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -199,31 +207,79 @@ def bench_compress(cfg: RunConfig) -> dict:
 # --------------------------------------------------------------------------------------------
 # scale
 # --------------------------------------------------------------------------------------------
-def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
-    """Fold ``sites`` simulated replies (probabilities and the student's feature maps, of the
-    size a teacher of ``cfg`` sends for ``slices`` proxy slices) into the streaming aggregator;
-    seconds and tracemalloc peak (MB), the reply generation included."""
-    from common.aggregation import StreamingAggregator
+def feature_taps(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """{feature name: (channels, stride)} of the teacher's maps the student distils from."""
+    teacher = build_teacher(cfg.model.teacher, input_channels(cfg.data))
+    return {n: (t.channels, t.stride) for n, t in teacher.taps.items()
+            if n in cfg.model.student.features}
+
+
+def simulated_reply(cfg: RunConfig, slices: int, rng: np.random.Generator,
+                    taps: dict[str, tuple[int, int]]):
+    """One teacher reply of realistic size and shape, encoded as ``cfg`` (reply section,
+    federation.precision) puts it on the wire: gland-like logits (a soft disc on confident
+    background per slice, plus noise) and random feature maps of the teacher's ``taps``.
+    Returns (RecordDict content, feature names, (H, W))."""
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from common.codec import encode_stream, quantize
+    from common.protocol import FEATURES, FOREGROUND, LOGITS, encode_array
 
     h, w = cfg.bench.image_size
-    teacher = build_teacher(cfg.model.teacher, input_channels(cfg.data))
-    taps = {n: (c, s) for n, c, s in ((n, t.channels, t.stride) for n, t in teacher.taps.items())}
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    centre = rng.uniform(0.35, 0.65, (slices, 2)) * [h, w]
+    radius = rng.uniform(0.0, 0.15, slices) * h
+    dist = np.hypot(yy - centre[:, 0, None, None], xx - centre[:, 1, None, None])
+    margin = (radius[:, None, None] - dist) * 0.8 + rng.normal(0, 0.3, (slices, h, w))
+    logits = np.stack([-margin / 2, margin / 2], axis=1).astype(np.float32)
+    feats = {n: rng.standard_normal((slices, c, h // st, w // st), dtype=np.float32)
+             for n, (c, st) in taps.items()}
+    r, precision = cfg.reply, cfg.federation.precision
+    if r.output == "foreground":
+        p = 1.0 / (1.0 + np.exp(-margin))[:, None]
+        if r.downsample > 1:
+            p = p.reshape(slices, 1, h // r.downsample, r.downsample, w // r.downsample,
+                          r.downsample).mean(axis=(3, 5))
+        lrec = {FOREGROUND: encode_stream(*quantize(p, r.bits, True), r.bits, r.codec, True)}
+    else:
+        lrec = {"logits" + k: v for k, v in encode_array(logits, precision).items()}
+    frec = {}
+    for n, f in feats.items():
+        if r.features == "pooled":
+            rms = np.sqrt((f ** 2).mean(axis=1, keepdims=True))
+            frec[n] = encode_stream(*quantize(rms, r.bits, False), r.bits, r.codec, False)
+        else:
+            frec.update({n + k: v for k, v in encode_array(f, precision).items()})
+    content = RecordDict({LOGITS: ArrayRecord({k: Array(v) for k, v in lrec.items()}),
+                          FEATURES: ArrayRecord({k: Array(v) for k, v in frec.items()})})
+    return content, list(feats), (h, w)
+
+
+def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
+    """What the server does with ``sites`` replies of ``slices`` proxy slices, encoded as ``cfg``
+    says (:func:`simulated_reply`): decode and check each one (common.protocol.read_proxy_reply)
+    and fold it into the streaming aggregator. Seconds (decoding and aggregation; the replies are
+    made before the clock starts) and tracemalloc peak (MB)."""
+    from common.aggregation import StreamingAggregator
+    from common.protocol import read_proxy_reply
+
     rng = np.random.default_rng(0)
+    taps = feature_taps(cfg)
     agg = StreamingAggregator(cfg.aggregation)
     tracemalloc.start()
-    t0 = time.perf_counter()
-    reply_mb = 0.0
+    seconds, reply_mb = 0.0, 0.0
     for k in range(sites):
-        logits = rng.standard_normal((slices, 2, h, w), dtype=np.float32)
-        probs = 1.0 / (1.0 + np.exp(logits[:, :1] - logits[:, 1:]))
-        probs = np.concatenate([1.0 - probs, probs], axis=1)
-        feats = {n: rng.standard_normal((slices, c, h // s, w // s), dtype=np.float32)
-                 .astype(np.float16) for n, (c, s) in taps.items()}
-        reply_mb = (logits.nbytes / 2 + sum(f.nbytes for f in feats.values())) / 1e6  # float16
+        content, names, hw = simulated_reply(cfg, slices, rng, taps)
+        reply_mb = sum(len(a.data) for rec in content.array_records.values()
+                       for a in rec.values()) / 1e6
+        t0 = time.perf_counter()
+        probs, feats = read_proxy_reply(content, cfg, slices, hw, names)
         agg.add(f"site{k}", probs, 0.5 + 0.4 * rng.random(), feats)
-        del logits, probs, feats
+        seconds += time.perf_counter() - t0
+        del content, probs, feats
+    t0 = time.perf_counter()
     agg.finalize()
-    seconds = time.perf_counter() - t0
+    seconds += time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {"sites": sites, "seconds": seconds, "peak_mb": peak / 1e6, "reply_mb": reply_mb}
@@ -247,36 +303,47 @@ def engine_wall_time(cfg: RunConfig, sites: int) -> dict:
             "dice_mean": report["state"]["rounds"]["1"]["evaluate"]["dice_mean"]}
 
 
+SCALE_ENCODINGS = [("logits float16 + features", [*FULL, ("federation.precision", "float16")]),
+                   ("foreground 4-bit + pooled", [*COMPACT, ("reply.bits", 4)])]
+
+
 def bench_scale(cfg: RunConfig) -> dict:
     b = cfg.bench
     agg = []
-    for k in b.scale_sites:
-        agg.append(aggregation_cost(cfg, k, b.proxy_slices))
-        print(f"[bench] scale: {k} sites aggregated in {agg[-1]['seconds']:.1f} s, peak "
-              f"{agg[-1]['peak_mb']:.0f} MB", flush=True)
+    for label, items in SCALE_ENCODINGS:
+        enc = with_overrides(cfg, items, f"bench scale {label}")
+        for k in b.scale_sites:
+            agg.append({"encoding": label, **aggregation_cost(enc, k, b.proxy_slices)})
+            print(f"[bench] scale: {label}: {k} sites decoded and aggregated in "
+                  f"{agg[-1]['seconds']:.1f} s, peak {agg[-1]['peak_mb']:.0f} MB", flush=True)
     engine = [engine_wall_time(cfg, k) for k in b.engine_sites]
-    base = agg[0]
-    for a in agg:
+    for a in agg:   # against the fewest sites of the same encoding
+        base = next(x for x in agg if x["encoding"] == a["encoding"])
         a["memory_ratio"] = a["peak_mb"] / base["peak_mb"]
         a["time_ratio"] = a["seconds"] / base["seconds"]
+        today = next(x for x in agg if x["sites"] == a["sites"])
+        a["time_vs_float16"] = a["seconds"] / today["seconds"]
     for e in engine:
         e["time_ratio"] = e["seconds"] / engine[0]["seconds"]
     out = {"aggregation": agg, "engine": engine, "proxy_slices": b.proxy_slices,
            "memory_within_1_5x": all(a["memory_ratio"] <= 1.5 for a in agg)}
-    table = _table(["sites", "aggregation s", "time ratio", "peak MB", "memory ratio",
-                    "reply MB (float16)"],
-                   [[a["sites"], f"{a['seconds']:.1f}", f"{a['time_ratio']:.1f}x",
-                     f"{a['peak_mb']:.0f}", f"{a['memory_ratio']:.2f}x", f"{a['reply_mb']:.1f}"]
-                    for a in agg])
+    table = _table(["reply encoding", "sites", "decode + aggregation s", "time ratio",
+                    "x float16 time", "peak MB", "memory ratio", "reply MB"],
+                   [[a["encoding"], a["sites"], f"{a['seconds']:.1f}", f"{a['time_ratio']:.1f}x",
+                     f"{a['time_vs_float16']:.2f}x", f"{a['peak_mb']:.0f}",
+                     f"{a['memory_ratio']:.2f}x", f"{a['reply_mb']:.2f}"] for a in agg])
     table += "\n\n" + _table(["sites (Simulation Engine)", "wall s", "ratio", "student Dice"],
                              [[e["sites"], f"{e['seconds']:.0f}", f"{e['time_ratio']:.1f}x",
                                f"{e['dice_mean']:.3f}"] for e in engine])
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    x = [a["sites"] for a in agg]
-    axes[0].plot(x, [a["seconds"] for a in agg], "o-", label="seconds")
     ax2 = axes[0].twinx()
-    ax2.plot(x, [a["peak_mb"] for a in agg], "s--", color="C1", label="peak MB")
+    for i, (label, _) in enumerate(SCALE_ENCODINGS):
+        sub = [a for a in agg if a["encoding"] == label]
+        x = [a["sites"] for a in sub]
+        axes[0].plot(x, [a["seconds"] for a in sub], "o-", color=f"C{2 * i}", label=label)
+        ax2.plot(x, [a["peak_mb"] for a in sub], "s--", color=f"C{2 * i + 1}")
+    axes[0].legend(fontsize=6)
     axes[0].set_xlabel("sites (server aggregation)")
     axes[0].set_ylabel("seconds")
     ax2.set_ylabel("peak MB")
@@ -303,16 +370,38 @@ def _federate(cfg: RunConfig, log: Callable[[str], None]) -> dict:
     return run_federation(grid, cfg, log)
 
 
+# (name, overrides) of every reply encoding bench comm compares (common.codec); "+ features"
+# sends the student's feature maps (full channels, or their channel RMS map when pooled)
+ENCODINGS = [
+    ("KD float32 + features", [*FULL, ("federation.precision", "float32")]),
+    ("KD float16 + features", [*FULL, ("federation.precision", "float16")]),
+    ("KD int8 + features", [*FULL, ("federation.precision", "int8")]),
+    ("KD float16", [*FULL, ("federation.precision", "float16"), ("distill.w_feature", 0.0)]),
+    ("KD 8-bit + pooled", [*COMPACT, ("reply.bits", 8)]),
+    ("KD 4-bit + pooled", [*COMPACT, ("reply.bits", 4)]),
+    ("KD 4-bit lzma + pooled", [*COMPACT, ("reply.bits", 4), ("reply.codec", "lzma")]),
+    ("KD 4-bit /2 + pooled", [*COMPACT, ("reply.bits", 4), ("reply.downsample", 2)]),
+    ("KD 2-bit + pooled", [*COMPACT, ("reply.bits", 2)]),
+    ("KD 4-bit", [*COMPACT, ("reply.bits", 4), ("distill.w_feature", 0.0)]),
+]
+
+
 def bench_comm(cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Bytes each site moves and the Dice it buys: every reply encoding of KD (ENCODINGS, one
+    query round each) vs FedAvg of the student and of the teacher (``bench.rounds`` rounds).
+
+    A KD site sends its reply and receives the distilled student once; a FedAvg site sends and
+    receives the model every round. Reported: bytes per site (up, down, total), final Dice
+    (sites' test splits), and the bytes per site to reach the FedAvg student's final Dice: a
+    method's total if its final Dice reaches it, else "not reached" (FedAvg's per-round figures
+    are validation Dice, so its whole run counts)."""
     from simulations.simulate import ensure_data
 
     ensure_data(cfg)
     root = Path(cfg.output.run_dir) / "comm"
     b = cfg.bench
     common = [("output.state_root", str(root / "state"))]
-    variants = [(f"KD {p}" + (" + features" if feat else ""),
-                 [("federation.precision", p), ("distill.w_feature", cfg.distill.w_feature if feat else 0.0)])
-                for feat in (True, False) for p in ("float32", "float16", "int8")]
+    variants = list(ENCODINGS)
     variants += [("FedAvg student", [("federation.strategy", "fedavg"), ("federation.rounds", b.rounds)]),
                  ("FedAvg teacher", [("federation.strategy", "fedavg"), ("federation.rounds", b.rounds),
                                      ("model.student", to_plain(cfg)["model"]["teacher"]),
@@ -320,51 +409,55 @@ def bench_comm(cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> d
     rows = []
     torch.set_num_threads(cfg.runtime.threads)
     for name, items in variants:
-        run = with_overrides(cfg, [*common, *items, ("output.run_dir", str(root / name.replace(" ", "_")))],
+        run = with_overrides(cfg, [*common, *items, ("output.run_dir", str(root / name.replace(" ", "_").replace("/", "x")))],
                              f"bench comm {name}")
         t0 = time.perf_counter()
         report = _federate(run, log)
         last = report["state"]["rounds"][str(run.federation.rounds)]
+        model_bytes = 4 * report["student_parameters"]
         if "weights" in last:
             w = last["weights"]
-            per_round = w["bytes_per_site_round"]
-            curve = [(h["round"], h["dice"]) for h in w["history"]]
+            rounds = len(w["history"])
+            up = down = w["bytes_per_site_round"] * rounds
+            encoding = "float32 weights"
         else:
             q = report["state"]["rounds"]["1"]["query"]
-            per_round = float(np.mean([s["reply_bytes"] for s in q["sites"].values()]))
-            curve = [(1, last["evaluate"]["dice_mean"])]
-        n_sites = len(last["evaluate"]["sites"])
-        reach = next((r for r, d in curve if d >= b.target_dice), None)
-        rows.append({"method": name, "bytes_per_site_round": per_round, "sites": n_sites,
-                     "rounds": len(curve), "dice_round1": curve[0][1],
-                     "dice_final": last["evaluate"]["dice_mean"], "curve": curve,
-                     "bytes_to_target": per_round * n_sites * reach if reach else None,
+            up = float(np.mean([s["reply_bytes"] for s in q["sites"].values()]))
+            down, rounds, encoding = model_bytes, 1, q["encoding"]
+        rows.append({"method": name, "encoding": encoding, "up_bytes": up, "down_bytes": down,
+                     "site_bytes": up + down, "rounds": rounds,
+                     "sites": len(last["evaluate"]["sites"]),
+                     "dice_final": last["evaluate"]["dice_mean"],
                      "seconds": time.perf_counter() - t0})
-        print(f"[bench] comm: {name}: {per_round / 1e6:.2f} MB per site per round, Dice "
+        print(f"[bench] comm: {name}: {(up + down) / 1e6:.3f} MB per site, Dice "
               f"{rows[-1]['dice_final']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
-    ref = next(r for r in rows if r["method"] == "FedAvg student")["bytes_per_site_round"]
+    fedavg = next(r for r in rows if r["method"] == "FedAvg student")
     for r in rows:
-        r["ratio_to_fedavg_student"] = r["bytes_per_site_round"] / ref
-    out = {"target_dice": b.target_dice, "rounds": b.rounds, "methods": rows}
+        r["ratio_to_fedavg_student"] = r["site_bytes"] / fedavg["site_bytes"]
+        r["reaches_fedavg"] = r["dice_final"] >= fedavg["dice_final"]
+        r["bytes_to_fedavg_dice"] = r["site_bytes"] if r["reaches_fedavg"] else None
+    out = {"fedavg_dice": fedavg["dice_final"], "rounds": b.rounds, "methods": rows}
 
     def mb(x):
-        return "not reached" if x is None else f"{x / 1e6:.2f}"
+        return "not reached" if x is None else f"{x / 1e6:.3f}"
 
-    table = _table(["method", "MB per site per round", "x FedAvg student", "rounds",
-                    "Dice after round 1", "final Dice", f"MB (all sites) to Dice {b.target_dice}"],
-                   [[r["method"], f"{r['bytes_per_site_round'] / 1e6:.3f}",
-                     f"{r['ratio_to_fedavg_student']:.1f}x", r["rounds"], f"{r['dice_round1']:.3f}",
-                     f"{r['dice_final']:.3f}", mb(r["bytes_to_target"])] for r in rows])
+    table = _table(["method", "encoding", "MB up per site", "MB down per site",
+                    "MB per site", "x FedAvg student", "final Dice",
+                    f"MB per site to FedAvg's Dice {fedavg['dice_final']:.3f}"],
+                   [[r["method"], r["encoding"], f"{r['up_bytes'] / 1e6:.3f}",
+                     f"{r['down_bytes'] / 1e6:.3f}", f"{r['site_bytes'] / 1e6:.3f}",
+                     f"{r['ratio_to_fedavg_student']:.2f}x", f"{r['dice_final']:.3f}",
+                     mb(r["bytes_to_fedavg_dice"])] for r in rows])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
-        xs = [r["bytes_per_site_round"] * r["sites"] * k / 1e6 for k, _ in r["curve"]]
-        ax.plot(xs, [d for _, d in r["curve"]], "o-" if len(xs) > 1 else "o", label=r["method"])
-    ax.axhline(b.target_dice, color="gray", ls=":", lw=1)
+        ax.plot([r["site_bytes"] / 1e6], [r["dice_final"]], "s" if "FedAvg" in r["method"] else "o",
+                label=r["method"])
+    ax.axhline(fedavg["dice_final"], color="gray", ls=":", lw=1)
     ax.set_xscale("log")
-    ax.set_xlabel("MB sent to the server (all sites, cumulative)")
+    ax.set_xlabel("MB moved per site (up + down, whole run)")
     ax.set_ylabel("Dice (sites' test splits)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     return _finish(cfg, "comm", out, table, fig)
 
 

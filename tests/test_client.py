@@ -129,6 +129,43 @@ def test_precisions_agree_and_int8_error_is_bounded(fed, trained):
     assert np.allclose(again[::-1], ref_logits, atol=1e-5)
 
 
+def test_compact_reply_matches_the_logits_within_its_quantisation(fed, trained):
+    """reply.output foreground + reply.features pooled: one coded stream per map; decoded, the
+    gland probability is the calibrated softmax within half a 4-bit step, the pooled feature is
+    the channel RMS of the full map, and the reply is far smaller."""
+    from common.config import with_overrides
+    from common.protocol import read_proxy_reply
+
+    root, cfg, node = fed
+    ids = [f"Case01/{z}" for z in range(8)]
+    full = send(query_request(cfg, ids, ["enc2"], "float32"), QUERY_PROXY, node)
+    small_cfg = with_overrides(cfg, ["reply.output=foreground", "reply.bits=4",
+                                     "reply.features=pooled"])
+    small = send(query_request(small_cfg, ids, ["enc2"], "float32"), QUERY_PROXY, node)
+    assert not small.has_error(), small.error
+    logits_rec, feat_rec = small.content["logits"], small.content["features"]
+    assert set(logits_rec.keys()) == {"foreground", "affinity"} and set(feat_rec.keys()) == {"enc2"}
+    assert logits_rec["foreground"].numpy().dtype == np.uint8
+    ref_probs, ref_feats = read_proxy_reply(full.content, cfg, 8, (64, 64), ["enc2"])
+    probs, feats = read_proxy_reply(small.content, small_cfg, 8, (64, 64), ["enc2"])
+    assert probs.shape == (8, 2, 64, 64) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert np.abs(probs - ref_probs).max() <= 0.5 / 15 + 1e-3
+    rms = np.sqrt((ref_feats["enc2"] ** 2).mean(axis=1, keepdims=True))
+    assert feats["enc2"].shape == rms.shape == (8, 1, 16, 16)
+    amax = rms.reshape(8, -1).max(axis=1)[:, None, None, None]
+    assert (np.abs(feats["enc2"] - rms) <= amax / 30 + 1e-4).all()
+    assert small.content["stats"]["reply_bytes"] * 10 < full.content["stats"]["reply_bytes"]
+    # downsampled: a quarter of the values, upsampled back at the server
+    half_cfg = with_overrides(small_cfg, ["reply.downsample=2"])
+    half = send(query_request(half_cfg, ids, [], "float32"), QUERY_PROXY, node)
+    probs2, _ = read_proxy_reply(half.content, half_cfg, 8, (64, 64), [])
+    assert probs2.shape == (8, 2, 64, 64)
+    assert np.abs(probs2 - ref_probs).mean() < 0.05
+    # the server reading with another encoding than the site used gets a clear error
+    with pytest.raises(Exception, match="no 'foreground' stream"):
+        read_proxy_reply(full.content, small_cfg, 8, (64, 64), ["enc2"])
+
+
 def test_reply_carries_calibrated_logits_and_a_per_slice_affinity(fed, trained):
     """Default (affinity): an (N,) float32 affinity, ~1 on slices like the site's own; the
     logits are the raw ones divided by the temperature fit on the site's validation split. With
@@ -255,15 +292,20 @@ def test_simulation_partition_maps_to_a_synthetic_site(fed, tmp_path):
 def test_audit_no_reply_array_is_shaped_like_private_data(fed, trained):
     """Walk every array of every reply kind: each must have the number of requested proxy
     slices as its leading dimension (train and evaluate replies carry no arrays at all)."""
+    from common.codec import stream_shape
+    from common.config import with_overrides
+
     root, cfg, node = fed
     proxy = load_proxy_cases(cfg, resolve_node(node, {}))
     all_ids = proxy_slice_ids(proxy)
     replies = [(send(train_request(cfg), TRAIN_TEACHER, node), None),
                (send(evaluate_request(cfg, FeatureNet(cfg.model.student).net.state_dict()),
                      EVALUATE_STUDENT, node), None)]
-    for n, precision in ((1, "float32"), (7, "int8"), (len(all_ids), "float16")):
+    compact = with_overrides(cfg, ["reply.output=foreground", "reply.features=pooled"])
+    for n, precision, c in ((1, "float32", cfg), (7, "int8", cfg), (len(all_ids), "float16", cfg),
+                            (5, "float16", compact)):
         ids = all_ids[:n]
-        replies.append((send(query_request(cfg, ids, ["enc1", "enc2", "bottleneck", "dec2"],
+        replies.append((send(query_request(c, ids, ["enc1", "enc2", "bottleneck", "dec2"],
                                            precision, 3), QUERY_PROXY, node), n))
     private_shapes = {c.image.shape for c in load_private(cfg, resolve_node(node, {})).test}
     for reply, n in replies:
@@ -273,8 +315,11 @@ def test_audit_no_reply_array_is_shaped_like_private_data(fed, trained):
         if n is None:
             assert arrays == []
         for name, key, arr in arrays:
-            assert arr.shape[0] == n, (name, key, arr.shape)
-            assert tuple(arr.shape) not in private_shapes
+            shape = arr.shape
+            if arr.dtype == "uint8":   # a coded stream: what it decodes to is checked
+                shape = stream_shape(arr.numpy())
+            assert shape[0] == n, (name, key, shape)
+            assert tuple(shape) not in private_shapes
 
 
 def test_manifest_node_must_name_a_listed_site(fed, tmp_path):
@@ -322,6 +367,7 @@ def test_gaussian_mechanism_on_the_proxy_reply(fed, trained):
     r1, r2 = (send(query_request(dp_cfg, ids, [], "float32"), QUERY_PROXY, node) for _ in "ab")
     a, b = (decode_proxy_reply(r.content)[0] for r in (r1, r2))
     assert r1.content["stats"]["dp_epsilon"] == pytest.approx(epsilon(0.5, 6, 1e-5))
+    assert r1.content["stats"]["dp_parts"] == 1
     assert not np.allclose(a, b)  # fresh noise on every release
     norms = np.sqrt((clean.reshape(6, -1) ** 2).sum(axis=1))
     clipped = clean * np.minimum(1.0, 2.0 / norms)[:, None, None, None]

@@ -30,3 +30,22 @@ def test_clip_and_noise_bounds_each_slice_and_adds_the_stated_noise():
     assert np.allclose(kept[0], small[0]) and np.allclose(kept[1], small[1])  # under C: unchanged
     noisy = clip_and_noise([np.zeros((2000, 50), np.float32)], 3.0, 0.5, rng)[0]
     assert noisy.dtype == np.float32 and noisy.std() == pytest.approx(1.5, rel=0.02)
+
+
+def test_release_clips_prediction_and_features_separately():
+    """Large feature maps no longer squash the prediction: each part has its own bound and
+    noise; a release of P parts per slice is accounted as P N unit parts."""
+    from common.privacy import release
+
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(0, 1, (32, 1, 8, 8)).astype(np.float32)            # norm <= 8
+    feats = [rng.normal(0, 100, (32, 16, 4, 4)).astype(np.float32)]       # norm ~ 1600
+    p, (f,) = release(pred, feats, 20.0, 3.0, 0.0, rng)
+    assert np.allclose(p, pred)                                           # under its bound
+    assert np.allclose(np.sqrt((f.reshape(32, -1) ** 2).sum(1)), 3.0, rtol=1e-5)
+    joint = clip_and_noise([pred, *feats], 20.0, 0.0, rng)[0]             # the old joint bound
+    assert np.abs(joint).max() < 0.1 * np.abs(pred).max()
+    p, (f,) = release(pred, feats, 20.0, 3.0, 0.5, rng)
+    assert (p - pred).std() == pytest.approx(0.5 * 20.0, rel=0.05)
+    assert release(pred, [], 20.0, 3.0, 0.5, rng)[1] == []
+    assert epsilon(20, 477, 1e-5, parts=2) == pytest.approx(epsilon(20, 2 * 477, 1e-5))
