@@ -168,9 +168,11 @@ def decode_stream(stream: np.ndarray, expect: tuple, fixed_range: bool,
             raw, ok = body, True
     except (zlib.error, lzma.LZMAError) as exc:
         raise CodecError(f"corrupt {codec} payload: {exc}") from None
-    if not ok or len(raw) != want:
-        raise CodecError(f"{codec} payload holds {len(raw)}{'' if ok else '+'} bytes, "
-                         f"expected {want}")
+    if len(raw) > want:
+        raise CodecError(f"{codec} payload inflates past the {want} bytes its shape needs")
+    if not ok or len(raw) < want:
+        raise CodecError(f"{codec} payload is truncated: {len(raw)} of the {want} bytes its "
+                         f"shape needs")
     n, c = shape[0], shape[1]
     offset = 0 if fixed else 4 * n * c
     scale = (np.ones((n, c), np.float32) if fixed

@@ -150,8 +150,8 @@ class StudentConfig:
                                      "kept per epoch (distillation: slices whose target has no "
                                      "gland)")
     intensity_augment: Literal["standard", "scanner"] = field_(
-        "standard", doc="scanner: + bias field, coil hot spot, wide gamma, blur, noise "
-        "(common.augment.SCANNER), for every student method alike")
+        "scanner", doc="scanner: + bias field, coil hot spot, wide gamma, blur, noise "
+        "(common.augment.SCANNER), for every student method alike; standard: jitter only")
 
 
 @dataclass
@@ -165,7 +165,9 @@ class DistillConfig:
     w_lovasz: float = field_(0.5, lo=0.0)
     w_dice: float = field_(0.5, lo=0.0)
     w_feature: float = field_(0.1, lo=0.0)
-    feature_loss: Literal["mse", "attention"] = field_("mse")
+    feature_loss: Literal["mse", "attention"] = field_(
+        "attention", doc="attention: distance of channel-pooled attention maps (the target of "
+        "reply.features pooled); mse: 1x1 adapters to the full maps (reply.features full)")
     soft_dice: bool = field_(True, doc="Dice against the soft target probabilities (else "
                              "against their argmax)")
     kl_foreground_weight: float = field_(2.0, lo=0.0, doc="foreground-aware KL: a pixel's KL "
@@ -254,16 +256,16 @@ class ReplyConfig:
     calibrate: bool = field_(True, doc="temperature-scale the logits on the site's validation "
                              "split before sending")
     output: Literal["logits", "foreground"] = field_(
-        "logits", doc="logits: (N, 2, H, W) in federation.precision; foreground: one gland "
+        "foreground", doc="logits: (N, 2, H, W) in federation.precision; foreground: one gland "
         "probability channel, quantised to reply.bits and entropy-coded (common.codec)")
-    bits: int = field_(8, lo=1, hi=8, doc="foreground / pooled maps: bits per value (1, 2, 4 "
+    bits: int = field_(4, lo=1, hi=8, doc="foreground / pooled maps: bits per value (1, 2, 4 "
                        "or 8; error <= 1 / (2 (2^bits - 1)) of the map's range)")
     codec: Literal["zlib", "lzma", "none"] = field_("zlib", doc="entropy coding of the "
                                                    "quantised maps (standard library)")
     downsample: int = field_(1, lo=1, hi=16, doc="foreground: average-pool the probability map "
                              "by this factor; the server upsamples it bilinearly")
     features: Literal["full", "pooled"] = field_(
-        "full", doc="full: every channel in federation.precision; pooled: the channel RMS map "
+        "pooled", doc="full: every channel in federation.precision; pooled: the channel RMS map "
         "sqrt(mean_c f^2) (N, 1, h, w), quantised and coded like the foreground (the "
         "attention-transfer target: distill.feature_loss attention)")
 

@@ -63,7 +63,7 @@ def test_malformed_streams_are_refused_with_the_cause():
         "stream of shape": (good, (5, 1, 32, 32)),
         "corrupt zlib payload": (np.concatenate([good[:HEADER_BYTES],
                                                  np.full(40, 7, np.uint8)]), ok),
-        "payload holds": (good[:-6], ok),
+        "zlib payload is truncated": (good[:-6], ok),
         "1-D uint8 stream": (good.astype(np.int16), ok),
     }
     for cause, (stream, expect) in cases.items():
@@ -77,7 +77,7 @@ def test_malformed_streams_are_refused_with_the_cause():
     with pytest.raises(CodecError, match="its shape needs"):
         decode_stream(np.frombuffer(bytes(head) + good[HEADER_BYTES:].tobytes(), np.uint8), ok, True)
     bomb = np.frombuffer(good[:HEADER_BYTES].tobytes() + zlib.compress(bytes(10 ** 7)), np.uint8)
-    with pytest.raises(CodecError, match=r"payload holds \d+\+ bytes"):
+    with pytest.raises(CodecError, match="inflates past the 2048 bytes its shape needs"):
         decode_stream(bomb, ok, True)
     with pytest.raises(CodecError, match="more than the 100 values"):
         decode_stream(good, (4, 1, None, None), True, max_values=100)

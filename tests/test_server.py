@@ -169,7 +169,7 @@ def test_a_corrupt_compact_stream_excludes_the_site_with_the_cause(fed, tmp_path
     cfg, grid = make(fed, tmp_path, compact, tamper=truncate)
     report = run_federation(grid, cfg, lambda s: None)
     reason = report["state"]["excluded"]["query_r1/SiteC"]
-    assert "malformed reply: proxy reply: foreground: zlib payload holds" in reason, reason
+    assert "malformed reply: proxy reply: foreground: zlib payload is truncated" in reason, reason
     q = report["state"]["rounds"]["1"]["query"]
     assert set(q["sites"]) == {"SiteA", "SiteB"}
     assert q["encoding"] == "foreground 4-bit zlib, features pooled 4-bit zlib"
