@@ -132,13 +132,20 @@ def run_figures(report: dict) -> dict:
     replies = [f["reply_bytes"] for r in st["rounds"].values() if "query" in r
                for f in r["query"]["sites"].values()]
     w = next((r["weights"] for r in st["rounds"].values() if "weights" in r), None)
+    n_sites = max(len(r["query"]["sites"]) for r in st["rounds"].values() if "query" in r) \
+        if replies else 0
+    student_bytes = 4 * report.get("student_parameters", 0)   # float32 weights to a site
     if w:  # FedAvg / FedProx (and feddf's first stage): every site uploads every round
         per_site = w["bytes_per_site_round"]
         total = w["bytes_per_site_round"] * w["sites"] * len(w["history"]) + int(sum(replies))
-    elif replies:
+        # up and down every round (+ feddf's replies and its distilled student, once)
+        moved = 2 * per_site * len(w["history"]) + (
+            sum(replies) / n_sites + student_bytes if replies else 0)
+    elif replies:  # KD: each site's replies, and the distilled student it receives once
         per_site, total = float(np.mean(replies)), int(sum(replies))
+        moved = sum(replies) / n_sites + student_bytes
     else:  # pooled-data baselines communicate nothing (they need the data itself)
-        per_site, total = None, None
+        per_site, total, moved = None, None, None
     return {"strategy": strategy,
             "model": "teacher" if strategy in ("local", "central") else "student",
             "dice_mean": ev.get("dice_mean"),
@@ -151,6 +158,7 @@ def run_figures(report: dict) -> dict:
             "target_dice": next((r["query"].get("target_dice") for r in st["rounds"].values()
                                  if "query" in r), None),
             "bytes_per_site_round": per_site, "bytes_to_server": total,
+            "site_bytes_moved": moved,
             "epsilon": max((f["epsilon"] for r in st["rounds"].values() if "query" in r
                             for f in r["query"]["sites"].values() if "epsilon" in f),
                            default=None),
@@ -206,8 +214,9 @@ def summary_markdown(results: list[dict], models: dict, baseline: str = "fedavg"
              + (f"paired diff vs {baseline} | " if has_base else "") + "HD95 mm | "
              + "".join(f"Dice, unseen {s} | " for s in unseen)
              + "targets vs proxy truth | " + ("epsilon | " if dp else "")
-             + "model | student steps | MB per site per round | MB to server | wall s |",
-             "|---" * (11 + has_base + len(unseen) + dp) + "|"]
+             + "model | student steps | MB per site per round | MB to server | "
+             + "MB moved per site | wall s |",
+             "|---" * (12 + has_base + len(unseen) + dp) + "|"]
     for m, rows in groups.items():
         un = "".join(f"{_ms([r['unseen_dice'].get(s) for r in rows], 4)} | " for s in unseen)
         diff = ""
@@ -223,6 +232,7 @@ def summary_markdown(results: list[dict], models: dict, baseline: str = "fedavg"
             + (f"{_eps(rows[0].get('epsilon'))} | " if dp else "") + f"{rows[0]['model']} | "
             f"{f'{np.mean(steps):.0f}' if steps else '-'} | "
             f"{_mb(rows[0]['bytes_per_site_round'])} | {_mb(rows[0]['bytes_to_server'])} | "
+            f"{_mb(rows[0].get('site_bytes_moved'))} | "
             f"{np.mean([r['wall_seconds'] for r in rows]):.0f} |")
     sites = list(dict.fromkeys(s for r in results for s in r["site_dice"]))
     cases = {s: sum(r.get("site_cases", {}).get(s, 0) for r in next(iter(groups.values())))
@@ -361,6 +371,8 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
         f"in training and are tested on all their cases. Student steps: optimizer steps on the "
         f"final student's path (FedAvg: a site's mean local steps summed over rounds). MB: what each site sends to the server "
         f"(KD: teacher outputs on the proxy set, once; FedAvg/FedProx: the model, every round); "
+        f"MB moved per site: up and down (KD: its replies and the distilled student it receives; "
+        f"FedAvg/FedProx: the model up and down every round); "
         f"the pooled-data baselines need the data itself and have no figure. Wall s: the run "
         f"itself; the first run of a seed also trains the seed's site teachers, which the "
         f"other runs of that seed reuse (as `central-kd` reuses `central`'s teacher).\n\n"

@@ -45,6 +45,7 @@ def fed(tmp_path_factory):
         "model.teacher.channels=[8,16,32,64]", "model.teacher.strides=[2,2,2]",
         "model.teacher.num_res_units=1", "model.student.channels=[4,8,16,32]",
         "model.student.num_res_units=0", "train.epochs=30", "train.patience=30",
+        "reply.output=logits", "reply.features=full",    # the precisions; compact: own tests
     ])
     node = {"data-path": str(root / "SiteA"), "proxy-path": str(root / "PROXY"),
             "state-dir": str(state / "SiteA")}

@@ -107,7 +107,7 @@ def test_one_student_recipe_for_distillation_and_fedavg():
                              "student.empty_slice_fraction=0.1", "train.intensity_augment=strong"])
     local = cfg.student_train(epochs=1)
     assert (local.lr, local.batch_size, local.empty_slice_fraction) == (0.01, 4, 0.1)
-    assert local.intensity_augment == "standard" and local.augment
+    assert local.intensity_augment == "scanner" and local.augment   # the student's, not train's
     assert RunConfig().student.lr == 0.005
 
 

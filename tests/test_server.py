@@ -144,11 +144,12 @@ def test_malformed_reply_is_excluded_and_does_not_change_the_student(fed, tmp_pa
             reply.content["logits"] = ArrayRecord({"logits": Array(logits.astype(np.float16))})
         return reply
 
-    cfg, grid = make(fed, tmp_path / "bad", tamper=nan_logits)
+    logits = ["reply.output=logits", "reply.features=full", "distill.feature_loss=mse"]
+    cfg, grid = make(fed, tmp_path / "bad", logits, tamper=nan_logits)
     bad = run_federation(grid, cfg, lambda s: None)
     assert any("query_r1/SiteC" == k and "NaN" in v for k, v in bad["state"]["excluded"].items())
     assert "query_r1/SiteC" in (tmp_path / "bad" / "report.md").read_text()
-    cfg, grid = make(fed, tmp_path / "two", sites=(0, 1))  # the same federation without SiteC
+    cfg, grid = make(fed, tmp_path / "two", logits, sites=(0, 1))  # the same, without SiteC
     run_federation(grid, cfg, lambda s: None)
     a = torch.load(tmp_path / "bad" / "student_r1.pt")
     b = torch.load(tmp_path / "two" / "student_r1.pt")
@@ -164,9 +165,7 @@ def test_a_corrupt_compact_stream_excludes_the_site_with_the_cause(fed, tmp_path
                                                    "affinity": rec["affinity"]})
         return reply
 
-    compact = ["reply.output=foreground", "reply.bits=4", "reply.features=pooled",
-               "distill.feature_loss=attention"]
-    cfg, grid = make(fed, tmp_path, compact, tamper=truncate)
+    cfg, grid = make(fed, tmp_path, tamper=truncate)    # the default: compact replies
     report = run_federation(grid, cfg, lambda s: None)
     reason = report["state"]["excluded"]["query_r1/SiteC"]
     assert "malformed reply: proxy reply: foreground: zlib payload is truncated" in reason, reason
@@ -406,16 +405,22 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
     assert {r["site"] for r in replies} == {"SiteA", "SiteB", "SiteC"}
     for r in replies:
         names = {a["name"] for a in r["arrays"]}
-        assert {"logits", "enc2", "dec2", "affinity"} <= names
+        assert {"foreground", "enc2", "dec2", "affinity"} == names
         assert r["bytes"] == sum(a["bytes"] for a in r["arrays"])
-        for a in r["arrays"]:  # teacher outputs in float16; the affinity: 4 bytes a proxy slice
-            assert a["dtype"] == ("float32" if a["name"] == "affinity" else "float16"), a
-            if a["name"] == "affinity":
-                assert a["shape"] == [n_proxy] and 4 * n_proxy <= a["bytes"] <= 4 * n_proxy + 200
+        for a in r["arrays"]:  # coded 4-bit streams (the audit shows what they decode to);
+            if a["name"] == "affinity":   # the affinity: 4 bytes a proxy slice
+                assert a["dtype"] == "float32" and a["shape"] == [n_proxy]
+                assert 4 * n_proxy <= a["bytes"] <= 4 * n_proxy + 200
+            else:
+                assert a["dtype"] == "uint8" and a["stream"]["bits"] == 4, a
+                assert a["stream"]["codec"] == "zlib" and a["bytes"] == a["shape"][0]
+        fg = next(a for a in r["arrays"] if a["name"] == "foreground")
+        assert fg["stream"]["shape"] == [n_proxy, 1, 64, 64] and fg["stream"]["range"] == "[0, 1]"
     for r in lines:
         if r["direction"] == "from-site":
             for a in r["arrays"]:  # every array a site sends is indexed by proxy slice
-                assert a["shape"][0] == n_proxy and tuple(a["shape"]) not in private_shapes
+                shape = a["stream"]["shape"] if "stream" in a else a["shape"]
+                assert shape[0] == n_proxy and tuple(shape) not in private_shapes
     needle = canary.tobytes()
     from_sites = [m for d, m in payloads if d == "from-site"]
     assert len(from_sites) == 9
