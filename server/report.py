@@ -32,7 +32,8 @@ def report_markdown(report: dict) -> str:
         if q:
             truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
                      if "target_dice" in q else "")
-            lines += [f"Proxy query: {q['n_slices']} slices in {q['precision']}.{truth}", ""]
+            how = q.get("encoding", q["precision"])
+            lines += [f"Proxy query: {q['n_slices']} slices; replies: {how}.{truth}", ""]
             cov = q.get("coverage")
             if cov:
                 lines += [f"Proxy coverage: {cov['claimed']:.0%} of the proxy slices are within "
