@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
 from client.site import load_private, load_proxy_cases, resolve_node, train_student_local
@@ -162,9 +162,16 @@ def test_compact_reply_matches_the_logits_within_its_quantisation(fed, trained):
     probs2, _ = read_proxy_reply(half.content, half_cfg, 8, (64, 64), [])
     assert probs2.shape == (8, 2, 64, 64)
     assert np.abs(probs2 - ref_probs).mean() < 0.05
-    # the server reading with another encoding than the site used gets a clear error
-    with pytest.raises(Exception, match="no 'foreground' stream"):
+    # the server reading with another encoding than the site used gets a clear error, and so
+    # does a truncated stream (the coordinator excludes the site with this reason)
+    from common.protocol import ProtocolError
+
+    with pytest.raises(ProtocolError, match="no 'foreground' stream"):
         read_proxy_reply(full.content, small_cfg, 8, (64, 64), ["enc2"])
+    stream = logits_rec["foreground"].numpy()
+    small.content["logits"] = ArrayRecord({"foreground": Array(stream[:-9])})
+    with pytest.raises(ProtocolError, match="proxy reply: foreground: zlib payload is truncated"):
+        read_proxy_reply(small.content, small_cfg, 8, (64, 64), ["enc2"])
 
 
 def test_reply_carries_calibrated_logits_and_a_per_slice_affinity(fed, trained):
