@@ -268,8 +268,10 @@ def test_federation_runs_over_tls_and_every_site_evaluates(dep, resumed):
     replies = [x for x in lines if x["direction"] == "from-site"]
     assert {x["node"] for x in replies} == set(dep.node_ids.values())
     n_proxy = state["rounds"]["1"]["query"]["n_slices"]
-    assert all(a["shape"][0] == n_proxy for x in replies if x["message_type"] == "query.proxy"
-               for a in x["arrays"])
+    arrays = [a for x in replies if x["message_type"] == "query.proxy" for a in x["arrays"]]
+    assert {a["name"] for a in arrays} >= {"foreground", "affinity"}   # compact replies
+    assert all((a["stream"]["shape"] if "stream" in a else a["shape"])[0] == n_proxy
+               for a in arrays)
 
 
 def test_crashed_coordinator_resumes_without_retraining_teachers(dep, resumed):

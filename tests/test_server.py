@@ -393,7 +393,8 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
                 assert 4 * n_proxy <= a["bytes"] <= 4 * n_proxy + 200
             else:
                 assert a["dtype"] == "uint8" and a["stream"]["bits"] == 4, a
-                assert a["stream"]["codec"] == "zlib" and a["bytes"] == a["shape"][0]
+                assert a["stream"]["codec"] == "zlib"
+                assert a["shape"][0] <= a["bytes"] <= a["shape"][0] + 200   # + the array header
         fg = next(a for a in r["arrays"] if a["name"] == "foreground")
         assert fg["stream"]["shape"] == [n_proxy, 1, 64, 64] and fg["stream"]["range"] == "[0, 1]"
     for r in lines:
