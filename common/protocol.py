@@ -201,19 +201,22 @@ def evaluate_request(cfg: RunConfig, student_state: dict, split: str = "test",
                        EVAL: ConfigRecord({"split": split, "with_val": with_val})})
 
 
+def decode_record_array(record, key: str) -> np.ndarray:
+    """Array ``key`` of an ArrayRecord of :func:`encode_array`, decoded to float32 (with its
+    ``.scale`` array when int8)."""
+    scale = record[key + SCALE_SUFFIX].numpy() if key + SCALE_SUFFIX in record else None
+    return decode_array(record[key].numpy(), scale)
+
+
 def decode_proxy_reply(content) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(logits (N, 2, H, W) float32, {feature: (N, C, h, w) float32})`` from a proxy reply."""
-    def decode(record) -> dict[str, np.ndarray]:
-        arrays = {k: v.numpy() for k, v in record.items()}
-        return {k: decode_array(a, arrays.get(k + SCALE_SUFFIX))
-                for k, a in arrays.items() if not k.endswith(SCALE_SUFFIX)}
-
     if LOGITS not in content or FEATURES not in content:
         raise ProtocolError("proxy reply: missing logits or features record")
-    logits = decode(content[LOGITS])
-    if "logits" not in logits:
+    if "logits" not in content[LOGITS]:
         raise ProtocolError("proxy reply: logits record has no 'logits' array")
-    return logits["logits"], decode(content[FEATURES])
+    feats = content[FEATURES]
+    return decode_record_array(content[LOGITS], "logits"), {
+        k: decode_record_array(feats, k) for k in feats.keys() if not k.endswith(SCALE_SUFFIX)}
 
 
 def reply_encoding(cfg: RunConfig, precision: str, features: bool = True) -> str:
@@ -259,8 +262,10 @@ def read_proxy_reply(content, cfg: RunConfig, n: int, hw: tuple[int, int],
             p = torch.nn.functional.interpolate(p, size=tuple(hw), mode="bilinear",
                                                 align_corners=False).clamp(0.0, 1.0)
         probs = torch.cat([1 - p, p], dim=1).numpy()
-    else:
-        logits, _ = decode_proxy_reply(content)
+    else:   # only the logits: the requested features are decoded once, below
+        if "logits" not in rec:
+            raise ProtocolError("proxy reply: logits record has no 'logits' array")
+        logits = decode_record_array(rec, "logits")
         if logits.shape != (n, 2, *hw):
             raise ProtocolError(f"logits of shape {logits.shape}, expected {(n, 2, *hw)}")
         if not np.isfinite(logits).all():
@@ -273,8 +278,7 @@ def read_proxy_reply(content, cfg: RunConfig, n: int, hw: tuple[int, int],
         if r.features == "pooled":
             feats[name] = stream(frec, name, (n, 1, None, None), False)
             continue
-        scale = frec[name + SCALE_SUFFIX].numpy() if name + SCALE_SUFFIX in frec else None
-        f = decode_array(frec[name].numpy(), scale)
+        f = decode_record_array(frec, name)
         if f.ndim != 4 or f.shape[0] != n:
             raise ProtocolError(f"feature {name!r} of shape {f.shape}, expected "
                                 f"(N={n}, C, h, w)")

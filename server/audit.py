@@ -41,9 +41,11 @@ def describe(msg: Message, direction: str) -> dict:
             for key, arr in rec.items():
                 entry = {"record": name, "name": key, "shape": list(arr.shape),
                          "dtype": str(arr.dtype), "bytes": len(arr.data)}
-                decoded = _stream_header(arr)
-                if decoded is not None:
-                    entry["stream"] = decoded
+                head = _stream_header(arr)
+                if head is not None:
+                    bits, codec, fixed, _, shape = head
+                    entry["stream"] = {"shape": list(shape), "bits": bits, "codec": codec,
+                                       "range": "[0, 1]" if fixed else "scaled"}
                 row["arrays"].append(entry)
                 row["bytes"] += len(arr.data)
         elif isinstance(rec, (MetricRecord, ConfigRecord)):
@@ -51,16 +53,15 @@ def describe(msg: Message, direction: str) -> dict:
     return row
 
 
-def _stream_header(arr) -> Optional[dict]:
-    """What a coded reply stream (common.codec) declares: the shape it decodes to, bits, codec."""
+def _stream_header(arr) -> Optional[tuple]:
+    """The header of a coded reply stream (common.codec.read_header: bits, codec, fixed range,
+    payload length, the shape it decodes to), or None if ``arr`` is not one."""
     if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
         return None
     try:
-        bits, codec, fixed, _, shape = read_header(arr.numpy())
+        return read_header(arr.numpy())
     except CodecError:
         return None
-    return {"shape": list(shape), "bits": bits, "codec": codec,
-            "range": "[0, 1]" if fixed else "scaled"}
 
 
 class AuditGrid(Grid):
@@ -124,4 +125,5 @@ def array_bytes(msg: Message) -> Iterable[bytes]:
                 yield raw.tobytes()
                 head = _stream_header(arr)
                 if head is not None:
-                    yield decode_stream(raw, tuple(head["shape"]), head["range"] == "[0, 1]").tobytes()
+                    _, _, fixed, _, shape = head
+                    yield decode_stream(raw, shape, fixed).tobytes()
