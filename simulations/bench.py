@@ -20,6 +20,7 @@ Each writes ``RUN_DIR/bench_NAME.json`` and ``RUN_DIR/bench_NAME.png`` and print
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -259,18 +260,22 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     """What the server does with ``sites`` replies of ``slices`` proxy slices, encoded as ``cfg``
     says (:func:`simulated_reply`): decode and check each one (common.protocol.read_proxy_reply)
     and fold it into the streaming aggregator. Seconds (decoding and aggregation; the replies are
-    made before the clock starts) and the tracemalloc peak (MB) of the server's part: each reply
-    held, decoded and folded in (making it is the site's work and is not counted)."""
+    made before the clock starts, after one untimed warm-up decode) and the tracemalloc peak (MB)
+    of the server's part: each reply held, decoded and folded in (making it is the site's work
+    and is not counted; cyclic garbage is collected before each reply is measured)."""
     from common.aggregation import StreamingAggregator
     from common.protocol import read_proxy_reply
 
     rng = np.random.default_rng(0)
     taps = feature_taps(cfg)
     agg = StreamingAggregator(cfg.aggregation)
+    content, names, hw = simulated_reply(cfg, slices, rng, taps)   # warm-up: lazy imports
+    read_proxy_reply(content, cfg, slices, hw, names)
     tracemalloc.start()
     seconds, reply_mb, peak = 0.0, 0.0, 0
     for k in range(sites):
         content, names, hw = simulated_reply(cfg, slices, rng, taps)
+        gc.collect()   # np.load's header parser leaves reference cycles: garbage, not held
         reply_mb = sum(len(a.data) for rec in content.array_records.values()
                        for a in rec.values()) / 1e6
         peak = max(peak, tracemalloc.get_traced_memory()[0])   # the server holds the reply
