@@ -1,11 +1,13 @@
 """The hospital's Flower ClientApp (Message API).
 
-Three handlers, one per message type of :mod:`common.protocol`:
+Four handlers, one per message type of :mod:`common.protocol`:
 
 * ``train.teacher``   train (or reuse / resume) the site's teacher on its private data;
 * ``query.proxy``     the teacher's logits and features on named public proxy slices;
 * ``evaluate.student`` the student's Dice / HD95 on the private test split (and, when asked, its
-                      validation Dice).
+                      validation Dice);
+* ``train.adapt``     fine-tune the final student on the private data and keep it in the node's
+                      state directory (``adapted_student``); only metrics are returned.
 
 and the two of Flower's built-in strategies (``FedAvg`` / ``FedProx``, the weight-sharing
 baseline ``federation.strategy: fedavg | fedprox``):
@@ -170,9 +172,24 @@ def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
+def _adapt(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    metrics = site_ops.adapt_student(cfg, node, _weights(msg, STUDENT), log=LOG.info)
+    test = (f"; test Dice {metrics['dice_mean_before']:.4f} -> {metrics['dice_mean_after']:.4f}"
+            if "dice_mean_after" in metrics else "")
+    LOG.info(f"[{node.site}] adapted student: val Dice {metrics['val_dice_before']:.4f} -> "
+             f"{metrics['val_dice_after']:.4f} (epoch {metrics['best_epoch']}){test}; kept in "
+             f"{site_ops.adapted_dir(node)}")
+    return RecordDict({METRICS: MetricRecord(metrics)})
+
+
 @app.train("teacher")
 def train_teacher(msg: Message, context: Context) -> Message:
     return _serve(msg, context, _train)
+
+
+@app.train("adapt")
+def adapt_student(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _adapt)
 
 
 @app.query("proxy")

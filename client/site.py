@@ -488,7 +488,7 @@ def train_student_local(cfg: RunConfig, node: Node, state_dict: dict[str, torch.
     if proximal_mu > 0:
         anchor = [p.detach().clone() for p in model.parameters()]
 
-        def regularizer(m: torch.nn.Module) -> torch.Tensor:
+        def regularizer(m: torch.nn.Module, _images, _logits) -> torch.Tensor:
             return 0.5 * proximal_mu * sum(((p - a) ** 2).sum()
                                            for p, a in zip(m.parameters(), anchor))
     res = train_segmenter(model, data.train, [], tcfg, cfg.data.context_slices,
@@ -500,3 +500,101 @@ def train_student_local(cfg: RunConfig, node: Node, state_dict: dict[str, torch.
                "loss": float(res.history[-1]["loss"]) if res.history else float("nan"),
                "seconds": time.perf_counter() - t0}
     return model.net.state_dict(), metrics
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Site adaptation: the final student fine-tuned on private data; it stays at the site
+# --------------------------------------------------------------------------------------------
+ADAPTED = "adapted_student"
+
+
+def adapted_dir(node: Node) -> Path:
+    """Where a site keeps its adapted student (``fedkd predict --model`` reads it)."""
+    return node.state_dir / ADAPTED
+
+
+def proxy_sampler(cfg: RunConfig, node: Node, seed: int) -> Callable[[int], torch.Tensor]:
+    """``sample(n)``: n random slices of the site's copy of the public proxy set, (n, C, H, W)."""
+    proxy = list(load_proxy_cases(cfg, node).values())
+    items = [(c, z) for c in proxy for z in range(c.num_slices)]
+    if not items:
+        raise DataError(f"{node.proxy_path}: the proxy set has no slices")
+    gen = np.random.default_rng(seed)
+    ctx = cfg.data.context_slices
+
+    def sample(n: int) -> torch.Tensor:
+        pick = gen.choice(len(items), size=min(n, len(items)), replace=False)
+        return torch.from_numpy(np.stack([slice_stack(items[i][0].image, items[i][1], ctx)
+                                          for i in pick])).float()
+    return sample
+
+
+def adapt_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor],
+                  log: Callable[[str], None] = LOG.info) -> dict:
+    """Fine-tune the received student on this site's private train split and keep it here.
+
+    Loss per step: DiceCE on the private labels
+    + ``adapt.w_teacher`` x KL(own teacher || student) on the same (augmented) private images
+    + ``adapt.w_proxy`` x KL(received student || student) on ``adapt.proxy_batch_size`` public
+    proxy slices (both KL at ``adapt.temperature``). The site's validation split picks the epoch,
+    the received weights being epoch 0 (so validation Dice never drops).
+
+    The adapted weights and a model card go to ``STATE_DIR/adapted_student`` (``fedkd predict
+    --model`` runs them). Returns metrics only: Dice before and after on the validation and
+    test splits, the chosen epoch, steps and seconds.
+    """
+    from common.losses import kd_kl_loss
+
+    t0 = time.perf_counter()
+    a = cfg.adapt
+    model = load_student(cfg, state_dict)
+    received = load_student(cfg, state_dict).eval()
+    data = load_private(cfg, node)
+    if not data.val:
+        raise DataError(f"{node.data_path}: site {node.site} has no validation cases "
+                        f"(adaptation picks its epoch on them)")
+    teacher = None
+    if a.w_teacher > 0:
+        train_teacher(cfg, node, log)   # reuses the site's checkpoint when it has one
+        teacher = load_teacher(cfg, node)[0].eval()
+    sample = proxy_sampler(cfg, node, cfg.runtime.seed) if a.w_proxy > 0 else None
+    t = a.temperature
+
+    def terms(m: torch.nn.Module, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        loss = logits.new_zeros(())
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(images)[0]
+            loss = loss + a.w_teacher * kd_kl_loss(logits, target, t)
+        if sample is not None:
+            x = sample(a.proxy_batch_size)
+            with torch.no_grad():
+                target = received(x)[0]
+            loss = loss + a.w_proxy * kd_kl_loss(m(x)[0], target, t)
+        return loss
+
+    def test_dice(m: torch.nn.Module) -> dict:
+        return summary_metrics(evaluate_cases(m, data.test, cfg.data.context_slices))
+
+    before = test_dice(received) if data.test else {}
+    tcfg = cfg.student_train(site_train_config(cfg, node), epochs=a.epochs, patience=a.patience)
+    res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
+                          cfg.runtime.seed, log=log, tag=f"{node.site} adapt", regularizer=terms,
+                          lr=a.lr, select_start=True)
+    after = test_dice(model) if data.test else {}
+    val_before = float(res.history[0]["val_dice"])
+    metrics = {"val_dice_before": val_before, "val_dice_after": float(res.best_val_dice),
+               "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+               "steps": int(sum(h.get("steps", 0) for h in res.history)),
+               "val_cases": len(data.val), "seconds": time.perf_counter() - t0}
+    for key, ev in (("before", before), ("after", after)):
+        for stat in ("dice_mean", "dice_std", "hd95_mean"):
+            if stat in ev:
+                metrics[f"{stat}_{key}"] = float(ev[stat])
+    metrics["n_cases"] = len(data.test)
+    from common.modelcard import write_model_dir
+
+    write_model_dir(adapted_dir(node), cfg, model.net, [node.site],
+                    {k: v for k, v in metrics.items() if k != "seconds"},
+                    adapted_at=node.site, formats=("state_dict",))
+    return metrics

@@ -115,11 +115,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from server.export import load_exported
+    from common.modelcard import load_model_dir
     from server.predict import predict_files
 
     try:
-        model, cfg = load_exported(args.model)
+        model, cfg = load_model_dir(args.model)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -238,7 +238,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "experiment": ("run experiment.methods x seeds (x folds) and tabulate them", cmd_experiment),
     "bench": ("benchmarks: comm (bytes vs Dice), compress (teacher vs student speed), scale "
               "(aggregation and simulation with more sites)", cmd_bench),
-    "predict": ("segment NIfTI volumes with an exported student", cmd_predict),
+    "predict": ("segment NIfTI volumes with an exported or adapted student", cmd_predict),
     "deploy": ("real deployment: certificates, SuperNode keys, start SuperLink / SuperNode, "
                "bundle a finished run", cmd_deploy),
 }
@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["bench"].add_argument("name", choices=["comm", "compress", "scale"],
                                   help="which benchmark")
     p = parsers["predict"]
-    p.add_argument("--model", type=Path, required=True, help="export directory (model_card.json)")
+    p.add_argument("--model", type=Path, required=True,
+                   help="a model directory (model_card.json): the run's export, or a site's "
+                        "adapted student (STATE_DIR/adapted_student)")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="NIfTI volume(s)")
     p.add_argument("--output", type=Path, required=True, help="folder for the masks")
     _deploy_arguments(parsers["deploy"])

@@ -185,6 +185,24 @@ class DistillConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Site adaptation (message ``train.adapt``): after the federation, every site fine-tunes the
+    final student on its private train split and keeps the result; only metrics come back. The
+    optimiser recipe is the ``student`` section's (batch size, augmentation, empty slices)."""
+
+    enabled: bool = field_(False, doc="send train.adapt after the final evaluation")
+    epochs: int = field_(10, lo=1, hi=10000)
+    lr: float = field_(1e-3, lo=1e-7, hi=1.0, doc="peak learning rate of the fine-tuning (cosine)")
+    patience: int = field_(5, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
+    w_teacher: float = field_(1.0, lo=0.0, doc="KL to the site's own teacher on its private "
+                              "images (the teacher is trained first if the site has none)")
+    w_proxy: float = field_(0.5, lo=0.0, doc="KL to the received student on public proxy "
+                            "slices: the federation's knowledge is not forgotten")
+    temperature: float = field_(2.0, lo=0.01, hi=100.0, doc="of both KL terms")
+    proxy_batch_size: int = field_(8, lo=1, hi=4096, doc="proxy slices per step")
+
+
+@dataclass
 class AggregationConfig:
     method: Literal["affinity", "adaptive", "mean", "era", "single"] = field_("affinity")
     confidence_temperature: float = field_(1.0, lo=0.01, hi=100.0)
@@ -338,6 +356,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     reply: ReplyConfig = field(default_factory=ReplyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
@@ -412,6 +431,10 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.capacity.enabled and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
         raise ConfigError("capacity.enabled: needs federation.strategy 'kd' and "
                           "federation.rounds 1 (the family is distilled from one set of targets)")
+    if cfg.adapt.enabled and cfg.federation.strategy in ("local", "central", "central-student",
+                                                          "central-kd"):
+        raise ConfigError(f"adapt.enabled: site adaptation follows a federation, not the pooled "
+                          f"baseline federation.strategy {cfg.federation.strategy!r}")
     unseen = cfg.experiment.unseen_sites
     if unseen and not cfg.data.sites:
         raise ConfigError("experiment.unseen_sites: data.sites must list the federation's sites "

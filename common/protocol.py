@@ -34,6 +34,13 @@ message type           server -> site (content)                     site -> serv
                        "val", with_val: bool (optional: the         dice_p25, dice_p75, hd95_* (same), n_cases;
                        validation figures too, for selection)}      with_val: val_dice_mean, val_n_cases
                                                                     ``info``: site
+``train.adapt``        ``run``: {config}; ``student``               ``metrics`` (MetricRecord):
+                       (ArrayRecord): the final student, which      val_dice_before, val_dice_after,
+                       the site fine-tunes on its private data      dice_mean_before, dice_mean_after,
+                       (``adapt`` section) and keeps in its         dice_std_*, hd95_mean_* (test split),
+                       state directory                              n_cases, val_cases, best_epoch,
+                                                                    epochs_run, steps, seconds
+                                                                    ``info``: site
 =====================  ===========================================  ===========================================
 
 The FedAvg / FedProx baseline (``federation.strategy: fedavg | fedprox``) uses Flower's built-in
@@ -43,6 +50,9 @@ global student's state dict) and ``config`` (Flower's ``server-round``, FedProx'
 ``arrays`` (its locally trained student) and ``metrics`` {num-examples (training slices), loss,
 seconds, steps}, and ``evaluate`` with ``metrics`` {dice, hd95, num-examples} on its validation
 split (the per-round figures; the final model is evaluated with ``evaluate.student``).
+
+``train.adapt`` is sent after the final evaluation when ``adapt.enabled``, with whatever
+student the federation produced (distilled or FedAvg).
 
 N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
 derived from its private images except metrics; every array in a reply has N as its leading
@@ -65,6 +75,7 @@ from common.config import RunConfig, from_dict, to_plain
 TRAIN_TEACHER = "train.teacher"
 QUERY_PROXY = "query.proxy"
 EVALUATE_STUDENT = "evaluate.student"
+ADAPT_STUDENT = "train.adapt"   # the adapted weights stay at the site; metrics come back
 
 RUN = "run"            # ConfigRecord: {"config": YAML text of the RunConfig}
 QUERY = "query"        # ConfigRecord of a proxy query
@@ -199,6 +210,15 @@ def evaluate_request(cfg: RunConfig, student_state: dict, split: str = "test",
     return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
                        STUDENT: ArrayRecord(student_state),
                        EVAL: ConfigRecord({"split": split, "with_val": with_val})})
+
+
+def adapt_request(cfg: RunConfig, student_state: dict):
+    """Content of a ``train.adapt`` instruction: the run config (its ``adapt`` section) and the
+    final student's state dict."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
+                       STUDENT: ArrayRecord(student_state)})
 
 
 def decode_record_array(record, key: str) -> np.ndarray:

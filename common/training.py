@@ -106,8 +106,9 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
                     val_cases: list[CaseVolume], cfg: TrainConfig, context: int = 0,
                     seed: int = 0, log: Callable[[str], None] = print, tag: str = "train",
                     checkpoint: Optional[Path] = None, checkpoint_key: str = "",
-                    regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
-                    lr: Optional[float] = None) -> TrainResult:
+                    regularizer: Optional[Callable[[torch.nn.Module, torch.Tensor, torch.Tensor],
+                                                   torch.Tensor]] = None,
+                    lr: Optional[float] = None, select_start: bool = False) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     Each epoch uses every slice with gland plus a random ``empty_slice_fraction`` of the others.
@@ -118,9 +119,13 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     reuses a finished run without training (``TrainResult.reused``) or resumes an unfinished
     one after its last completed epoch (``TrainResult.resumed_from``); another key retrains.
 
-    ``regularizer(model)``, if given, is added to every step's loss (FedProx's proximal term).
-    ``lr`` replaces ``cfg.lr`` as the peak learning rate (a FedAvg round's point on the cosine
-    over rounds).
+    ``regularizer(model, images, logits)``, if given, is added to every step's loss, with the
+    step's (augmented) images (B, C, H, W) and the model's logits on them (B, 2, H, W): FedProx's
+    proximal term, or a site adaptation's distillation terms. ``lr`` replaces ``cfg.lr`` as the
+    peak learning rate (a FedAvg round's point on the cosine over rounds). With
+    ``select_start`` the weights the model starts from are epoch 0, a candidate of the
+    validation selection like any epoch (fine-tuning never returns worse validation Dice than
+    it started from).
     """
     from monai.losses import DiceCELoss
 
@@ -164,6 +169,11 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     t_start = time.perf_counter() - spent
     epoch = first_epoch - 1
     done = False
+    if select_start and val_cases and saved is None:
+        best = evaluate_cases(model, val_cases, context, with_hd95=False)["dice"]["mean"]
+        best_state = copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "val_dice": best, "steps": 0})
+        log(f"[{tag}] epoch 0 (the weights received): val_dice={best:.4f}")
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         n_bg = int(round(len(bg) * cfg.empty_slice_fraction))
@@ -176,10 +186,11 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
                 break
-            logits, _ = model(batch["image"].float())
+            images = batch["image"].float()
+            logits, _ = model(images)
             loss = loss_fn(logits, batch["label"])
             if regularizer is not None:
-                loss = loss + regularizer(model)
+                loss = loss + regularizer(model, images, logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -212,7 +223,8 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
     if best_state is not None:
         model.load_state_dict(best_state)
     return TrainResult(best_val_dice=max(best, 0.0) if val_cases else float("nan"),
-                       best_epoch=best_epoch or epoch, epochs_run=epoch,
+                       best_epoch=best_epoch if best_state is not None else epoch,
+                       epochs_run=epoch,
                        seconds=time.perf_counter() - t_start, history=history,
                        resumed_from=first_epoch - 1)
 

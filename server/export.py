@@ -1,19 +1,18 @@
 """Export the final student: state dict, a ``torch.export`` program (``student.pt2``; TorchScript
 is deprecated in torch 2.13), ONNX (when ``onnx`` is installed) and a model card
-(``model_card.json``: config, parameters, sites, metrics) that ``fedkd predict`` reads."""
+(``model_card.json``: config, parameters, sites, metrics; :mod:`common.modelcard`) that
+``fedkd predict`` reads."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from common.config import RunConfig, from_dict, to_plain
+from common.config import RunConfig
+from common.modelcard import write_model_dir
 from common.models import FeatureNet, count_parameters, input_channels
-
-CARD = "model_card.json"
 
 
 def export_onnx(net: torch.nn.Module, in_channels: int, size: tuple[int, int], path: Path) -> None:
@@ -44,7 +43,6 @@ def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
     model = FeatureNet(cfg.model.student, in_ch)
     model.net.load_state_dict(torch.load(weights))
     model.eval()
-    torch.save(model.net.state_dict(), out / "student.pt")
     net = model.export_network().eval()
     export_program(net, in_ch, tuple(cfg.data.size), out / "student.pt2")
     formats = ["state_dict", "torch.export"]
@@ -59,25 +57,8 @@ def export_student(cfg: RunConfig, weights: Path, out: Path, report: dict,
         log(f"[export] ONNX export failed ({type(exc).__name__}: {exc}); skipping it")
     last = report.get("state", {}).get("rounds", {})
     final = last[max(last, key=int)].get("evaluate", {}) if last else {}
-    card = {"name": cfg.name, "formats": formats, "parameters": count_parameters(model.net),
-            "input": {"channels": in_ch, "size": cfg.data.size, "spacing_mm": cfg.data.spacing,
-                      "context_slices": cfg.data.context_slices,
-                      "clip_percentiles": cfg.data.clip_percentiles},
-            "sites": sorted(report.get("state", {}).get("teachers", {})),
-            "metrics": final, "config": to_plain(cfg)}
-    (out / CARD).write_text(json.dumps(card, indent=1))
-    log(f"[export] student ({card['parameters']:,} parameters) -> {out} ({', '.join(formats)})")
+    write_model_dir(out, cfg, model.net, list(report.get("state", {}).get("teachers", {})),
+                    final, tuple(formats))
+    log(f"[export] student ({count_parameters(model.net):,} parameters) -> {out} "
+        f"({', '.join(formats)})")
     return out
-
-
-def load_exported(model_dir: Path) -> tuple[FeatureNet, RunConfig]:
-    """The student and run config of an export directory (for ``fedkd predict``)."""
-    card_path = model_dir / CARD
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{model_dir}: not an exported model ({CARD} missing)")
-    card = json.loads(card_path.read_text())
-    cfg = from_dict(card["config"], str(card_path))
-    model = FeatureNet(cfg.model.student, card["input"]["channels"])
-    model.net.load_state_dict(torch.load(model_dir / "student.pt"))
-    model.eval()
-    return model, cfg

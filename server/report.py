@@ -80,6 +80,21 @@ def report_markdown(report: dict) -> str:
                 lines.append(f"| {site} | {m['dice_mean']:.4f} +- {m['dice_std']:.4f} | "
                              f"{m['hd95_mean']:.1f} | {int(m['n_cases'])} |")
             lines.append(f"| **all** | **{_f(ev['dice_mean'])}** | | |")
+        ad = r.get("adapt")
+        if ad:
+            a = report["config"].get("adapt", {})
+            lines += ["", f"Site adaptation: each site fine-tuned this student on its private "
+                      f"data ({a.get('epochs')} epochs, lr {a.get('lr')}, teacher weight "
+                      f"{a.get('w_teacher')}, proxy weight {a.get('w_proxy')}); the adapted "
+                      f"students stay at the sites (STATE_DIR/adapted_student).", "",
+                      "| site | val Dice before | val Dice after | epoch chosen | test Dice "
+                      "before | test Dice after | test cases |", "|---|---|---|---|---|---|---|"]
+            for site, m in sorted(ad["sites"].items()):
+                lines.append(f"| {site} | {_f(m['val_dice_before'])} | {_f(m['val_dice_after'])} "
+                             f"| {int(m['best_epoch'])} | {_f(m.get('dice_mean_before'))} | "
+                             f"{_f(m.get('dice_mean_after'))} | {int(m['n_cases'])} |")
+            lines.append(f"| **all** | | | | **{_f(ad['dice_mean_before'])}** | "
+                         f"**{_f(ad['dice_mean'])}** | |")
         loc = r.get("local")
         if loc:
             cols = sorted(next(iter(loc["matrix"].values())))

@@ -61,6 +61,8 @@ def config_digest(cfg: RunConfig) -> str:
     :data:`NOT_IN_DIGEST`): a run directory made when a default had another value is not
     resumed as if it were this run."""
     plain = cfg.to_dict()
+    if not cfg.adapt.enabled:   # the settings of a step that does not run define nothing
+        plain.pop("adapt")
     for section, keys in NOT_IN_DIGEST.items():
         if keys is None:
             plain.pop(section, None)

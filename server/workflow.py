@@ -3,7 +3,9 @@
 wait for >= ``federation.min_sites`` nodes -> ``train.teacher`` at every site -> for each round:
 ``query.proxy`` (round 1, and later rounds if ``federation.requery_teachers``) folded into the
 streaming aggregator as replies arrive -> distil the student on the proxy images ->
-``evaluate.student`` at every site -> report and export.
+``evaluate.student`` at every site -> with ``adapt.enabled``, ``train.adapt``: every site
+fine-tunes the final student on its private data and keeps it (metrics return) -> report and
+export (of the federation's student; the adapted ones never leave their sites).
 
 Checkpoints: after each completed step the state goes to ``RUN_DIR/state.json``
 (:mod:`server.state`; + targets and student files). A restarted server with the same run directory skips completed steps; sites keep
@@ -42,11 +44,13 @@ from common.metrics import case_weighted_mean, dice_score
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.privacy import epsilon
 from common.protocol import (
+    ADAPT_STUDENT,
     EVALUATE_STUDENT,
     QUERY_PROXY,
     RUN_CONFIG_KEY,
     TRAIN_TEACHER,
     ProtocolError,
+    adapt_request,
     config_to_text,
     decode_affinity,
     evaluate_request,
@@ -342,6 +346,35 @@ class Coordinator:
         self.state.rounds.setdefault(str(rnd), {})["evaluate"] = summary
         self._done(f"evaluate_r{rnd}", time.perf_counter() - t0)
 
+    def adapt(self, rnd: int, nodes: Optional[dict[int, str]] = None) -> None:
+        """``train.adapt``: every site fine-tunes the final student on its private data and keeps
+        it; the sites' metrics (Dice before / after on validation and test) are recorded as
+        ``rounds[rnd]["adapt"]``."""
+        t0 = time.perf_counter()
+        cfg = self.export_config()
+        weights = torch.load(self.run_dir / f"student_r{rnd}.pt")
+        results: dict[str, dict] = {}
+
+        def on_reply(label: str, reply: Message) -> None:
+            site = str(reply.content["info"]["site"]) if "info" in reply.content else label
+            m = results[site] = dict(reply.content["metrics"])
+            test = (f", test {m['dice_mean_before']:.4f} -> {m['dice_mean_after']:.4f}"
+                    if "dice_mean_after" in m else "")
+            self.log(f"[server] adapt_r{rnd} at {site}: val Dice {m['val_dice_before']:.4f} -> "
+                     f"{m['val_dice_after']:.4f} (epoch {m['best_epoch']}){test}")
+
+        self.log(f"[server] site adaptation: {cfg.adapt.epochs} epoch(s) at every site; the "
+                 f"adapted students stay at the sites")
+        self._broadcast(f"adapt_r{rnd}", nodes or self.site_nodes(), adapt_request(cfg, weights),
+                        ADAPT_STUDENT, self.timeout * 10 + 3600, on_reply)
+        tested = {s: m for s, m in results.items() if "dice_mean_after" in m}
+        self.state.rounds.setdefault(str(rnd), {})["adapt"] = {
+            "sites": results,
+            "dice_mean_before": case_weighted_mean(tested, "dice_mean_before"),
+            "dice_mean": case_weighted_mean(tested, "dice_mean_after"),
+            "val_dice_mean": case_weighted_mean(results, "val_dice_after", "val_cases")}
+        self._done(f"adapt_r{rnd}", time.perf_counter() - t0)
+
     def export_config(self) -> RunConfig:
         """The run config describing the exported student (the chosen capacity candidate)."""
         spec = capacity.chosen_spec(self.state.rounds)
@@ -398,6 +431,8 @@ class Coordinator:
                 self.weight_sharing(nodes)
             if self._pending(f"evaluate_r{rounds}"):
                 self.evaluate(rounds, {n: f"node {n}" for n in nodes})
+            if self.cfg.adapt.enabled and self._pending(f"adapt_r{rounds}"):
+                self.adapt(rounds, {n: f"node {n}" for n in nodes})
             return self.finish(t0)
         if strategy == "feddf" and self._pending("weights"):
             self.weight_sharing(nodes)   # FedAvg rounds first: student weights leave the sites
@@ -422,6 +457,9 @@ class Coordinator:
                 self.distill(rnd, targets or self.load_targets(q))
             if self._pending(f"evaluate_r{rnd}"):
                 self.evaluate(rnd)
+        if (self.cfg.adapt.enabled and not self.cfg.capacity.enabled
+                and self._pending(f"adapt_r{self.final_round}")):
+            self.adapt(self.final_round)
         return self.finish(t0)
 
     def finish(self, t0: float) -> dict:

@@ -128,6 +128,13 @@ def run_figures(report: dict) -> dict:
     last = st["rounds"][str(max(int(r) for r in st["rounds"]))]
     ev = last.get("evaluate", {})
     sites = ev.get("sites", {})
+    adapt = last.get("adapt")
+    if adapt:   # each site's own adapted student on its test split (unseen sites: the global one)
+        sites = {s: {"dice_mean": m["dice_mean_after"], "hd95_mean": m["hd95_mean_after"],
+                     "n_cases": m["n_cases"]} for s, m in adapt["sites"].items()
+                 if "dice_mean_after" in m}
+        ev = {"dice_mean": adapt["dice_mean"], "val_dice_mean": adapt["val_dice_mean"],
+              "sites": sites, "global_dice_mean": ev.get("dice_mean")}
     unseen = last.get("unseen", {})
     replies = [f["reply_bytes"] for r in st["rounds"].values() if "query" in r
                for f in r["query"]["sites"].values()]
@@ -147,7 +154,9 @@ def run_figures(report: dict) -> dict:
     else:  # pooled-data baselines communicate nothing (they need the data itself)
         per_site, total, moved = None, None, None
     return {"strategy": strategy,
-            "model": "teacher" if strategy in ("local", "central") else "student",
+            "model": ("teacher" if strategy in ("local", "central")
+                      else "adapted student" if adapt else "student"),
+            "global_dice_mean": ev.get("global_dice_mean"),
             "dice_mean": ev.get("dice_mean"),
             "val_dice": ev.get("val_dice_mean"),
             "site_dice": {s: m["dice_mean"] for s, m in sites.items()},

@@ -380,3 +380,46 @@ def test_gaussian_mechanism_on_the_proxy_reply(fed, trained):
     norms = np.sqrt((clean.reshape(6, -1) ** 2).sum(axis=1))
     clipped = clean * np.minimum(1.0, 2.0 / norms)[:, None, None, None]
     assert (a - clipped).std() == pytest.approx(0.5 * 2.0, rel=0.05)  # noise std = z * C
+
+
+def test_adaptation_keeps_the_student_at_the_site_and_returns_metrics_only(fed, trained):
+    """train.adapt of a student trained at another site (SiteB; val Dice 0.35 at SiteA): SiteA's
+    labels, its teacher and the proxy term lift its validation Dice by more than 0.05 (measured
+    0.35 -> 0.43; a fine-tuning that cannot move, lr 1e-7, gains nothing), the adapted weights
+    are kept in the node's state directory, where `fedkd predict --model` reads them, and the
+    reply carries metrics only."""
+    from client.site import adapted_dir
+    from common.config import with_overrides
+    from common.modelcard import load_model_dir, read_card
+    from common.protocol import ADAPT_STUDENT, adapt_request
+
+    root, cfg, node = fed
+    elsewhere = resolve_node({**node, "data-path": str(root / "SiteB"),
+                              "state-dir": node["state-dir"] + "_B"}, {}, cfg)
+    torch.manual_seed(0)
+    start = FeatureNet(cfg.model.student).net.state_dict()
+    received, _ = train_student_local(with_overrides(cfg, [("federation.local_epochs", 15)]),
+                                      elsewhere, start, 1, log=lambda s: None)
+    reply = send(adapt_request(cfg, received), ADAPT_STUDENT, node)
+    assert not reply.has_error(), reply.error
+    assert not reply.content.array_records and reply.content["info"]["site"] == "SiteA"
+    m = reply.content["metrics"]
+    assert m["val_dice_after"] > m["val_dice_before"] + 0.05, m
+    assert m["n_cases"] == 2 and m["val_cases"] == 2 and 1 <= m["best_epoch"] <= 10
+    assert m["steps"] > 0 and 0 < m["dice_mean_before"] < 1 and 0 < m["dice_mean_after"] < 1
+    here = resolve_node(node, {}, cfg)
+    kept = adapted_dir(here)
+    assert kept == here.state_dir / "adapted_student"
+    model, kept_cfg = load_model_dir(kept)
+    assert kept_cfg.model.student == cfg.model.student and read_card(kept)["sites"] == ["SiteA"]
+    direct = evaluate_cases(model, load_private(cfg, here).test)
+    assert direct["dice"]["mean"] == pytest.approx(m["dice_mean_after"], abs=1e-6)
+    assert any(not torch.equal(model.net.state_dict()[k], received[k]) for k in received)
+    # a fine-tuning that cannot move gains nothing
+    frozen = with_overrides(cfg, [("adapt.lr", 1e-7), ("adapt.epochs", 2)])
+    m0 = send(adapt_request(frozen, received), ADAPT_STUDENT, node).content["metrics"]
+    assert m0["val_dice_after"] == pytest.approx(m0["val_dice_before"], abs=0.01)
+    # a student of another architecture is refused with the cause, and the node keeps serving
+    other = FeatureNet(replace(cfg.model.student, channels=[8, 16, 32, 64])).net.state_dict()
+    bad = send(adapt_request(cfg, other), ADAPT_STUDENT, node)
+    assert bad.has_error() and "student." in bad.error.reason and "shape" in bad.error.reason

@@ -47,6 +47,8 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     sites in the federation and a third one unseen."""
     methods = {"adaptive-kd": [], "dp": ["privacy.noise_multiplier=0.01"],
                "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
+               "fedavg-ft": ["federation.strategy=fedavg", "federation.rounds=2",
+                             "adapt.enabled=true", "adapt.epochs=1"],
                "feddf": ["federation.strategy=feddf", "federation.rounds=2"],
                "local": ["federation.strategy=local"], "central": ["federation.strategy=central"],
                "central-kd": ["federation.strategy=central-kd"],
@@ -67,8 +69,8 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["experiment", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[experiment] (7/8) central-kd seed 0" in out and "min left" in out
-    assert "(8/8) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
+    assert "[experiment] (8/9) central-kd seed 0" in out and "min left" in out
+    assert "(9/9) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
     exp = tmp_path / "exp"
     results = json.loads((exp / "results.json").read_text())
     runs = results["runs"]
@@ -89,6 +91,17 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert by["adaptive-kd"]["site_bytes_moved"] == pytest.approx(
         by["adaptive-kd"]["bytes_to_server"] / 2 + student_bytes)
     assert by["local"]["site_bytes_moved"] is None
+    # FedAvg + site adaptation: the sites' figures are their adapted students'; the FedAvg
+    # student's own figures stay in the record (global_dice_mean)
+    ft = by["fedavg-ft"]
+    assert ft["model"] == "adapted student" and ft["strategy"] == "fedavg"
+    last = json.loads((exp / "fedavg-ft" / "seed_0" / "report.json").read_text()
+                      )["state"]["rounds"]["2"]
+    assert ft["global_dice_mean"] == last["evaluate"]["dice_mean"]
+    assert ft["site_dice"] == {s: last["adapt"]["sites"][s]["dice_mean_after"]
+                               for s in ("SiteA", "SiteB")}
+    assert ft["dice_mean"] == last["adapt"]["dice_mean"]
+    assert ft["val_dice"] >= last["evaluate"]["val_dice_mean"] - 1e-9   # epoch 0 is a candidate
     # feddf: the FedAvg rounds' uploads plus one proxy reply per site; its final model is the
     # refined student of round 3 (tested on the unseen site like every other)
     assert by["feddf"]["bytes_to_server"] > by["fedavg"]["bytes_to_server"]

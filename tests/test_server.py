@@ -14,9 +14,9 @@ from flwr.app import Array, ArrayRecord, Message
 from client.app import app
 from common.config import ConfigError, RunConfig, load_config
 from common.models import FeatureNet
-from common.protocol import EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
+from common.protocol import ADAPT_STUDENT, EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
 from common.synthetic import write_dataset
-from server.export import load_exported
+from common.modelcard import load_model_dir
 from server.predict import predict_file
 from server.state import FederationError
 from server.workflow import run_federation
@@ -91,7 +91,7 @@ def test_federation_distils_a_student_that_beats_an_untrained_one(adaptive_run, 
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     assert card["sites"] == ["SiteA", "SiteB", "SiteC"] and "torch.export" in card["formats"]
     scripted = torch.export.load(str(run_dir / "export" / "student.pt2")).module()
-    model, _ = load_exported(run_dir / "export")
+    model, _ = load_model_dir(run_dir / "export")
     x = torch.rand(2, 1, 64, 64)
     assert torch.allclose(scripted(x), model(x)[0], atol=1e-5)
 
@@ -102,7 +102,7 @@ def test_onnx_export_matches_pytorch(adaptive_run):
     run_dir = adaptive_run[4]
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     assert "onnx" in card["formats"]
-    model, _ = load_exported(run_dir / "export")
+    model, _ = load_model_dir(run_dir / "export")
     sess = ort.InferenceSession(str(run_dir / "export" / "student.onnx"),
                                 providers=["CPUExecutionProvider"])
     x = torch.rand(3, 1, 64, 64)  # a batch size other than the export's
@@ -228,12 +228,21 @@ def test_serverapp_main_reads_its_run_config(fed, tmp_path):
 
 def test_fedprox_baseline_runs_flowers_strategy_and_sites_evaluate_the_result(fed, tmp_path):
     cfg, grid = make(fed, tmp_path, ["federation.strategy=fedprox", "federation.rounds=2",
-                                     "federation.proximal_mu=0.5"])
+                                     "federation.proximal_mu=0.5", "adapt.enabled=true",
+                                     "adapt.epochs=2"])
     logs = []
     report = run_federation(grid, cfg, logs.append)
     types = sent_types(grid)
     assert types == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3 + \
-        [EVALUATE_STUDENT] * 3  # two FedProx rounds, then fedkd's per-site evaluation
+        [EVALUATE_STUDENT] * 3 + [ADAPT_STUDENT] * 3
+    # two FedProx rounds, fedkd's per-site evaluation, then each site adapts the final student
+    ad = report["state"]["rounds"]["2"]["adapt"]
+    for site, m in ad["sites"].items():
+        assert m["val_dice_after"] >= m["val_dice_before"]   # epoch 0 is a candidate
+        assert m["dice_mean_before"] == pytest.approx(
+            report["state"]["rounds"]["2"]["evaluate"]["sites"][site]["dice_mean"], abs=1e-6)
+    assert set(ad["sites"]) == {"SiteA", "SiteB", "SiteC"} and 0 < ad["dice_mean"] < 1
+    assert "| SiteA |" in (tmp_path / "report.md").read_text().split("Site adaptation")[1]
     train_msg = next(m for m in grid.sent if m.metadata.message_type == "train")
     assert train_msg.content["config"]["proximal-mu"] == 0.5  # set by Flower's FedProx
     w = report["state"]["rounds"]["2"]["weights"]
@@ -309,7 +318,7 @@ def test_capacity_with_a_loose_target_picks_the_smallest_candidate(fed, tmp_path
     assert splits == ["val"] * 3 + ["test"] * 3
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert card["parameters"] == row["parameters"] == report["student_parameters"]
-    model, _ = load_exported(tmp_path / "export")
+    model, _ = load_model_dir(tmp_path / "export")
     assert model.spec.channels == [2, 4, 8, 16]
     md = (tmp_path / "report.md").read_text()
     assert "Chosen: `width x0.5`, which meets the target" in md
@@ -369,7 +378,8 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
                       for p in root.glob("Site*/Case*.nii.gz")}
     payloads: list[tuple[str, Message]] = []
     cfg = load_config(None, [*SETTINGS, f"data.root={root}", f"output.run_dir={tmp_path / 'run'}",
-                             "train.epochs=2", "distill.epochs=2", "output.audit=true"])
+                             "train.epochs=2", "distill.epochs=2", "output.audit=true",
+                             "adapt.enabled=true", "adapt.epochs=1"])
     grid = LocalGrid(app, {i + 1: {"partition-id": i} for i in range(3)},
                      {"data-root": str(root), "state-root": str(tmp_path / "state")})
     from server.audit import AuditGrid, array_bytes
@@ -379,8 +389,13 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
     n_proxy = report["state"]["rounds"]["1"]["query"]["n_slices"]
     lines = [json.loads(x) for x in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
     seen = {(r["direction"], r["message_type"]) for r in lines}
-    for mtype in (TRAIN_TEACHER, QUERY_PROXY, EVALUATE_STUDENT):
+    for mtype in (TRAIN_TEACHER, QUERY_PROXY, EVALUATE_STUDENT, ADAPT_STUDENT):
         assert ("to-site", mtype) in seen and ("from-site", mtype) in seen
+    adapted = [r for r in lines if r["direction"] == "from-site"
+               and r["message_type"] == ADAPT_STUDENT]
+    assert len(adapted) == 3 and not any(r["arrays"] for r in adapted)   # metrics only
+    for site in ("SiteA", "SiteB", "SiteC"):   # the adapted students stay at the sites
+        assert (tmp_path / "state" / site / "adapted_student" / "student.pt").is_file()
     replies = [r for r in lines if r["direction"] == "from-site" and r["message_type"] == QUERY_PROXY]
     assert {r["site"] for r in replies} == {"SiteA", "SiteB", "SiteC"}
     for r in replies:
@@ -404,7 +419,7 @@ def test_payload_audit_records_every_message_and_no_private_bytes_leave_a_site(t
                 assert shape[0] == n_proxy and tuple(shape) not in private_shapes
     needle = canary.tobytes()
     from_sites = [m for d, m in payloads if d == "from-site"]
-    assert len(from_sites) == 9
+    assert len(from_sites) == 12
     assert not any(needle in b for m in from_sites for b in array_bytes(m))
     # the same search finds the canary where it is: in the private file's voxels
     assert needle in np.asanyarray(nib.load(path).dataobj).tobytes()
@@ -431,8 +446,13 @@ def test_config_digest_covers_what_defines_a_run(tmp_path):
     same = load_config(None, [*SETTINGS, "federation.wait_timeout_s=999", "output.audit=true",
                               "runtime.threads=1", "experiment.seeds=[5]", "train.lr=0.005"])
     assert RunConfig().train.lr == 0.005 and config_digest(same) == digest
+    # the settings of site adaptation count only when it runs
+    assert config_digest(load_config(None, [*SETTINGS, "adapt.lr=0.1"])) == digest
+    adapted = config_digest(load_config(None, [*SETTINGS, "adapt.enabled=true"]))
+    assert config_digest(load_config(None, [*SETTINGS, "adapt.enabled=true",
+                                            "adapt.lr=0.1"])) != adapted
     for change in ("train.epochs=3", "aggregation.method=mean", "data.size=[32,32]",
-                   "distill.soft_dice=false", "reply.calibrate=false"):
+                   "distill.soft_dice=false", "reply.calibrate=false", "adapt.enabled=true"):
         assert config_digest(load_config(None, [*SETTINGS, change])) != digest, change
     # every setting counts, defaults included: a run directory made when a default had another
     # value (distill.soft_dice was false) is not resumed as a run with today's default
