@@ -191,9 +191,9 @@ class AdaptConfig:
     optimiser recipe is the ``student`` section's (batch size, augmentation, empty slices)."""
 
     enabled: bool = field_(False, doc="send train.adapt after the final evaluation")
-    epochs: int = field_(10, lo=1, hi=10000)
-    lr: float = field_(1e-3, lo=1e-7, hi=1.0, doc="peak learning rate of the fine-tuning (cosine)")
-    patience: int = field_(5, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
+    epochs: int = field_(30, lo=1, hi=10000)
+    lr: float = field_(3e-3, lo=1e-7, hi=1.0, doc="peak learning rate of the fine-tuning (cosine)")
+    patience: int = field_(10, lo=1, hi=10000, doc="early stopping: epochs without val Dice gain")
     w_teacher: float = field_(1.0, lo=0.0, doc="KL to the site's own teacher on its private "
                               "images (the teacher is trained first if the site has none)")
     w_proxy: float = field_(0.5, lo=0.0, doc="KL to the received student on public proxy "
