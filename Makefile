@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedkd simulate --config configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs data/synthetic
