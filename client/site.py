@@ -52,6 +52,8 @@ from common.slices import slice_stack
 from common.splits import SiteData, load_site, load_unsplit
 from common.logs import get_logger
 from common.architectures import feature_names
+from common.losses import kd_kl_loss
+from common.modelcard import write_model_dir
 from common.models import FeatureNet, build_teacher, input_channels
 from common.codec import encode_stream, quantize
 from common.privacy import epsilon, release
@@ -543,8 +545,6 @@ def adapt_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor
     --model`` runs them). Returns metrics only: Dice before and after on the validation and
     test splits, the chosen epoch, steps and seconds.
     """
-    from common.losses import kd_kl_loss
-
     t0 = time.perf_counter()
     a = cfg.adapt
     model = load_student(cfg, state_dict)
@@ -573,15 +573,12 @@ def adapt_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor
             loss = loss + a.w_proxy * kd_kl_loss(m(x)[0], target, t)
         return loss
 
-    def test_dice(m: torch.nn.Module) -> dict:
-        return summary_metrics(evaluate_cases(m, data.test, cfg.data.context_slices))
-
-    before = test_dice(received) if data.test else {}
+    before = evaluate_student(cfg, node, state_dict, "test") if data.test else {}
     tcfg = cfg.student_train(site_train_config(cfg, node), epochs=a.epochs, patience=a.patience)
     res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"{node.site} adapt", regularizer=terms,
                           lr=a.lr, select_start=True)
-    after = test_dice(model) if data.test else {}
+    after = evaluate_student(cfg, node, model.net.state_dict(), "test") if data.test else {}
     val_before = float(res.history[0]["val_dice"])
     metrics = {"val_dice_before": val_before, "val_dice_after": float(res.best_val_dice),
                "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
@@ -592,9 +589,6 @@ def adapt_student(cfg: RunConfig, node: Node, state_dict: dict[str, torch.Tensor
             if stat in ev:
                 metrics[f"{stat}_{key}"] = float(ev[stat])
     metrics["n_cases"] = len(data.test)
-    from common.modelcard import write_model_dir
-
     write_model_dir(adapted_dir(node), cfg, model.net, [node.site],
-                    {k: v for k, v in metrics.items() if k != "seconds"},
-                    adapted_at=node.site, formats=("state_dict",))
+                    {k: v for k, v in metrics.items() if k != "seconds"})
     return metrics

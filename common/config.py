@@ -184,6 +184,11 @@ class DistillConfig:
                                                  "exceeds this (None: keep all)")
 
 
+# federation.strategy values that are pooled-data baselines: they run only in simulation, and no
+# site step (adaptation) follows them
+SIMULATION_ONLY = ("local", "central", "central-student", "central-kd")
+
+
 @dataclass
 class AdaptConfig:
     """Site adaptation (message ``train.adapt``): after the federation, every site fine-tunes the
@@ -431,8 +436,7 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.capacity.enabled and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
         raise ConfigError("capacity.enabled: needs federation.strategy 'kd' and "
                           "federation.rounds 1 (the family is distilled from one set of targets)")
-    if cfg.adapt.enabled and cfg.federation.strategy in ("local", "central", "central-student",
-                                                          "central-kd"):
+    if cfg.adapt.enabled and cfg.federation.strategy in SIMULATION_ONLY:
         raise ConfigError(f"adapt.enabled: site adaptation follows a federation, not the pooled "
                           f"baseline federation.strategy {cfg.federation.strategy!r}")
     unseen = cfg.experiment.unseen_sites

@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
-from common.config import RunConfig, dump_config
+from common.config import SIMULATION_ONLY, RunConfig, dump_config
 from common.data import DataError, load_proxy
 from common.slices import proxy_slice_ids, slice_stack
 from common.logs import get_logger
@@ -69,7 +69,10 @@ from server.state import FederationError, RunState, config_digest
 LOG = get_logger("fedkd.server")
 
 
-SIMULATION_ONLY = ("local", "central", "central-student", "central-kd")
+def reply_site(label: str, reply: Message) -> str:
+    """The site a reply names in its ``info`` record (else the node's label)."""
+    return str(reply.content["info"]["site"]) if "info" in reply.content else label
+
 # A proxy slice within COVERAGE_DISTANCE of some site's own data is "claimed"; the report warns
 # when fewer than COVERAGE_WARNING of the slices are. Calibrated on the real federations (3 folds
 # each): with RUNMC as the public set 86-98 % of the slices are claimed and the student matches
@@ -326,7 +329,7 @@ class Coordinator:
         results: dict[str, dict] = {}
 
         def on_reply(label: str, reply: Message) -> None:
-            site = str(reply.content["info"]["site"]) if "info" in reply.content else label
+            site = reply_site(label, reply)
             results[site] = dict(reply.content["metrics"])
             self.log(f"[server] {step} at {site}: Dice {results[site]['dice_mean']:.4f} "
                      f"HD95 {results[site]['hd95_mean']:.1f} mm ({split})")
@@ -356,7 +359,7 @@ class Coordinator:
         results: dict[str, dict] = {}
 
         def on_reply(label: str, reply: Message) -> None:
-            site = str(reply.content["info"]["site"]) if "info" in reply.content else label
+            site = reply_site(label, reply)
             m = results[site] = dict(reply.content["metrics"])
             test = (f", test {m['dice_mean_before']:.4f} -> {m['dice_mean_after']:.4f}"
                     if "dice_mean_after" in m else "")
@@ -429,10 +432,11 @@ class Coordinator:
             rounds = self.cfg.federation.rounds
             if self._pending("weights"):
                 self.weight_sharing(nodes)
+            labels = {n: f"node {n}" for n in nodes}
             if self._pending(f"evaluate_r{rounds}"):
-                self.evaluate(rounds, {n: f"node {n}" for n in nodes})
+                self.evaluate(rounds, labels)
             if self.cfg.adapt.enabled and self._pending(f"adapt_r{rounds}"):
-                self.adapt(rounds, {n: f"node {n}" for n in nodes})
+                self.adapt(rounds, labels)
             return self.finish(t0)
         if strategy == "feddf" and self._pending("weights"):
             self.weight_sharing(nodes)   # FedAvg rounds first: student weights leave the sites

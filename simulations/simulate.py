@@ -14,11 +14,11 @@ import os
 import time
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import SIMULATION_ONLY, RunConfig
 from common.data import discover_sites
 from common.logs import get_logger
 from common.synthetic import existing_matches, write_dataset
-from server.workflow import SIMULATION_ONLY, final_round
+from server.workflow import final_round
 
 LOG = get_logger("fedkd.server")
 
