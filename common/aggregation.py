@@ -39,6 +39,11 @@ counts. Features are grouped by ``(name, channels)`` and each group's target is,
 mean of its teachers' maps weighted by each teacher's mean pixel weight on that slice (the
 weights of the probabilities); the student gets one 1x1 adapter per group.
 Memory grows with the number of distinct teacher architectures, not with the number of sites.
+
+Replies arrive in whatever order the sites answer. Each one's weighted contribution is computed
+in float32 and added into float64 sums (cast back to float32 at the end), and the site tables are
+kept in site order, so the targets do not depend on the arrival order: two runs of one
+configuration distil from the same targets.
 (Averaging raw maps of independently trained teachers of one architecture is an approximation;
 ``distill.feature_loss: attention`` compares channel-pooled attention maps instead.)
 """
@@ -108,8 +113,8 @@ class StreamingAggregator:
     def __init__(self, cfg: AggregationConfig, spill_dir: Optional[Path] = None):
         self.cfg = cfg
         self.method = cfg.method
-        self.num: Optional[np.ndarray] = None      # sum_k w~_k p_k       (N, 2, H, W)
-        self.den: Optional[np.ndarray] = None      # sum_k w~_k           (N, H, W) or scalar
+        self.num: Optional[np.ndarray] = None      # sum_k w~_k p_k  (N, 2, H, W) float64
+        self.den: Optional[np.ndarray] = None      # sum_k w~_k      (N, H, W) float64
         self.site_mass: dict[str, float] = {}      # sum over pixels of w~_k
         self.feat_num: dict[str, np.ndarray] = {}
         self.feat_den: dict[str, np.ndarray] = {}   # (N,) per group
@@ -122,7 +127,8 @@ class StreamingAggregator:
 
     @property
     def sites(self) -> list[str]:
-        return list(self.reliability)
+        """The sites folded in so far, sorted by name (not in arrival order)."""
+        return sorted(self.reliability)
 
     def add(self, site: str, probs: np.ndarray, reliability: float,
             features: Optional[dict[str, np.ndarray]] = None,
@@ -168,13 +174,13 @@ class StreamingAggregator:
                 self.feat_num[key] += contrib
                 self.feat_den[key] += slice_w
             else:
-                self.feat_num[key] = contrib
-                self.feat_den[key] = slice_w.copy()
+                self.feat_num[key] = contrib.astype(np.float64)
+                self.feat_den[key] = slice_w.astype(np.float64)
 
     def _fold(self, site: str, probs: np.ndarray, w: np.ndarray) -> None:
-        contrib = probs * w[:, None]
+        contrib = probs * w[:, None]          # float32; the sums are float64 (order-independent)
         if self.num is None:
-            self.num, self.den = contrib, w.copy()
+            self.num, self.den = contrib.astype(np.float64), np.asarray(w, np.float64).copy()
         else:
             self.num += contrib
             self.den += w
@@ -186,7 +192,7 @@ class StreamingAggregator:
         ensemble = (self.num / self.den[:, None]).argmax(axis=1)
         agreement = {}
         self.num = self.den = None
-        for site, path in self.spilled.items():
+        for site, path in sorted(self.spilled.items()):
             p = np.load(path, mmap_mode="r").astype(np.float32)
             agreement[site] = hard_dice(p.argmax(axis=1) == 1, ensemble == 1)
             r = max(self.reliability[site], MIN_RELIABILITY) * max(agreement[site], MIN_RELIABILITY)
@@ -201,10 +207,10 @@ class StreamingAggregator:
         probs = self.num / np.maximum(self.den, EPS)[:, None]
         if self.method == "era":
             probs = sharpen(probs, self.cfg.era_temperature)
-        total = sum(self.site_mass.values())
-        weights = {s: m / total for s, m in self.site_mass.items()}
-        feats = {k: v / np.maximum(self.feat_den[k], EPS)[:, None, None, None]
-                 for k, v in self.feat_num.items()}
+        total = sum(self.site_mass[s] for s in self.sites)
+        weights = {s: self.site_mass[s] / total for s in self.sites}
+        feats = {k: (v / np.maximum(self.feat_den[k], EPS)[:, None, None, None]).astype(np.float32)
+                 for k, v in sorted(self.feat_num.items())}
         return Targets(probs.astype(np.float32), feats, weights, agreement, self.claim)
 
 
