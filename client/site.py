@@ -55,15 +55,14 @@ from common.architectures import feature_names
 from common.losses import kd_kl_loss
 from common.modelcard import write_model_dir
 from common.models import FeatureNet, build_teacher, input_channels
-from common.codec import encode_stream, quantize
 from common.privacy import epsilon, release
 from common.protocol import (
     AFFINITY,
-    FOREGROUND,
-    PRECISIONS,
     ProtocolError,
-    encode_array,
+    ReplyEncoder,
+    check_precision,
     parse_slice_ids,
+    release_maps,
 )
 from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
@@ -339,9 +338,7 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     slice's prediction and features are clipped and noised, each part with its own bound
     (common.privacy), and the stats carry the release's ``dp_epsilon``.
     """
-    if precision not in PRECISIONS:
-        raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
-                            f"got {precision!r}")
+    check_precision(precision)
     if not slice_ids:
         raise ProtocolError("query.slice_ids: empty")
     if batch_size < 1:
@@ -349,7 +346,6 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     t0 = time.perf_counter()
     dp = cfg.privacy
     reply = cfg.reply
-    compact, pooled = reply.output == "foreground", reply.features == "pooled"
     # the affinity is an unnoised statistic of the private data: not released under privacy noise
     send_affinity = cfg.aggregation.method == "affinity" and dp.noise_multiplier == 0
     needs_reference = send_affinity or reply.calibrate
@@ -361,9 +357,7 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     proxy = load_proxy_cases(cfg, node)
     wanted = parse_slice_ids(slice_ids, proxy)
     n = len(wanted)
-    out_logits: dict[str, np.ndarray] = {}
-    out_feats: dict[str, np.ndarray] = {}
-    coded: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, bool]] = {}  # codes, scales, fixed
+    encoder = ReplyEncoder(reply, precision, n, features)
     affinity = np.empty(n, np.float32) if send_affinity else None
     entropy_sum = 0.0
     noise = np.random.default_rng()  # fresh OS entropy: the noise must not be reproducible
@@ -375,43 +369,18 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
         logits, feats = model(x)
         if affinity is not None:
             affinity[rows] = reference["affinity"].distance(slice_embedding(feats["bottleneck"]))
-        pred = logits / temperature
-        if compact:
-            pred = pred.softmax(dim=1)[:, 1:2]
-            if reply.downsample > 1:
-                pred = torch.nn.functional.avg_pool2d(pred, reply.downsample)
-        maps = [feats[f] for f in features]
-        if pooled:
-            maps = [m.pow(2).mean(dim=1, keepdim=True).sqrt() for m in maps]
-        pred, maps = pred.numpy(), [m.numpy() for m in maps]
+        pred, maps = release_maps(logits, [feats[f] for f in features], reply, temperature)
         if dp.noise_multiplier > 0:  # Gaussian mechanism: nothing unnoised leaves the site
             pred, maps = release(pred, maps, dp.clip_norm, dp.feature_clip_norm,
                                  dp.noise_multiplier, noise)
-        if compact:
+        if reply.output == "foreground":
             p = torch.from_numpy(np.clip(pred[:, 0], 0.0, 1.0))
             probs = torch.stack([1 - p, p], dim=1)
         else:
             probs = torch.from_numpy(pred).softmax(dim=1)
         entropy_sum += float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean(dim=(1, 2)).sum())
-        for i, (name, arr, is_coded, fixed) in enumerate(
-                [(FOREGROUND if compact else "logits", pred, compact, True)]
-                + [(f, a, pooled, False) for f, a in zip(features, maps)]):
-            if is_coded:
-                q, scale = quantize(arr, reply.bits, fixed)
-                if (i, name) not in coded:
-                    coded[i, name] = (np.empty((n, *q.shape[1:]), np.uint8),
-                                      np.empty((n, q.shape[1]), np.float32), fixed)
-                coded[i, name][0][rows], coded[i, name][1][rows] = q, scale
-                continue
-            dest = out_logits if i == 0 else out_feats
-            for suffix, enc in encode_array(arr, precision).items():
-                key = name + suffix
-                if key not in dest:
-                    dest[key] = np.empty((n, *enc.shape[1:]), dtype=enc.dtype)
-                dest[key][rows] = enc
-    for (i, name), (codes, scales, fixed) in coded.items():
-        (out_logits if i == 0 else out_feats)[name] = encode_stream(
-            codes, scales, reply.bits, reply.codec, fixed)
+        encoder.add(rows, pred, maps)
+    out_logits, out_feats = encoder.records()
     if affinity is not None:
         out_logits[AFFINITY] = affinity
     reply_bytes = sum(a.nbytes for a in (*out_logits.values(), *out_feats.values()))

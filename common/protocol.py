@@ -70,7 +70,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from common.config import RunConfig, from_dict, to_plain
+from common.codec import CodecError, decode_stream, encode_stream, quantize
+from common.config import ReplyConfig, RunConfig, from_dict, to_plain
 
 TRAIN_TEACHER = "train.teacher"
 QUERY_PROXY = "query.proxy"
@@ -157,6 +158,13 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[:, :, None, None].astype(np.float32)
 
 
+def check_precision(precision: str) -> None:
+    """ProtocolError unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
+                            f"got {precision!r}")
+
+
 def encode_array(x: np.ndarray, precision: str) -> dict[str, np.ndarray]:
     """Encode an (N, C, H, W) float array for the wire: ``{"": data}`` (+ ``".scale"`` for int8)."""
     if precision == "float32":
@@ -166,8 +174,8 @@ def encode_array(x: np.ndarray, precision: str) -> dict[str, np.ndarray]:
     if precision == "int8":
         q, s = quantize_int8(x)
         return {"": q, SCALE_SUFFIX: s}
-    raise ProtocolError(f"query.precision: expected one of {', '.join(PRECISIONS)}, "
-                        f"got {precision!r}")
+    check_precision(precision)
+    raise AssertionError(precision)
 
 
 def decode_array(data: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -177,6 +185,74 @@ def decode_array(data: np.ndarray, scale: np.ndarray | None = None) -> np.ndarra
             raise ProtocolError("int8 array without its .scale array")
         return dequantize_int8(data, scale)
     return data.astype(np.float32)
+
+
+def release_maps(logits: "torch.Tensor", features: list, reply: ReplyConfig,
+                 temperature: float = 1.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """What a site releases for a batch of proxy slices, before any privacy noise and coding.
+
+    logits (B, 2, H, W) and feature maps [(B, C, h, w)] (torch) ->
+    prediction: ``reply.output: logits``: logits / temperature (B, 2, H, W); ``foreground``:
+    the calibrated gland probability (B, 1, H/f, W/f), average-pooled by f = ``reply.downsample``;
+    features: as they are, or (``reply.features: pooled``) the channel RMS map (B, 1, h, w).
+    """
+    import torch
+
+    pred = logits / temperature
+    if reply.output == "foreground":
+        pred = pred.softmax(dim=1)[:, 1:2]
+        if reply.downsample > 1:
+            pred = torch.nn.functional.avg_pool2d(pred, reply.downsample)
+    if reply.features == "pooled":
+        features = [f.pow(2).mean(dim=1, keepdim=True).sqrt() for f in features]
+    return pred.numpy(), [f.numpy() for f in features]
+
+
+class ReplyEncoder:
+    """Builds the two array records of a proxy reply, a batch of slices at a time.
+
+    Memory is bounded by the wire format: outputs are preallocated in the wire dtype (or as
+    quantised codes) for the N slices and filled batch by batch (:meth:`add`); :meth:`records`
+    entropy-codes the compact streams (common.codec). The site (``answer_proxy_query``) and the
+    benchmark's simulated replies both encode through here.
+    """
+
+    def __init__(self, reply: ReplyConfig, precision: str, n: int, features: list[str]):
+        check_precision(precision)
+        self.reply, self.precision, self.n, self.features = reply, precision, n, list(features)
+        self.compact = reply.output == "foreground"
+        self.pooled = reply.features == "pooled"
+        self.logits: dict[str, np.ndarray] = {}
+        self.feats: dict[str, np.ndarray] = {}
+        self.coded: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, bool]] = {}
+
+    def add(self, rows: slice, pred: np.ndarray, maps: list[np.ndarray]) -> None:
+        """Store slices ``rows`` of the reply: ``pred`` and ``maps`` as :func:`release_maps`
+        returns them (noised or not)."""
+        parts = ([(FOREGROUND if self.compact else "logits", pred, self.compact, True)]
+                 + [(f, a, self.pooled, False) for f, a in zip(self.features, maps)])
+        for i, (name, arr, is_coded, fixed) in enumerate(parts):
+            if is_coded:
+                q, scale = quantize(arr, self.reply.bits, fixed)
+                if (i, name) not in self.coded:
+                    self.coded[i, name] = (np.empty((self.n, *q.shape[1:]), np.uint8),
+                                           np.empty((self.n, q.shape[1]), np.float32), fixed)
+                self.coded[i, name][0][rows], self.coded[i, name][1][rows] = q, scale
+                continue
+            dest = self.logits if i == 0 else self.feats
+            for suffix, enc in encode_array(arr, self.precision).items():
+                key = name + suffix
+                if key not in dest:
+                    dest[key] = np.empty((self.n, *enc.shape[1:]), dtype=enc.dtype)
+                dest[key][rows] = enc
+
+    def records(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(logits record, features record) as arrays for the wire."""
+        for (i, name), (codes, scales, fixed) in self.coded.items():
+            (self.logits if i == 0 else self.feats)[name] = encode_stream(
+                codes, scales, self.reply.bits, self.reply.codec, fixed)
+        self.coded = {}
+        return self.logits, self.feats
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +337,6 @@ def read_proxy_reply(content, cfg: RunConfig, n: int, hw: tuple[int, int],
     non-finite or of the wrong shape."""
     import torch
 
-    from common.codec import CodecError, decode_stream
 
     def stream(record, key: str, expect: tuple, fixed: bool) -> np.ndarray:
         try:   # a map is never finer than the image: n * H * W values at most

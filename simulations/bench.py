@@ -217,14 +217,14 @@ def feature_taps(cfg: RunConfig) -> dict[str, tuple[int, int]]:
 
 def simulated_reply(cfg: RunConfig, slices: int, rng: np.random.Generator,
                     taps: dict[str, tuple[int, int]]):
-    """One teacher reply of realistic size and shape, encoded as ``cfg`` (reply section,
-    federation.precision) puts it on the wire: gland-like logits (a soft disc on confident
+    """One teacher reply of realistic size and shape, encoded by the site's own encoder
+    (common.protocol.release_maps, ReplyEncoder) as ``cfg`` (reply section, federation.precision)
+    puts it on the wire: gland-like logits (a soft disc on confident
     background per slice, plus noise) and random feature maps of the teacher's ``taps``.
     Returns (RecordDict content, feature names, (H, W))."""
     from flwr.app import Array, ArrayRecord, RecordDict
 
-    from common.codec import encode_stream, quantize
-    from common.protocol import FEATURES, FOREGROUND, LOGITS, encode_array
+    from common.protocol import FEATURES, LOGITS, ReplyEncoder, release_maps
 
     h, w = cfg.bench.image_size
     yy, xx = np.mgrid[:h, :w].astype(np.float32)
@@ -235,22 +235,11 @@ def simulated_reply(cfg: RunConfig, slices: int, rng: np.random.Generator,
     logits = np.stack([-margin / 2, margin / 2], axis=1).astype(np.float32)
     feats = {n: rng.standard_normal((slices, c, h // st, w // st), dtype=np.float32)
              for n, (c, st) in taps.items()}
-    r, precision = cfg.reply, cfg.federation.precision
-    if r.output == "foreground":
-        p = 1.0 / (1.0 + np.exp(-margin))[:, None]
-        if r.downsample > 1:
-            p = p.reshape(slices, 1, h // r.downsample, r.downsample, w // r.downsample,
-                          r.downsample).mean(axis=(3, 5))
-        lrec = {FOREGROUND: encode_stream(*quantize(p, r.bits, True), r.bits, r.codec, True)}
-    else:
-        lrec = {"logits" + k: v for k, v in encode_array(logits, precision).items()}
-    frec = {}
-    for n, f in feats.items():
-        if r.features == "pooled":
-            rms = np.sqrt((f ** 2).mean(axis=1, keepdims=True))
-            frec[n] = encode_stream(*quantize(rms, r.bits, False), r.bits, r.codec, False)
-        else:
-            frec.update({n + k: v for k, v in encode_array(f, precision).items()})
+    encoder = ReplyEncoder(cfg.reply, cfg.federation.precision, slices, list(feats))
+    encoder.add(slice(0, slices), *release_maps(torch.from_numpy(logits),
+                                                [torch.from_numpy(f) for f in feats.values()],
+                                                cfg.reply))
+    lrec, frec = encoder.records()
     content = RecordDict({LOGITS: ArrayRecord({k: Array(v) for k, v in lrec.items()}),
                           FEATURES: ArrayRecord({k: Array(v) for k, v in frec.items()})})
     return content, list(feats), (h, w)
