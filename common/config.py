@@ -152,6 +152,11 @@ class StudentConfig:
     intensity_augment: Literal["standard", "scanner"] = field_(
         "scanner", doc="scanner: + bias field, coil hot spot, wide gamma, blur, noise "
         "(common.augment.SCANNER), for every student method alike; standard: jitter only")
+    proxy_pretrain_epochs: int = field_(0, lo=0, hi=10000, doc="> 0: the server first trains "
+                                        "the student on the public proxy set's own masks for "
+                                        "this many epochs (this recipe); that student is where "
+                                        "distillation and the FedAvg / FedProx rounds start "
+                                        "(needs a proxy set with masks)")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 
 from common.aggregation import Targets
 from common.augment import augment_batch
-from common.config import DistillConfig, StudentConfig
+from common.config import ConfigError, DistillConfig, RunConfig, StudentConfig
 from common.losses import (
     FeatureDistillLoss,
     dice_loss,
@@ -143,3 +143,25 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
             on_epoch(epoch, student)
     student.eval()
     return history
+
+
+def pretrain_on_proxy(student: FeatureNet, cfg: RunConfig, log: Callable[[str], None] = print
+                      ) -> dict:
+    """Train ``student`` in place on the public proxy set's own masks (``student.
+    proxy_pretrain_epochs`` epochs of supervised DiceCE, the ``student`` recipe, every slice of
+    every proxy volume; no validation: the last epoch is kept). ConfigError, naming the folder,
+    if the proxy set has no masks. Returns {epochs, steps, cases, seconds}."""
+    from common.data import DataError, load_proxy
+    from common.training import train_segmenter
+
+    epochs = cfg.student.proxy_pretrain_epochs
+    try:
+        cases = load_proxy(cfg.data, with_labels=True)
+    except DataError as exc:
+        raise ConfigError(f"student.proxy_pretrain_epochs={epochs} needs a public proxy set with "
+                          f"masks: {exc}") from None
+    res = train_segmenter(student, cases, [], cfg.student_train(epochs=epochs, patience=epochs),
+                          cfg.data.context_slices, cfg.runtime.seed, log=log,
+                          tag="proxy pretrain")
+    return {"epochs": res.epochs_run, "cases": len(cases), "seconds": res.seconds,
+            "steps": int(sum(h.get("steps", 0) for h in res.history))}

@@ -28,6 +28,11 @@ def report_markdown(report: dict) -> str:
                      f"{int(m['epochs_run'])} | {m['seconds']:.0f} | {'yes' if m['reused'] else 'no'} |")
     for rnd, r in sorted(st["rounds"].items(), key=lambda kv: int(kv[0])):
         lines += ["", f"## Round {rnd}", ""]
+        pre = r.get("pretrain")
+        if pre:
+            lines += [f"Student pretrained on the public proxy set's masks "
+                      f"(student.proxy_pretrain_epochs): {pre['steps']} steps, {pre['epochs']} "
+                      f"epochs on {pre['cases']} volumes, {pre['seconds']:.0f} s.", ""]
         q = r.get("query")
         if q:
             truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."

@@ -56,13 +56,22 @@ NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
                  "runtime": ("threads", "client_threads")}
 
 
+# Settings added after runs were made, with the value that reproduces those runs: left out of
+# the digest at that value, so that the earlier run directories stay resumable.
+ADDED_LATER = {"student": {"proxy_pretrain_epochs": 0}}
+
+
 def config_digest(cfg: RunConfig) -> str:
     """Digest of every setting that defines a run, defaults included (without
-    :data:`NOT_IN_DIGEST`): a run directory made when a default had another value is not
-    resumed as if it were this run."""
+    :data:`NOT_IN_DIGEST`, and :data:`ADDED_LATER` at its old value): a run directory made when
+    a default had another value is not resumed as if it were this run."""
     plain = cfg.to_dict()
     if not cfg.adapt.enabled:   # the settings of a step that does not run define nothing
         plain.pop("adapt")
+    for section, keys in ADDED_LATER.items():
+        for k, old in keys.items():
+            if plain.get(section, {}).get(k) == old:
+                plain[section].pop(k)
     for section, keys in NOT_IN_DIGEST.items():
         if keys is None:
             plain.pop(section, None)

@@ -62,7 +62,7 @@ from common.protocol import (
 )
 from server import capacity
 from server.audit import AuditGrid
-from server.distill import distill_student
+from server.distill import distill_student, pretrain_on_proxy
 from server.messaging import exchange, wait_for_nodes
 from server.state import FederationError, RunState, config_digest
 
@@ -123,6 +123,28 @@ class Coordinator:
         torch.manual_seed(self.cfg.runtime.seed)
         return build_student(self.cfg.model.student, self.cfg.model.teacher, self.in_channels,
                              self.cfg.model.max_student_fraction)
+
+    def initial_student(self) -> FeatureNet:
+        """Where the student starts, for distillation and FedAvg / FedProx alike: a fresh
+        network, or with ``student.proxy_pretrain_epochs`` one trained first on the public
+        proxy set's masks (step ``pretrain``; kept in ``RUN_DIR/student_init.pt``)."""
+        student = self.new_student()
+        if not self.cfg.student.proxy_pretrain_epochs:
+            return student
+        path = self.run_dir / "student_init.pt"
+        if "pretrain" in self.state.completed and path.is_file():
+            student.net.load_state_dict(torch.load(path))
+            return student
+        t0 = time.perf_counter()
+        record = pretrain_on_proxy(student, self.cfg, self.log)
+        torch.save(student.net.state_dict(), path)
+        self.state.rounds.setdefault("0", {})["pretrain"] = record
+        self.log(f"[server] student pretrained on the proxy set's masks: {record['steps']} steps "
+                 f"on {record['cases']} volumes")
+        if "pretrain" in self.state.completed:
+            self.state.completed.remove("pretrain")
+        self._done("pretrain", time.perf_counter() - t0)
+        return student
 
     def _done(self, step: str, seconds: float) -> None:
         self.state.completed.append(step)
@@ -288,9 +310,11 @@ class Coordinator:
 
     def distill(self, rnd: int, targets: Targets):
         t0 = time.perf_counter()
-        student = self.new_student()
         if rnd > 1:
+            student = self.new_student()
             student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
+        else:
+            student = self.initial_student()
         _, images, _ = self.proxy()
         every, epochs = self.cfg.distill.select_every, self.cfg.distill.epochs
         candidates: dict[int, dict] = {}
@@ -397,7 +421,7 @@ class Coordinator:
         kwargs = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
         strategy = (FedProx(proximal_mu=fed.proximal_mu, **kwargs) if fed.strategy == "fedprox"
                     else FedAvg(**kwargs))   # fedavg, and feddf's first stage
-        student = self.new_student()
+        student = self.initial_student()
         conf = ConfigRecord({RUN_CONFIG_KEY: config_to_text(self.cfg)})
         self.log(f"[server] {type(strategy).__name__} of the student: {fed.rounds} round(s) of "
                  f"{fed.local_epochs} local epoch(s) on {len(nodes)} site(s)")

@@ -121,6 +121,11 @@ def student_steps(strategy: str, last: dict, weights: Optional[dict] = None) -> 
     return None
 
 
+def _plus(steps: Optional[int], pretrain: Optional[int]) -> Optional[int]:
+    """A student's steps with those of its proxy pretraining (student.proxy_pretrain_epochs)."""
+    return steps if steps is None or not pretrain else steps + int(pretrain)
+
+
 def run_figures(report: dict) -> dict:
     """The figures of one run report that the comparison needs."""
     st = report["state"]
@@ -175,7 +180,8 @@ def run_figures(report: dict) -> dict:
             "n_test_cases": int(sum(m["n_cases"] for m in sites.values())),
             "site_cases": {s: int(m["n_cases"]) for s, m in sites.items()},
             "unseen_cases": {s: int(m["n_cases"]) for s, m in unseen.items() if "n_cases" in m},
-            "student_steps": student_steps(strategy, last, w),
+            "student_steps": _plus(student_steps(strategy, last, w),
+                                   st["rounds"].get("0", {}).get("pretrain", {}).get("steps")),
             "curve": _curve(strategy, last),
             "excluded": st["excluded"], "wall_seconds": report["wall_seconds"]}
 
