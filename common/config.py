@@ -184,6 +184,9 @@ class DistillConfig:
                                "epochs (and the starting weights of a refinement, e.g. feddf's "
                                "FedAvg student); the sites' validation Dice picks the final one "
                                "(0: the last epoch, no selection)")
+    proxy_label_weight: float = field_(0.0, lo=0.0, hi=1.0, doc="share of the public proxy "
+                                       "set's own masks in the targets: (1 - w) x teachers + w x "
+                                       "one-hot mask (needs a proxy set with masks)")
     max_claim_distance: Optional[float] = field_(None, lo=0.0, doc="aggregation affinity: leave "
                                                  "out proxy slices whose nearest site distance "
                                                  "exceeds this (None: keep all)")

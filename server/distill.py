@@ -20,6 +20,7 @@ Shapes: proxy images (N, C_in, H, W); target probabilities (N, 2, H, W); feature
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Optional
 
@@ -143,6 +144,17 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
             on_epoch(epoch, student)
     student.eval()
     return history
+
+
+def mix_labels(targets: Targets, labels: np.ndarray, weight: float) -> Targets:
+    """Targets with the public proxy masks mixed in: probs (N, 2, H, W) become
+    (1 - weight) x probs + weight x one-hot(labels (N, H, W)); features and claims unchanged."""
+    if labels.shape != targets.probs.shape[:1] + targets.probs.shape[2:]:
+        raise ValueError(f"proxy masks of shape {labels.shape} for targets of shape "
+                         f"{targets.probs.shape}")
+    onehot = np.stack([labels == 0, labels == 1], axis=1).astype(np.float32)
+    probs = ((1.0 - weight) * targets.probs + weight * onehot).astype(np.float32)
+    return dataclasses.replace(targets, probs=probs)
 
 
 def pretrain_on_proxy(student: FeatureNet, cfg: RunConfig, log: Callable[[str], None] = print

@@ -36,8 +36,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.aggregation import StreamingAggregator, Targets
-from common.config import SIMULATION_ONLY, RunConfig, dump_config
-from common.data import DataError, load_proxy
+from common.config import SIMULATION_ONLY, ConfigError, RunConfig, dump_config
+from common.data import DataError, load_proxy, proxy_dir
 from common.slices import proxy_slice_ids, slice_stack
 from common.logs import get_logger
 from common.metrics import case_weighted_mean, dice_score
@@ -62,7 +62,7 @@ from common.protocol import (
 )
 from server import capacity
 from server.audit import AuditGrid
-from server.distill import distill_student, pretrain_on_proxy
+from server.distill import distill_student, mix_labels, pretrain_on_proxy
 from server.messaging import exchange, wait_for_nodes
 from server.state import FederationError, RunState, config_digest
 
@@ -124,6 +124,16 @@ class Coordinator:
         return build_student(self.cfg.model.student, self.cfg.model.teacher, self.in_channels,
                              self.cfg.model.max_student_fraction)
 
+    def check_proxy_masks(self) -> None:
+        """ConfigError before any work if a setting needs the proxy set's masks and it has none."""
+        needs = [k for k, v in (("student.proxy_pretrain_epochs",
+                                 self.cfg.student.proxy_pretrain_epochs),
+                                ("distill.proxy_label_weight", self.cfg.distill.proxy_label_weight))
+                 if v]
+        if needs and self.proxy()[2] is None:
+            raise ConfigError(f"{needs[0]} needs the public proxy set's masks, and "
+                              f"{proxy_dir(self.cfg.data)} has images without them")
+
     def initial_student(self) -> FeatureNet:
         """Where the student starts, for distillation and FedAvg / FedProx alike: a fresh
         network, or with ``student.proxy_pretrain_epochs`` one trained first on the public
@@ -181,7 +191,8 @@ class Coordinator:
 
     def proxy(self):
         """The server's copy of the public proxy set: (slice ids, images (N, C, H, W), labels
-        (N, H, W) or None). Labels are used only to report how good the targets are."""
+        (N, H, W) or None). Labels report how good the targets are, and are mixed into them with
+        ``distill.proxy_label_weight``."""
         if self._proxy is None:
             try:
                 vols = load_proxy(self.cfg.data, with_labels=True)
@@ -325,6 +336,8 @@ class Coordinator:
             if every and (epoch % every == 0 or epoch == epochs):
                 candidates[epoch] = {k: v.clone() for k, v in net.net.state_dict().items()}
 
+        if self.cfg.distill.proxy_label_weight > 0:
+            targets = mix_labels(targets, self.proxy()[2], self.cfg.distill.proxy_label_weight)
         history = distill_student(student, images, targets, self.cfg.distill,
                                   self.cfg.student, self.cfg.runtime.seed, self.log,
                                   tag=f"distill r{rnd}", on_epoch=keep)
@@ -451,6 +464,7 @@ class Coordinator:
         if strategy in SIMULATION_ONLY:
             raise FederationError(f"federation.strategy={strategy!r} is a baseline on pooled "
                                   f"data: it runs only in `fedkd simulate` / `fedkd experiment`")
+        self.check_proxy_masks()
         nodes = wait_for_nodes(self.grid, self.cfg.federation.min_sites, self.timeout, self.log)
         if strategy in ("fedavg", "fedprox"):
             rounds = self.cfg.federation.rounds

@@ -119,3 +119,17 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
         f.unlink()
     with pytest.raises(ConfigError, match=r"proxy_pretrain_epochs.*bare"):
         pretrain_on_proxy(net, with_overrides(cfg, [f"data.proxy={bare}"]), log=lambda s: None)
+
+
+def test_proxy_masks_mixed_into_the_targets():
+    from server.distill import mix_labels
+
+    _, masks = blobs(n=6, size=32)
+    teachers = Targets(np.full((6, 2, 32, 32), 0.5, np.float32), claim=np.arange(6.0))
+    for w in (0.0, 0.25, 1.0):
+        mixed = mix_labels(teachers, masks, w)
+        assert np.allclose(mixed.probs.sum(axis=1), 1.0) and mixed.probs.dtype == np.float32
+        assert np.allclose(mixed.probs[:, 1], 0.5 * (1 - w) + w * masks)
+        assert mixed.claim is teachers.claim
+    with pytest.raises(ValueError, match="proxy masks of shape"):
+        mix_labels(teachers, masks[:, :8], 0.5)
