@@ -119,6 +119,15 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
         f.unlink()
     with pytest.raises(ConfigError, match=r"proxy_pretrain_epochs.*bare"):
         pretrain_on_proxy(net, with_overrides(cfg, [f"data.proxy={bare}"]), log=lambda s: None)
+    # the coordinator says so before any work (no site is contacted: the grid is never used)
+    from server.workflow import Coordinator
+
+    for setting in ("student.proxy_pretrain_epochs=2", "distill.proxy_label_weight=0.5"):
+        bad = with_overrides(cfg, [f"data.proxy={bare}", "student.proxy_pretrain_epochs=0",
+                                   setting, f"output.run_dir={tmp_path / 'run'}"])
+        with pytest.raises(ConfigError, match=rf"{setting.split('=')[0]} needs the public "
+                                              rf"proxy set's masks.*bare"):
+            Coordinator(None, bad, log=lambda s: None).run()
 
 
 def test_proxy_masks_mixed_into_the_targets():
