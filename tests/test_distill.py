@@ -102,16 +102,16 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
     from server.distill import pretrain_on_proxy
 
     cfg = with_overrides(RunConfig(), [f"data.root={tiny_synth}", "data.size=[64,64]",
-                                       "data.spacing=[2.0,2.0]", "student.proxy_pretrain_epochs=25",
-                                       "student.empty_slice_fraction=1.0",
+                                       "data.spacing=[2.0,2.0]", "student.proxy_pretrain_epochs=20",
                                        "student.intensity_augment=standard"])
     proxy = load_proxy(cfg.data, with_labels=True)
     net = FeatureNet(cfg.model.student, 1)
     before = evaluate_cases(net, proxy, with_hd95=False)["dice"]["mean"]
     record = pretrain_on_proxy(net, cfg, log=lambda s: None)
     after = evaluate_cases(net, proxy, with_hd95=False)["dice"]["mean"]
-    assert record["cases"] == len(proxy) and record["epochs"] == 25 and record["steps"] > 0
-    assert after >= 0.5 and after > before + 0.3, (before, after)   # measured 0.05 -> 0.67
+    assert record["cases"] == len(proxy) and record["epochs"] == 20 and record["steps"] > 0
+    # measured 0.04 -> 0.57-0.66 over four initialisations (an all-background student: 0.0)
+    assert after >= 0.45 and after > before + 0.3, (before, after)
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_synth / "PROXY", bare)
