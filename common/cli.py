@@ -98,10 +98,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from simulations.experiment import report_only, run_experiment
+    from simulations.experiment import collect_experiment, report_only, run_experiment
 
     if args.report_only:
         report_only(_config(args))
+    elif args.collect:
+        collect_experiment(_config(args), only=args.only)
     else:
         run_experiment(_config(args), only=args.only)
     return 0
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="run only these methods of the grid")
     parsers["experiment"].add_argument("--report-only", action="store_true",
                                        help="rewrite report.md and the plots from results.json")
+    parsers["experiment"].add_argument("--collect", action="store_true",
+                                       help="write results.json and report.md from the grid's "
+                                       "finished runs (their report.json) without running any")
     parsers["bench"].add_argument("name", choices=["comm", "compress", "scale"],
                                   help="which benchmark")
     p = parsers["predict"]

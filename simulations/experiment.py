@@ -310,16 +310,59 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "torch": torch.__version__}
 
 
+def selected_runs(cfg: RunConfig, only: Optional[list[str]] = None
+                  ) -> list[tuple[str, int, RunConfig]]:
+    """The grid's runs, restricted to the methods (or method families) named in ``only``."""
+    runs = [r for r in method_configs(cfg) if not only or r[0] in only or family(r[0]) in only]
+    if not runs:
+        raise SystemExit(f"--only {' '.join(only or [])}: no such method (methods: "
+                         f"{', '.join(cfg.experiment.methods)})")
+    return runs
+
+
+def result_row(method: str, seed: int, run_cfg: RunConfig, report: dict) -> dict:
+    """One run's line of ``results.json``."""
+    fold = run_cfg.data.fold if run_cfg.data.folds else None
+    return {"method": family(method), "run": method, "seed": seed, "fold": fold,
+            "lr": run_cfg.student.lr if LR_TAG in method else None,
+            **run_figures(report), "config": run_cfg.to_dict()}
+
+
+def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> Path:
+    """``--collect``: ``results.json`` and ``report.md`` from the finished runs of the grid (each
+    run's ``report.json``), without running anything. A run whose report is missing, or was made
+    with settings other than the grid's now, is left out and named."""
+    from common.config import from_dict
+    from server.state import config_digest
+
+    root = Path(cfg.output.run_dir)
+    runs = selected_runs(cfg, only)
+    results, missing = [], []
+    for method, seed, run_cfg in runs:
+        path = Path(run_cfg.output.run_dir) / "report.json"
+        report = json.loads(path.read_text()) if path.is_file() else None
+        if report is None or config_digest(from_dict(report["config"], str(path))) != \
+                config_digest(run_cfg):
+            missing.append(f"{path} ({'missing' if report is None else 'other settings'})")
+            continue
+        results.append(result_row(method, seed, run_cfg, report))
+    for m in missing:
+        print(f"[experiment] left out, not finished with these settings: {m}")
+    if not results:
+        raise SystemExit(f"[experiment] {root}: no finished run of these methods to collect")
+    models = profile_models(cfg)
+    wall = float(sum(r["wall_seconds"] for r in results))
+    _write(root, cfg, results, models, wall)
+    return write_report(cfg, results, models, wall, runs)
+
+
 def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dict]:
     from simulations.simulate import ensure_data, simulate
 
     root = Path(cfg.output.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, root / "config.yaml")
-    runs = [r for r in method_configs(cfg) if not only or r[0] in only or family(r[0]) in only]
-    if not runs:
-        raise SystemExit(f"--only {' '.join(only or [])}: no such method (methods: "
-                         f"{', '.join(cfg.experiment.methods)})")
+    runs = selected_runs(cfg, only)
     ensure_data(cfg)
     t0 = time.perf_counter()
     models = profile_models(cfg)
@@ -346,9 +389,7 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
                   f"{failed[-1]['error']} (see {run_cfg.output.run_dir}); going on", flush=True)
             _write(root, cfg, results, models, time.perf_counter() - t0, failed)
             continue
-        results.append({"method": family(method), "run": method, "seed": seed, "fold": fold,
-                        "lr": run_cfg.student.lr if LR_TAG in method else None,
-                        **run_figures(report), "config": run_cfg.to_dict()})
+        results.append(result_row(method, seed, run_cfg, report))
         print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: Dice "
               f"{results[-1]['dice_mean']:.4f} on {results[-1]['n_test_cases']} test cases",
               flush=True)

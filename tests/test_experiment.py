@@ -127,6 +127,17 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     (exp / "montage.png").unlink()
     assert main(["experiment", "--config", str(path), "--report-only"]) == 0
     assert (exp / "report.md").read_text() == report and (exp / "montage.png").is_file()
+    # --collect rebuilds results.json from the finished runs' own reports, running nothing
+    (exp / "results.json").unlink()
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(path), "--collect", "--only", "fedavg-ft",
+                 "local", "broken"]) == 0
+    collected = json.loads((exp / "results.json").read_text())["runs"]
+    assert collected == [r for r in runs if r["method"] in ("fedavg-ft", "local")]
+    assert "left out, not finished with these settings" in capsys.readouterr().out   # broken
+    with pytest.raises(SystemExit, match="no finished run"):   # other settings: not these runs
+        main(["experiment", "--config", str(path), "--collect", "--only", "local",
+              "--set", "train.epochs=3"])
     # the KD run reused the teachers that the local baseline (same seed) trained, or vice versa
     kd = json.loads((exp / "adaptive-kd" / "seed_0" / "report.json").read_text())
     loc = json.loads((exp / "local" / "seed_0" / "report.json").read_text())
