@@ -437,12 +437,31 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
                    + [f"* `{f['run']}` seed {f['seed']}"
                       + ("" if f["fold"] is None else f" fold {f['fold']}")
                       + f": {f['error']}\n" for f in failed]) if failed else "")
+        + excluded_markdown(results)
         + f"\nMachine: {host['processor']}, {host['cpus']} CPUs, torch {host['torch']}; "
         f"wall time {wall / 60:.1f} min.\n")
     print(table)
     print(f"[experiment] {len(results)} runs in {wall / 60:.1f} min; results: "
           f"{root / 'results.json'}; report: {root / 'report.md'}")
     return root / "report.md"
+
+
+def excluded_markdown(results: list[dict]) -> str:
+    """A warning naming every run that finished without some site (a step excluded it: no
+    reply, an error reply, a malformed reply; e.g. a site killed mid-run): its figures cover
+    fewer sites than the others. Empty when no run excluded a site."""
+    lines = []
+    for r in results:
+        for step_site, reason in sorted((r.get("excluded") or {}).items()):
+            where = f"`{r.get('run', r['method'])}` seed {r['seed']}" + (
+                "" if r.get("fold") is None else f" fold {r['fold']}")
+            lines.append(f"* {where}, `{step_site}`: {reason}\n")
+    if not lines:
+        return ""
+    print(f"[experiment] WARNING: {len(lines)} site exclusion(s) in finished runs; their figures "
+          f"cover fewer sites (report.md lists them; rerun after deleting the run directory)")
+    return ("\n**Runs that excluded a site** (their figures cover fewer sites than the others; "
+            "delete the run directory and rerun to repeat them):\n\n" + "".join(lines))
 
 
 def report_only(cfg: RunConfig) -> Path:

@@ -146,3 +146,18 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     # central-kd distilled from the checkpoint that central trained
     assert json.loads((exp / "central-kd" / "seed_0" / "report.json").read_text())[
         "state"]["teachers"]["central"]["reused"] == 1
+
+
+def test_report_names_runs_that_finished_without_a_site(capsys):
+    """A run that excluded a site (e.g. one killed mid-run) still finishes; the report must say
+    so, since its figures cover fewer sites than the other runs."""
+    from simulations.experiment import excluded_markdown
+
+    clean = {"method": "kd", "run": "kd", "seed": 0, "fold": 0, "excluded": {}}
+    broken = {"method": "kd", "run": "kd-adapt", "seed": 0, "fold": 2,
+              "excluded": {"adapt_r1/SiteB": "no reply before the timeout"}}
+    assert excluded_markdown([clean]) == ""
+    text = excluded_markdown([clean, broken])
+    assert "`kd-adapt` seed 0 fold 2, `adapt_r1/SiteB`: no reply before the timeout" in text
+    assert "fold 0" not in text   # the clean run is not listed
+    assert "WARNING: 1 site exclusion" in capsys.readouterr().out
