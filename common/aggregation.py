@@ -15,7 +15,9 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
 
       w_k(n) = exp(-d_k(n) / tau_a) / sum_j exp(-d_j(n) / tau_a),   p(n) = sum_k w_k(n) p_k(n)
 
-  ``tau_a`` is ``aggregation.affinity_temperature``. The teachers' probabilities are calibrated
+  ``tau_a`` is ``aggregation.affinity_temperature``. With ``aggregation.affinity_margin`` m > 0
+  the distance is ``max(d - m, 0)``: every site that claims a slice (d <= m) weighs equally on it
+  (an ensemble where several sites recognise the slice), the others decay as before. The teachers' probabilities are calibrated
   at the site (temperature scaling on its validation split, ``reply.calibrate``). A site that
   sends no affinity (privacy noise on) counts as d = 1 everywhere. ``Targets.claim`` keeps
   ``min_k d_k(n)``: a slice that no teacher claims can be left out of distillation
@@ -151,7 +153,8 @@ class StreamingAggregator:
                 raise ValueError(f"{site}: affinity of shape {d.shape}, expected "
                                  f"({probs.shape[0]},)")
             self.claim = d.copy() if self.claim is None else np.minimum(self.claim, d)
-            w = np.exp(-np.clip(d, 0.0, 50.0) / self.cfg.affinity_temperature).astype(np.float32)
+            d = np.clip(d - self.cfg.affinity_margin, 0.0, 50.0)
+            w = np.exp(-d / self.cfg.affinity_temperature).astype(np.float32)
             w = np.broadcast_to(w[:, None, None], probs.shape[:1] + probs.shape[2:])
         else:
             w = np.ones(probs.shape[:1] + probs.shape[2:], np.float32)

@@ -222,6 +222,10 @@ class AggregationConfig:
     era_temperature: float = field_(0.5, lo=0.01, hi=1.0, doc="era: p^(1/T) renormalised")
     affinity_temperature: float = field_(0.1, lo=0.01, hi=100.0, doc="affinity: per-slice "
                                          "weight exp(-d / T) of each site's distance d")
+    affinity_margin: float = field_(0.0, lo=0.0, hi=100.0, doc="affinity: distances up to this "
+                                    "count as 0 (weight exp(-max(d - margin, 0) / T)): every "
+                                    "site that claims a slice weighs equally on it (1.2: the "
+                                    "proxy coverage's threshold)")
     use_agreement: bool = field_(False, doc="adaptive: multiply reliability by agreement with ensemble")
     single_site: Optional[str] = field_(None, doc="site whose teacher 'single' uses; None = best val Dice")
 

@@ -175,3 +175,21 @@ def test_affinity_weights_per_slice_and_without_affinity_counts_as_one():
     assert np.allclose(plain.probs, (a + b) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="affinity of shape"):
         StreamingAggregator(cfg).add("A", a, 0.5, affinity=np.ones(5, np.float32))
+
+
+def test_affinity_margin_averages_the_sites_that_claim_a_slice():
+    """With aggregation.affinity_margin = 1.2, two sites that both claim a slice (d = 0.9 and
+    1.15) weigh equally on it (the margin-free weights favour the nearer one by e^2.5), while a
+    site far from its data (d = 3) is still left out; the claim keeps the raw distances."""
+    a, b, c = (random_probs(s, n=2, sharp=3.0) for s in (0, 1, 2))
+    aff = {"A": np.array([0.9, 0.9], np.float32), "B": np.array([1.15, 3.0], np.float32),
+           "C": np.array([3.0, 3.0], np.float32)}
+    probs, rel = {"A": a, "B": b, "C": c}, {"A": 0.5, "B": 0.5, "C": 0.5}
+    margin = aggregate(AggregationConfig(method="affinity", affinity_margin=1.2), probs, rel,
+                       affinity=aff)
+    assert np.allclose(margin.probs[0], (a[0] + b[0]) / 2, atol=1e-3)   # C: weight e^-18
+    assert np.allclose(margin.probs[1], a[1], atol=1e-3)                 # only A claims slice 1
+    assert np.allclose(margin.claim, [0.9, 0.9])
+    plain = aggregate(AggregationConfig(method="affinity"), probs, rel, affinity=aff)
+    w_a = 1 / (1 + np.exp(-2.5))                                          # exp(-0.9/.1) vs exp(-1.15/.1)
+    assert np.allclose(plain.probs[0], w_a * a[0] + (1 - w_a) * b[0], atol=1e-3)
