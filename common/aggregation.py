@@ -35,6 +35,9 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   mean ensemble over all proxy slices; that needs a second pass, so each reply is spilled to a
   float16 memory-mapped file in ``spill_dir`` (disk, not RAM) during the first.
 * ``single``: the one designated teacher's probabilities (single-teacher distillation).
+* ``auto`` (:class:`AutoAggregator`): the same replies folded by each of
+  ``aggregation.auto_candidates``; the server keeps the targets that agree best with the public
+  proxy set's own masks (no site data is read, no extra traffic).
 
 Feature targets: teachers of different architectures have feature maps with different channel
 counts. Features are grouped by ``(name, channels)`` and each group's target is, per slice, the
@@ -52,9 +55,10 @@ configuration distil from the same targets.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -215,6 +219,39 @@ class StreamingAggregator:
         feats = {k: (v / np.maximum(self.feat_den[k], EPS)[:, None, None, None]).astype(np.float32)
                  for k, v in sorted(self.feat_num.items())}
         return Targets(probs.astype(np.float32), feats, weights, agreement, self.claim)
+
+
+class AutoAggregator:
+    """``aggregation.method: auto``: the same replies folded by each method of
+    ``aggregation.auto_candidates``; :meth:`finalize` keeps the targets with the highest
+    ``score`` (the server's Dice against the public proxy set's own masks: public data only).
+    No extra traffic: every candidate reads the same replies (with the affinity)."""
+
+    def __init__(self, cfg: AggregationConfig, spill_dir: Optional[Path] = None):
+        self.members = {m: StreamingAggregator(dataclasses.replace(cfg, method=m),
+                                               None if spill_dir is None else spill_dir / m)
+                        for m in cfg.auto_candidates}
+        self.scores: dict[str, float] = {}
+        self.chosen: Optional[str] = None
+
+    @property
+    def sites(self) -> list[str]:
+        return next(iter(self.members.values())).sites
+
+    def add(self, site: str, probs: np.ndarray, reliability: float,
+            features: Optional[dict[str, np.ndarray]] = None,
+            affinity: Optional[np.ndarray] = None) -> None:
+        for agg in self.members.values():
+            agg.add(site, probs, reliability, features, affinity)
+
+    def finalize(self, score: Callable[[np.ndarray], float]) -> Targets:
+        """The chosen targets; ``score(probs (N, 2, H, W))`` rates each candidate's targets
+        (ties: the earlier candidate). ``scores`` and ``chosen`` say what was picked."""
+        results = {m: agg.finalize() for m, agg in self.members.items()}
+        self.scores = {m: float(score(t.probs)) for m, t in results.items()}
+        self.chosen = max(self.scores, key=lambda m: self.scores[m])   # first of equals
+        claim = next((t.claim for t in results.values() if t.claim is not None), None)
+        return dataclasses.replace(results[self.chosen], claim=claim)
 
 
 def aggregate(cfg: AggregationConfig, probs: dict[str, np.ndarray], reliability: dict[str, float],

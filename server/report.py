@@ -39,6 +39,10 @@ def report_markdown(report: dict) -> str:
                      if "target_dice" in q else "")
             how = q.get("encoding", q["precision"])
             lines += [f"Proxy query: {q['n_slices']} slices; replies: {how}.{truth}", ""]
+            if q.get("auto"):
+                lines += ["Aggregation `auto`: targets vs the public proxy masks " + ", ".join(
+                    f"{m} {d:.4f}" for m, d in q["auto"]["scores"].items())
+                    + f"; the student is distilled from `{q['auto']['chosen']}`.", ""]
             cov = q.get("coverage")
             if cov:
                 lines += [f"Proxy coverage: {cov['claimed']:.0%} of the proxy slices are within "

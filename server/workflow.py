@@ -35,7 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.aggregation import StreamingAggregator, Targets
+from common.aggregation import AutoAggregator, StreamingAggregator, Targets
 from common.config import SIMULATION_ONLY, ConfigError, RunConfig, dump_config
 from common.data import DataError, load_proxy, proxy_dir
 from common.slices import proxy_slice_ids, slice_stack
@@ -128,7 +128,8 @@ class Coordinator:
         """ConfigError before any work if a setting needs the proxy set's masks and it has none."""
         needs = [k for k, v in (("student.proxy_pretrain_epochs",
                                  self.cfg.student.proxy_pretrain_epochs),
-                                ("distill.proxy_label_weight", self.cfg.distill.proxy_label_weight))
+                                ("distill.proxy_label_weight", self.cfg.distill.proxy_label_weight),
+                                ("aggregation.method=auto", self.cfg.aggregation.method == "auto"))
                  if v]
         if needs and self.proxy()[2] is None:
             raise ConfigError(f"{needs[0]} needs the public proxy set's masks, and "
@@ -261,7 +262,9 @@ class Coordinator:
         ids, images, labels = self.proxy()
         features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
         precision = self.cfg.federation.precision
-        agg = StreamingAggregator(self.cfg.aggregation, self.run_dir / f"spill_r{rnd}")
+        auto = self.cfg.aggregation.method == "auto"
+        agg = (AutoAggregator if auto else StreamingAggregator)(self.cfg.aggregation,
+                                                                self.run_dir / f"spill_r{rnd}")
         content = query_request(self.cfg, ids, features, precision)
         figures: dict[str, dict] = {}
 
@@ -292,13 +295,20 @@ class Coordinator:
                         self.timeout * 10 + 600, on_reply)
         if not agg.sites:
             raise FederationError(f"round {rnd}: no usable teacher reply")
-        targets = agg.finalize()
+        if auto:   # the candidate whose targets agree best with the public masks
+            targets = agg.finalize(lambda probs: self.target_dice(ids, probs, labels))
+            self.log(f"[server] aggregation auto: targets vs the proxy masks " + ", ".join(
+                f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
+        else:
+            targets = agg.finalize()
         np.savez(self.run_dir / f"targets_r{rnd}.npz", probs=targets.probs,
                  **({} if targets.claim is None else {"claim": targets.claim}),
                  **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids), "precision": precision,
                  "encoding": reply_encoding(self.cfg, precision, bool(features))}
+        if auto:
+            query["auto"] = {"scores": agg.scores, "chosen": agg.chosen}
         if targets.claim is not None:
             query["coverage"] = proxy_coverage(targets.claim)
             self.log(f"[server] proxy coverage: {query['coverage']['claimed']:.0%} of the slices "

@@ -193,3 +193,34 @@ def test_affinity_margin_averages_the_sites_that_claim_a_slice():
     plain = aggregate(AggregationConfig(method="affinity"), probs, rel, affinity=aff)
     w_a = 1 / (1 + np.exp(-2.5))                                          # exp(-0.9/.1) vs exp(-1.15/.1)
     assert np.allclose(plain.probs[0], w_a * a[0] + (1 - w_a) * b[0], atol=1e-3)
+
+
+def test_auto_aggregator_keeps_the_best_scored_candidate_and_the_claim():
+    from common.aggregation import AutoAggregator
+
+    a, b = random_probs(0, n=2, sharp=3.0), random_probs(1, n=2, sharp=3.0)
+    aff = {"A": np.array([1.0, 5.0], np.float32), "B": np.array([5.0, 1.0], np.float32)}
+    cfg = AggregationConfig(method="auto", affinity_temperature=0.25)
+    agg = AutoAggregator(cfg)
+    for s, p in (("A", a), ("B", b)):
+        agg.add(s, p, 0.5, affinity=aff[s])
+    assert agg.sites == ["A", "B"]
+    mean = (a + b) / 2
+    # a score that prefers the plain mean: the mean's targets come back, with the claim
+    t = agg.finalize(lambda probs: -float(np.abs(probs - mean).max()))
+    assert agg.chosen == "mean" and np.allclose(t.probs, mean, atol=1e-6)
+    assert np.allclose(t.claim, [1.0, 1.0]) and set(agg.scores) == {"affinity", "mean"}
+    agg2 = AutoAggregator(cfg)
+    for s, p in (("A", a), ("B", b)):
+        agg2.add(s, p, 0.5, affinity=aff[s])
+    t2 = agg2.finalize(lambda probs: 0.0)           # a tie: the first candidate (affinity)
+    assert agg2.chosen == "affinity" and not np.allclose(t2.probs, mean, atol=1e-3)
+
+
+def test_auto_candidates_are_checked_with_the_config():
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="aggregation.auto_candidates.*single"):
+        load_config(None, ["aggregation.auto_candidates=[affinity,single]"])
+    assert load_config(None, ["aggregation.method=auto"]).aggregation.auto_candidates == [
+        "affinity", "mean"]

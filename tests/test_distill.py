@@ -122,10 +122,12 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
     # the coordinator says so before any work (no site is contacted: the grid is never used)
     from server.workflow import Coordinator
 
-    for setting in ("student.proxy_pretrain_epochs=2", "distill.proxy_label_weight=0.5"):
+    for setting, named in (("student.proxy_pretrain_epochs=2", "student.proxy_pretrain_epochs"),
+                           ("distill.proxy_label_weight=0.5", "distill.proxy_label_weight"),
+                           ("aggregation.method=auto", "aggregation.method=auto")):
         bad = with_overrides(cfg, [f"data.proxy={bare}", "student.proxy_pretrain_epochs=0",
                                    setting, f"output.run_dir={tmp_path / 'run'}"])
-        with pytest.raises(ConfigError, match=rf"{setting.split('=')[0]} needs the public "
+        with pytest.raises(ConfigError, match=rf"{named} needs the public "
                                               rf"proxy set's masks.*bare"):
             Coordinator(None, bad, log=lambda s: None).run()
 

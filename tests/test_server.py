@@ -165,6 +165,24 @@ def test_single_teacher_mode_queries_only_the_best_site(fed, tmp_path, adaptive_
     assert report["state"]["rounds"]["1"]["query"]["site_weights"] == {best: 1.0}
 
 
+def test_auto_aggregation_keeps_the_targets_closest_to_the_public_masks(fed, tmp_path,
+                                                                      adaptive_run):
+    """aggregation.method=auto: one query per site (the candidates share the replies, which
+    carry the affinity), every candidate scored against the proxy masks, the best one kept."""
+    cfg, grid = make(fed, tmp_path, ["aggregation.method=auto", "distill.epochs=1"])
+    logs = []
+    report = run_federation(grid, cfg, logs.append)
+    assert sent_types(grid).count(QUERY_PROXY) == 3
+    q = report["state"]["rounds"]["1"]["query"]
+    scores = q["auto"]["scores"]
+    assert set(scores) == {"affinity", "mean"} and scores["affinity"] != scores["mean"]
+    assert q["auto"]["chosen"] == max(scores, key=scores.get)
+    assert q["target_dice"] == pytest.approx(scores[q["auto"]["chosen"]])
+    assert "coverage" in q        # the affinity came with the replies, whichever is chosen
+    assert any("aggregation auto" in line for line in logs)
+    assert "Aggregation `auto`" in (tmp_path / "report.md").read_text()
+
+
 def test_too_few_sites_times_out_with_a_clear_error(fed, tmp_path):
     cfg, grid = make(fed, tmp_path, ["federation.min_sites=3", "federation.wait_timeout_s=1"],
                      sites=(0, 1))
