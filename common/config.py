@@ -221,8 +221,9 @@ class AggregationConfig:
         "affinity", doc="auto: the server aggregates the same replies with each of "
         "auto_candidates and keeps the targets that agree best (Dice) with the public proxy "
         "set's own masks (needs a proxy set with masks; no site data is read)")
-    auto_candidates: list[str] = field_(factory=lambda: ["affinity", "mean"], doc="auto: the methods tried "
-                                        "(affinity, adaptive, mean, era)")
+    auto_candidates: list[str] = field_(factory=lambda: ["affinity", "mean"],
+                                        doc="auto: the methods tried (affinity, adaptive, mean, "
+                                        "era)")
     confidence_temperature: float = field_(1.0, lo=0.01, hi=100.0)
     era_temperature: float = field_(0.5, lo=0.01, hi=1.0, doc="era: p^(1/T) renormalised")
     affinity_temperature: float = field_(0.1, lo=0.01, hi=100.0, doc="affinity: per-slice "

@@ -297,7 +297,7 @@ class Coordinator:
             raise FederationError(f"round {rnd}: no usable teacher reply")
         if auto:   # the candidate whose targets agree best with the public masks
             targets = agg.finalize(lambda probs: self.target_dice(ids, probs, labels))
-            self.log(f"[server] aggregation auto: targets vs the proxy masks " + ", ".join(
+            self.log("[server] aggregation auto: targets vs the proxy masks " + ", ".join(
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
         else:
             targets = agg.finalize()
