@@ -19,9 +19,9 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   the distance is ``max(d - m, 0)``: every site that claims a slice (d <= m) weighs equally on it
   (an ensemble where several sites recognise the slice), the others decay as before. The
   teachers' probabilities are calibrated at the site (temperature scaling on its validation
-  split, ``reply.calibrate``). A site that sends no affinity (privacy noise on) counts as d = 1 everywhere. ``Targets.claim`` keeps
-  ``min_k d_k(n)``: a slice that no teacher claims can be left out of distillation
-  (``distill.max_claim_distance``).
+  split, ``reply.calibrate``). A site that sends no affinity (privacy noise on) counts as
+  d = 1 everywhere. ``Targets.claim`` keeps ``min_k d_k(n)``: a slice that no teacher claims
+  can be left out of distillation (``distill.max_claim_distance``).
 * ``adaptive`` (default): per-pixel weights from each teacher's confidence times its site
   reliability, normalised over teachers::
 
