@@ -22,7 +22,7 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   split, ``reply.calibrate``). A site that sends no affinity (privacy noise on) counts as
   d = 1 everywhere. ``Targets.claim`` keeps ``min_k d_k(n)``: a slice that no teacher claims
   can be left out of distillation (``distill.max_claim_distance``).
-* ``adaptive`` (default): per-pixel weights from each teacher's confidence times its site
+* ``adaptive`` (the earlier default): per-pixel weights from each teacher's confidence times its site
   reliability, normalised over teachers::
 
       w~_k(x) = r_k * exp(-H(p_k(x)) / tau),   H(p) = -sum_c p_c log p_c   (nats)
