@@ -9,8 +9,8 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   ``T_era < 1``, ``p = softmax(log(mean_k p_k) / T_era)``, i.e. ``p_c ∝ (mean_k p_kc)^(1/T_era)``.
   (DS-FL's ``softmax(mean / T)`` sharpens ten-class outputs but, on two classes with
   probabilities in [0, 1], softens them at T = 0.5; the log form sharpens at every T < 1.)
-* ``affinity`` (default): per-slice weights from each site's own judgement of how much a proxy slice looks
-  like its private data (``common.affinity``: ``d_k(n)`` ~ 1 for the site's own unseen slices,
+* ``affinity`` (default): per-slice weights from each site's own judgement of how much a proxy
+  slice looks like its private data (``common.affinity``: ``d_k(n)`` ~ 1 for the site's own unseen slices,
   larger further away), sent with the reply::
 
       w_k(n) = exp(-d_k(n) / tau_a) / sum_j exp(-d_j(n) / tau_a),   p(n) = sum_k w_k(n) p_k(n)
