@@ -10,8 +10,8 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   (DS-FL's ``softmax(mean / T)`` sharpens ten-class outputs but, on two classes with
   probabilities in [0, 1], softens them at T = 0.5; the log form sharpens at every T < 1.)
 * ``affinity`` (default): per-slice weights from each site's own judgement of how much a proxy
-  slice looks like its private data (``common.affinity``: ``d_k(n)`` ~ 1 for the site's own unseen slices,
-  larger further away), sent with the reply::
+  slice looks like its private data (``common.affinity``: ``d_k(n)`` ~ 1 for the site's own
+  unseen slices, larger further away), sent with the reply::
 
       w_k(n) = exp(-d_k(n) / tau_a) / sum_j exp(-d_j(n) / tau_a),   p(n) = sum_k w_k(n) p_k(n)
 
@@ -22,8 +22,8 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   split, ``reply.calibrate``). A site that sends no affinity (privacy noise on) counts as
   d = 1 everywhere. ``Targets.claim`` keeps ``min_k d_k(n)``: a slice that no teacher claims
   can be left out of distillation (``distill.max_claim_distance``).
-* ``adaptive`` (the earlier default): per-pixel weights from each teacher's confidence times its site
-  reliability, normalised over teachers::
+* ``adaptive`` (the earlier default): per-pixel weights from each teacher's confidence times
+  its site reliability, normalised over teachers::
 
       w~_k(x) = r_k * exp(-H(p_k(x)) / tau),   H(p) = -sum_c p_c log p_c   (nats)
       w_k(x)  = w~_k(x) / sum_j w~_j(x)

@@ -215,6 +215,9 @@ class AdaptConfig:
     proxy_batch_size: int = field_(8, lo=1, hi=4096, doc="proxy slices per step")
 
 
+AUTO_CANDIDATES = ("affinity", "adaptive", "mean", "era")   # what aggregation.method auto tries
+
+
 @dataclass
 class AggregationConfig:
     method: Literal["affinity", "adaptive", "mean", "era", "single", "auto"] = field_(
@@ -222,8 +225,7 @@ class AggregationConfig:
         "auto_candidates and keeps the targets that agree best (Dice) with the public proxy "
         "set's own masks (needs a proxy set with masks; no site data is read)")
     auto_candidates: list[str] = field_(factory=lambda: ["affinity", "mean"],
-                                        doc="auto: the methods tried (affinity, adaptive, mean, "
-                                        "era)")
+                                        doc="auto: the methods tried (of AUTO_CANDIDATES)")
     confidence_temperature: float = field_(1.0, lo=0.01, hi=100.0)
     era_temperature: float = field_(0.5, lo=0.01, hi=1.0, doc="era: p^(1/T) renormalised")
     affinity_temperature: float = field_(0.1, lo=0.01, hi=100.0, doc="affinity: per-slice "
@@ -441,10 +443,9 @@ def _check_consistency(cfg: RunConfig) -> None:
                                   f"override of the run (experiment.* and output.* are set by "
                                   f"the runner)")
     agg = cfg.aggregation
-    bad = [m for m in agg.auto_candidates if m not in ("affinity", "adaptive", "mean", "era")]
-    if bad or not agg.auto_candidates:
-        raise ConfigError(f"aggregation.auto_candidates: expected a non-empty list of affinity, "
-                          f"adaptive, mean, era; got {agg.auto_candidates!r}")
+    if not agg.auto_candidates or any(m not in AUTO_CANDIDATES for m in agg.auto_candidates):
+        raise ConfigError(f"aggregation.auto_candidates: expected a non-empty list of "
+                          f"{', '.join(AUTO_CANDIDATES)}; got {agg.auto_candidates!r}")
     if cfg.aggregation.use_agreement and cfg.aggregation.method != "adaptive":
         raise ConfigError(f"aggregation.use_agreement: applies to aggregation.method 'adaptive', "
                           f"not {cfg.aggregation.method!r}")

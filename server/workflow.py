@@ -317,7 +317,8 @@ class Coordinator:
             if "warning" in query["coverage"]:
                 self.log(f"[server] WARNING: {query['coverage']['warning']}")
         if labels is not None:  # synthetic proxy sets ship masks: how good are the targets?
-            query["target_dice"] = self.target_dice(ids, targets.probs, labels)
+            query["target_dice"] = (agg.scores[agg.chosen] if auto   # scored when chosen
+                                    else self.target_dice(ids, targets.probs, labels))
             self.log(f"[server] aggregated targets vs proxy ground truth: Dice "
                      f"{query['target_dice']:.4f}")
         self.state.rounds.setdefault(str(rnd), {})["query"] = query

@@ -434,9 +434,7 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
         f"other runs of that seed reuse (as `central-kd` reuses `central`'s teacher).\n\n"
         f"{table}\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
         + ("".join(["\n**Failed runs** (not in the figures above):\n\n"]
-                   + [f"* `{f['run']}` seed {f['seed']}"
-                      + ("" if f["fold"] is None else f" fold {f['fold']}")
-                      + f": {f['error']}\n" for f in failed]) if failed else "")
+                   + [f"* {run_label(f)}: {f['error']}\n" for f in failed]) if failed else "")
         + excluded_markdown(results)
         + f"\nMachine: {host['processor']}, {host['cpus']} CPUs, torch {host['torch']}; "
         f"wall time {wall / 60:.1f} min.\n")
@@ -446,16 +444,18 @@ def write_report(cfg: RunConfig, results: list[dict], models: dict, wall: float,
     return root / "report.md"
 
 
+def run_label(r: dict) -> str:
+    """How a report names one run of the grid: a backquoted run name, its seed and fold."""
+    return f"`{r.get('run', r['method'])}` seed {r['seed']}" + (
+        "" if r.get("fold") is None else f" fold {r['fold']}")
+
+
 def excluded_markdown(results: list[dict]) -> str:
     """A warning naming every run that finished without some site (a step excluded it: no
     reply, an error reply, a malformed reply; e.g. a site killed mid-run): its figures cover
     fewer sites than the others. Empty when no run excluded a site."""
-    lines = []
-    for r in results:
-        for step_site, reason in sorted((r.get("excluded") or {}).items()):
-            where = f"`{r.get('run', r['method'])}` seed {r['seed']}" + (
-                "" if r.get("fold") is None else f" fold {r['fold']}")
-            lines.append(f"* {where}, `{step_site}`: {reason}\n")
+    lines = [f"* {run_label(r)}, `{step_site}`: {reason}\n" for r in results
+             for step_site, reason in sorted((r.get("excluded") or {}).items())]
     if not lines:
         return ""
     print(f"[experiment] WARNING: {len(lines)} site exclusion(s) in finished runs; their figures "
