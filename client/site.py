@@ -331,8 +331,8 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
       coded with ``reply.codec`` (common.codec);
     * ``reply.features: full``: ``{name: (N, C, h, w)}`` in ``precision`` (+ ``.scale``);
       ``pooled``: ``{name: stream}`` of the channel RMS map (N, 1, h, w);
-    * the affinity (N,) float32 in the logits record with ``aggregation.method`` affinity or
-      auto.
+    * the affinity (N,) float32 in the logits record when the targets may use it
+      (``aggregation.method`` affinity, or auto with affinity among its candidates).
 
     Memory is bounded: the outputs are preallocated in the wire dtype (or as quantised codes)
     and filled ``batch_size`` slices at a time. With ``privacy.noise_multiplier`` > 0 every
@@ -348,7 +348,7 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     dp = cfg.privacy
     reply = cfg.reply
     # the affinity is an unnoised statistic of the private data: not released under privacy noise
-    send_affinity = cfg.aggregation.method in ("affinity", "auto") and dp.noise_multiplier == 0
+    send_affinity = cfg.aggregation.uses("affinity") and dp.noise_multiplier == 0
     needs_reference = send_affinity or reply.calibrate
     taps = list(features) + (["bottleneck"] if send_affinity and "bottleneck" not in features
                              else [])

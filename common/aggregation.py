@@ -9,7 +9,7 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   ``T_era < 1``, ``p = softmax(log(mean_k p_k) / T_era)``, i.e. ``p_c ∝ (mean_k p_kc)^(1/T_era)``.
   (DS-FL's ``softmax(mean / T)`` sharpens ten-class outputs but, on two classes with
   probabilities in [0, 1], softens them at T = 0.5; the log form sharpens at every T < 1.)
-* ``affinity`` (default): per-slice weights from each site's own judgement of how much a proxy
+* ``affinity``: per-slice weights from each site's own judgement of how much a proxy
   slice looks like its private data (``common.affinity``: ``d_k(n)`` ~ 1 for the site's own
   unseen slices, larger further away), sent with the reply::
 
@@ -35,9 +35,10 @@ sites: the state is a weighted sum and a sum of weights of the size of one reply
   mean ensemble over all proxy slices; that needs a second pass, so each reply is spilled to a
   float16 memory-mapped file in ``spill_dir`` (disk, not RAM) during the first.
 * ``single``: the one designated teacher's probabilities (single-teacher distillation).
-* ``auto`` (:class:`AutoAggregator`): the same replies folded by each of
-  ``aggregation.auto_candidates``; the server keeps the targets that agree best with the public
-  proxy set's own masks (no site data is read, no extra traffic).
+* ``auto`` (the default; :class:`AutoAggregator`): the same replies folded by each of
+  ``aggregation.auto_candidates`` (affinity with its margin, mean, adaptive, era); the server
+  keeps the targets that agree best with the public proxy set's own masks (no site data is
+  read, no extra traffic). With a proxy set without masks it keeps the first candidate.
 
 Feature targets: teachers of different architectures have feature maps with different channel
 counts. Features are grouped by ``(name, channels)`` and each group's target is, per slice, the
@@ -244,14 +245,24 @@ class AutoAggregator:
         for agg in self.members.values():
             agg.add(site, probs, reliability, features, affinity)
 
-    def finalize(self, score: Callable[[np.ndarray], float]) -> Targets:
+    def finalize(self, score: Optional[Callable[[np.ndarray], float]] = None) -> Targets:
         """The chosen targets; ``score(probs (N, 2, H, W))`` rates each candidate's targets
-        (ties: the earlier candidate). ``scores`` and ``chosen`` say what was picked."""
+        (ties: the earlier candidate). ``scores`` and ``chosen`` say what was picked. Without
+        ``score`` (a proxy set without masks) the first candidate is kept, unscored."""
         results = {m: agg.finalize() for m, agg in self.members.items()}
-        self.scores = {m: float(score(t.probs)) for m, t in results.items()}
-        self.chosen = max(self.scores, key=lambda m: self.scores[m])   # first of equals
+        if score is None:
+            self.scores, self.chosen = {}, next(iter(results))
+        else:
+            self.scores = {m: float(score(t.probs)) for m, t in results.items()}
+            self.chosen = max(self.scores, key=lambda m: self.scores[m])   # first of equals
         claim = next((t.claim for t in results.values() if t.claim is not None), None)
         return dataclasses.replace(results[self.chosen], claim=claim)
+
+
+def make_aggregator(cfg: AggregationConfig, spill_dir: Optional[Path] = None
+                    ) -> "StreamingAggregator | AutoAggregator":
+    """The aggregator of ``cfg.method`` (``auto``: an :class:`AutoAggregator`)."""
+    return (AutoAggregator if cfg.method == "auto" else StreamingAggregator)(cfg, spill_dir)
 
 
 def aggregate(cfg: AggregationConfig, probs: dict[str, np.ndarray], reliability: dict[str, float],

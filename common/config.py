@@ -221,21 +221,26 @@ AUTO_CANDIDATES = ("affinity", "adaptive", "mean", "era")   # what aggregation.m
 @dataclass
 class AggregationConfig:
     method: Literal["affinity", "adaptive", "mean", "era", "single", "auto"] = field_(
-        "affinity", doc="auto: the server aggregates the same replies with each of "
+        "auto", doc="auto (default): the server aggregates the same replies with each of "
         "auto_candidates and keeps the targets that agree best (Dice) with the public proxy "
-        "set's own masks (needs a proxy set with masks; no site data is read)")
-    auto_candidates: list[str] = field_(factory=lambda: ["affinity", "mean"],
-                                        doc="auto: the methods tried (of AUTO_CANDIDATES)")
+        "set's own masks (no site data is read); a proxy set without masks: the first candidate")
+    auto_candidates: list[str] = field_(factory=lambda: ["affinity", "mean", "adaptive", "era"],
+                                        doc="auto: the methods tried (of AUTO_CANDIDATES); the "
+                                        "first is used when the proxy set has no masks")
     confidence_temperature: float = field_(1.0, lo=0.01, hi=100.0)
     era_temperature: float = field_(0.5, lo=0.01, hi=1.0, doc="era: p^(1/T) renormalised")
     affinity_temperature: float = field_(0.1, lo=0.01, hi=100.0, doc="affinity: per-slice "
                                          "weight exp(-d / T) of each site's distance d")
-    affinity_margin: float = field_(0.0, lo=0.0, hi=100.0, doc="affinity: distances up to this "
+    affinity_margin: float = field_(1.2, lo=0.0, hi=100.0, doc="affinity: distances up to this "
                                     "count as 0 (weight exp(-max(d - margin, 0) / T)): every "
                                     "site that claims a slice weighs equally on it (1.2: the "
                                     "proxy coverage's threshold)")
     use_agreement: bool = field_(False, doc="adaptive: multiply reliability by agreement with ensemble")
     single_site: Optional[str] = field_(None, doc="site whose teacher 'single' uses; None = best val Dice")
+
+    def uses(self, method: str) -> bool:
+        """Whether the targets may come from ``method`` (itself, or one of auto's candidates)."""
+        return self.method == method or (self.method == "auto" and method in self.auto_candidates)
 
 
 @dataclass
@@ -446,9 +451,10 @@ def _check_consistency(cfg: RunConfig) -> None:
     if not agg.auto_candidates or any(m not in AUTO_CANDIDATES for m in agg.auto_candidates):
         raise ConfigError(f"aggregation.auto_candidates: expected a non-empty list of "
                           f"{', '.join(AUTO_CANDIDATES)}; got {agg.auto_candidates!r}")
-    if cfg.aggregation.use_agreement and cfg.aggregation.method != "adaptive":
-        raise ConfigError(f"aggregation.use_agreement: applies to aggregation.method 'adaptive', "
-                          f"not {cfg.aggregation.method!r}")
+    if cfg.aggregation.use_agreement and not cfg.aggregation.uses("adaptive"):
+        raise ConfigError(f"aggregation.use_agreement: applies to aggregation.method 'adaptive' "
+                          f"(or auto with adaptive among its candidates), not "
+                          f"{cfg.aggregation.method!r}")
     r = cfg.reply
     if r.bits not in (1, 2, 4, 8):
         raise ConfigError(f"reply.bits: expected 1, 2, 4 or 8, got {r.bits}")

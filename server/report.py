@@ -39,7 +39,11 @@ def report_markdown(report: dict) -> str:
                      if "target_dice" in q else "")
             how = q.get("encoding", q["precision"])
             lines += [f"Proxy query: {q['n_slices']} slices; replies: {how}.{truth}", ""]
-            if q.get("auto"):
+            if q.get("auto") and not q["auto"]["scores"]:
+                lines += [f"Aggregation `auto`: the proxy set has no masks to choose by; the "
+                          f"student is distilled from the first candidate, "
+                          f"`{q['auto']['chosen']}`.", ""]
+            elif q.get("auto"):
                 lines += ["Aggregation `auto`: targets vs the public proxy masks " + ", ".join(
                     f"{m} {d:.4f}" for m, d in q["auto"]["scores"].items())
                     + f"; the student is distilled from `{q['auto']['chosen']}`.", ""]

@@ -7,12 +7,13 @@ its config by :func:`config_digest`; another config there is refused (:class:`Fe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import RunConfig, from_dict
 
 
 class FederationError(RuntimeError):
@@ -62,13 +63,37 @@ ADDED_LATER = {"student": {"proxy_pretrain_epochs": 0}, "distill": {"proxy_label
                "aggregation": {"affinity_margin": 0.0, "auto_candidates": ["affinity", "mean"]}}
 
 
+# The strategies that aggregate teacher outputs (the others never read ``aggregation``).
+AGGREGATING = ("kd", "feddf")
+
+
+def stored_config(data: dict, source: str) -> RunConfig:
+    """The RunConfig of a stored ``config`` (a run's ``report.json``), a setting of
+    :data:`ADDED_LATER` that it lacks at the value that made the run (not today's default)."""
+    data = copy.deepcopy(data)
+    for section, keys in ADDED_LATER.items():
+        for k, old in keys.items():
+            if isinstance(data.get(section), dict):
+                data[section].setdefault(k, copy.deepcopy(old))
+    return from_dict(data, source)
+
+
 def config_digest(cfg: RunConfig) -> str:
     """Digest of every setting that defines a run, defaults included (without
     :data:`NOT_IN_DIGEST`, and :data:`ADDED_LATER` at its old value): a run directory made when
     a default had another value is not resumed as if it were this run."""
     plain = cfg.to_dict()
-    if not cfg.adapt.enabled:   # the settings of a step that does not run define nothing
+    # the settings of a step that does not run define nothing
+    if not cfg.adapt.enabled:
         plain.pop("adapt")
+    agg = cfg.aggregation
+    if cfg.federation.strategy not in AGGREGATING:
+        plain.pop("aggregation")
+    else:
+        if agg.method != "auto":
+            plain["aggregation"].pop("auto_candidates")
+        if not agg.uses("affinity"):
+            plain["aggregation"].pop("affinity_margin")
     for section, keys in ADDED_LATER.items():
         for k, old in keys.items():
             if plain.get(section, {}).get(k) == old:

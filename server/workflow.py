@@ -35,7 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.aggregation import AutoAggregator, StreamingAggregator, Targets
+from common.aggregation import Targets, make_aggregator
 from common.config import SIMULATION_ONLY, ConfigError, RunConfig, dump_config
 from common.data import DataError, load_proxy, proxy_dir
 from common.slices import proxy_slice_ids, slice_stack
@@ -128,8 +128,7 @@ class Coordinator:
         """ConfigError before any work if a setting needs the proxy set's masks and it has none."""
         needs = [k for k, v in (("student.proxy_pretrain_epochs",
                                  self.cfg.student.proxy_pretrain_epochs),
-                                ("distill.proxy_label_weight", self.cfg.distill.proxy_label_weight),
-                                ("aggregation.method=auto", self.cfg.aggregation.method == "auto"))
+                                ("distill.proxy_label_weight", self.cfg.distill.proxy_label_weight))
                  if v]
         if needs and self.proxy()[2] is None:
             raise ConfigError(f"{needs[0]} needs the public proxy set's masks, and "
@@ -263,8 +262,7 @@ class Coordinator:
         features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
         precision = self.cfg.federation.precision
         auto = self.cfg.aggregation.method == "auto"
-        agg = (AutoAggregator if auto else StreamingAggregator)(self.cfg.aggregation,
-                                                                self.run_dir / f"spill_r{rnd}")
+        agg = make_aggregator(self.cfg.aggregation, self.run_dir / f"spill_r{rnd}")
         content = query_request(self.cfg, ids, features, precision)
         figures: dict[str, dict] = {}
 
@@ -295,7 +293,11 @@ class Coordinator:
                         self.timeout * 10 + 600, on_reply)
         if not agg.sites:
             raise FederationError(f"round {rnd}: no usable teacher reply")
-        if auto:   # the candidate whose targets agree best with the public masks
+        if auto and labels is None:   # nothing to choose by: the first candidate
+            targets = agg.finalize()
+            self.log(f"[server] aggregation auto: the proxy set has no masks to choose by; "
+                     f"using the first candidate, {agg.chosen}")
+        elif auto:   # the candidate whose targets agree best with the public masks
             targets = agg.finalize(lambda probs: self.target_dice(ids, probs, labels))
             self.log("[server] aggregation auto: targets vs the proxy masks " + ", ".join(
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")

@@ -20,6 +20,7 @@ network on sites outside the federation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -205,7 +206,8 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
             coord = Coordinator(None, cfg, log)
             ids, images, labels = coord.proxy()
             probs, feats = proxy_outputs(model, images)
-            agg = StreamingAggregator(cfg.aggregation)
+            # one teacher: nothing to weigh (every method gives its probabilities)
+            agg = StreamingAggregator(dataclasses.replace(cfg.aggregation, method="mean"))
             agg.add("central", probs, info["val_dice"],
                     {k: feats[k] for k in cfg.model.student.features if k in feats}
                     if cfg.distill.w_feature > 0 else {})

@@ -252,12 +252,13 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     made before the clock starts, after one untimed warm-up decode) and the tracemalloc peak (MB)
     of the server's part: each reply held, decoded and folded in (making it is the site's work
     and is not counted; cyclic garbage is collected before each reply is measured)."""
-    from common.aggregation import StreamingAggregator
+    from common.aggregation import make_aggregator
+    from common.metrics import dice_score
     from common.protocol import read_proxy_reply
 
     rng = np.random.default_rng(0)
     taps = feature_taps(cfg)
-    agg = StreamingAggregator(cfg.aggregation)
+    agg = make_aggregator(cfg.aggregation)
     content, names, hw = simulated_reply(cfg, slices, rng, taps)   # warm-up: lazy imports
     read_proxy_reply(content, cfg, slices, hw, names)
     tracemalloc.start()
@@ -276,7 +277,11 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
         peak = max(peak, tracemalloc.get_traced_memory()[1])
         del content, probs, feats
     t0 = time.perf_counter()
-    agg.finalize()
+    if cfg.aggregation.method == "auto":   # each candidate scored against the proxy's masks
+        masks = rng.random((slices, *hw)) < 0.05
+        agg.finalize(lambda probs: float(dice_score(probs.argmax(1) == 1, masks)))
+    else:
+        agg.finalize()
     seconds += time.perf_counter() - t0
     peak = max(peak, tracemalloc.get_traced_memory()[1])
     tracemalloc.stop()

@@ -332,8 +332,7 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> Path
     """``--collect``: ``results.json`` and ``report.md`` from the finished runs of the grid (each
     run's ``report.json``), without running anything. A run whose report is missing, or was made
     with settings other than the grid's now, is left out and named."""
-    from common.config import from_dict
-    from server.state import config_digest
+    from server.state import config_digest, stored_config
 
     root = Path(cfg.output.run_dir)
     runs = selected_runs(cfg, only)
@@ -341,7 +340,7 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> Path
     for method, seed, run_cfg in runs:
         path = Path(run_cfg.output.run_dir) / "report.json"
         report = json.loads(path.read_text()) if path.is_file() else None
-        if report is None or config_digest(from_dict(report["config"], str(path))) != \
+        if report is None or config_digest(stored_config(report["config"], str(path))) != \
                 config_digest(run_cfg):
             missing.append(f"{path} ({'missing' if report is None else 'other settings'})")
             continue

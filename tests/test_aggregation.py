@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -190,7 +192,8 @@ def test_affinity_margin_averages_the_sites_that_claim_a_slice():
     assert np.allclose(margin.probs[0], (a[0] + b[0]) / 2, atol=1e-3)   # C: weight e^-18
     assert np.allclose(margin.probs[1], a[1], atol=1e-3)                 # only A claims slice 1
     assert np.allclose(margin.claim, [0.9, 0.9])
-    plain = aggregate(AggregationConfig(method="affinity"), probs, rel, affinity=aff)
+    plain = aggregate(AggregationConfig(method="affinity", affinity_margin=0.0), probs, rel,
+                      affinity=aff)
     w_a = 1 / (1 + np.exp(-2.5))                                          # exp(-0.9/.1) vs exp(-1.15/.1)
     assert np.allclose(plain.probs[0], w_a * a[0] + (1 - w_a) * b[0], atol=1e-3)
 
@@ -200,7 +203,8 @@ def test_auto_aggregator_keeps_the_best_scored_candidate_and_the_claim():
 
     a, b = random_probs(0, n=2, sharp=3.0), random_probs(1, n=2, sharp=3.0)
     aff = {"A": np.array([1.0, 5.0], np.float32), "B": np.array([5.0, 1.0], np.float32)}
-    cfg = AggregationConfig(method="auto", affinity_temperature=0.25)
+    cfg = AggregationConfig(method="auto", affinity_temperature=0.25,
+                            auto_candidates=["affinity", "mean"])
     agg = AutoAggregator(cfg)
     for s, p in (("A", a), ("B", b)):
         agg.add(s, p, 0.5, affinity=aff[s])
@@ -215,6 +219,12 @@ def test_auto_aggregator_keeps_the_best_scored_candidate_and_the_claim():
         agg2.add(s, p, 0.5, affinity=aff[s])
     t2 = agg2.finalize(lambda probs: 0.0)           # a tie: the first candidate (affinity)
     assert agg2.chosen == "affinity" and not np.allclose(t2.probs, mean, atol=1e-3)
+    agg3 = AutoAggregator(dataclasses.replace(cfg, auto_candidates=["mean", "affinity"]))
+    for s, p in (("A", a), ("B", b)):
+        agg3.add(s, p, 0.5, affinity=aff[s])
+    t3 = agg3.finalize()                            # nothing to score by: the first candidate
+    assert agg3.chosen == "mean" and agg3.scores == {} and np.allclose(t3.probs, mean, atol=1e-6)
+    assert np.allclose(t3.claim, [1.0, 1.0])
 
 
 def test_auto_candidates_are_checked_with_the_config():
@@ -222,5 +232,6 @@ def test_auto_candidates_are_checked_with_the_config():
 
     with pytest.raises(ConfigError, match="aggregation.auto_candidates.*single"):
         load_config(None, ["aggregation.auto_candidates=[affinity,single]"])
-    assert load_config(None, ["aggregation.method=auto"]).aggregation.auto_candidates == [
-        "affinity", "mean"]
+    agg = load_config(None, []).aggregation        # the default: auto over all four
+    assert agg.method == "auto" and agg.auto_candidates == ["affinity", "mean", "adaptive", "era"]
+    assert agg.affinity_margin == 1.2 and agg.uses("era") and not agg.uses("single")

@@ -71,9 +71,12 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     assert cfg.teacher_spec("SiteA").channels == [16, 32, 64, 128, 256]
     with pytest.raises(ConfigError, match=r"train\.lr: expected a value >= 1e-07"):
         load_config(None, ["train.lr=0"])
-    with pytest.raises(ConfigError, match="use_agreement: applies to aggregation.method 'adaptive', "
-                                          "not 'affinity'"):
-        load_config(None, ["aggregation.use_agreement=true"])
+    with pytest.raises(ConfigError, match=r"use_agreement: applies to aggregation.method "
+                                          r"'adaptive' \(or auto .*\), not 'affinity'"):
+        load_config(None, ["aggregation.use_agreement=true", "aggregation.method=affinity"])
+    with pytest.raises(ConfigError, match=r"use_agreement: .*not 'auto'"):
+        load_config(None, ["aggregation.use_agreement=true", "aggregation.auto_candidates=[mean]"])
+    assert load_config(None, ["aggregation.use_agreement=true"]).aggregation.uses("adaptive")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_override("train.epochs")
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):

@@ -123,8 +123,7 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
     from server.workflow import Coordinator
 
     for setting, named in (("student.proxy_pretrain_epochs=2", "student.proxy_pretrain_epochs"),
-                           ("distill.proxy_label_weight=0.5", "distill.proxy_label_weight"),
-                           ("aggregation.method=auto", "aggregation.method=auto")):
+                           ("distill.proxy_label_weight=0.5", "distill.proxy_label_weight")):
         bad = with_overrides(cfg, [f"data.proxy={bare}", "student.proxy_pretrain_epochs=0",
                                    setting, f"output.run_dir={tmp_path / 'run'}"])
         with pytest.raises(ConfigError, match=rf"{named} needs the public "

@@ -169,18 +169,41 @@ def test_auto_aggregation_keeps_the_targets_closest_to_the_public_masks(fed, tmp
                                                                       adaptive_run):
     """aggregation.method=auto: one query per site (the candidates share the replies, which
     carry the affinity), every candidate scored against the proxy masks, the best one kept."""
-    cfg, grid = make(fed, tmp_path, ["aggregation.method=auto", "distill.epochs=1"])
+    cfg, grid = make(fed, tmp_path, ["distill.epochs=1"])    # auto is the default
+    assert cfg.aggregation.method == "auto"
     logs = []
     report = run_federation(grid, cfg, logs.append)
     assert sent_types(grid).count(QUERY_PROXY) == 3
     q = report["state"]["rounds"]["1"]["query"]
     scores = q["auto"]["scores"]
-    assert set(scores) == {"affinity", "mean"} and scores["affinity"] != scores["mean"]
+    assert set(scores) == {"affinity", "mean", "adaptive", "era"}
+    assert len(set(scores.values())) > 1      # the candidates' targets differ
     assert q["auto"]["chosen"] == max(scores, key=scores.get)
     assert q["target_dice"] == pytest.approx(scores[q["auto"]["chosen"]])
     assert "coverage" in q        # the affinity came with the replies, whichever is chosen
     assert any("aggregation auto" in line for line in logs)
     assert "Aggregation `auto`" in (tmp_path / "report.md").read_text()
+
+
+def test_auto_aggregation_without_proxy_masks_uses_the_first_candidate(fed, tmp_path):
+    """A public proxy set without masks: auto has nothing to choose by, so the server distils
+    from the first candidate (the margin affinity), says so in its log and report, and does
+    not score the targets."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(Path(fed[0]) / "PROXY", bare)
+    for f in bare.glob("*_segmentation*"):
+        f.unlink()
+    cfg, grid = make(fed, tmp_path / "run", [f"data.proxy={bare}", "distill.epochs=1",
+                                             "aggregation.auto_candidates=[mean,affinity]"])
+    logs = []
+    report = run_federation(grid, cfg, logs.append)
+    q = report["state"]["rounds"]["1"]["query"]
+    assert q["auto"] == {"scores": {}, "chosen": "mean"} and "target_dice" not in q
+    assert q["site_weights"] == pytest.approx({s: 1 / 3 for s in q["site_weights"]})
+    assert any("no masks to choose by; using the first candidate, mean" in x for x in logs)
+    assert "no masks to choose by" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_too_few_sites_times_out_with_a_clear_error(fed, tmp_path):
@@ -476,6 +499,31 @@ def test_config_digest_covers_what_defines_a_run(tmp_path):
     # value (distill.soft_dice was false) is not resumed as a run with today's default
     old_default = load_config(None, [*SETTINGS, "distill.soft_dice=false"])
     assert RunConfig().distill.soft_dice and config_digest(old_default) != digest
+    # aggregation settings count only where they are read: not by FedAvg, not the auto
+    # candidates of another method, not the margin of a method without the affinity
+    def d(*extra):
+        return config_digest(load_config(None, [*SETTINGS, *extra]))
+
+    fedavg = d("federation.strategy=fedavg")
+    assert d("federation.strategy=fedavg", "aggregation.method=mean") == fedavg != \
+        d("federation.strategy=fedprox")
+    assert d("federation.strategy=feddf", "aggregation.method=mean") != d("federation.strategy=feddf")
+    assert d("aggregation.method=mean", "aggregation.auto_candidates=[mean]",
+             "aggregation.affinity_margin=0.5") == d("aggregation.method=mean")
+    assert d("aggregation.auto_candidates=[mean]", "aggregation.affinity_margin=0.5") == \
+        d("aggregation.auto_candidates=[mean]") != digest
+    assert d("aggregation.affinity_margin=0.5") != digest
+    # a stored config (report.json) written before a setting existed is read at the value that
+    # made it, not at today's default: runs made before the margin had none
+    from server.state import stored_config
+
+    old = base.to_dict()
+    del old["aggregation"]["affinity_margin"], old["aggregation"]["auto_candidates"]
+    old["aggregation"]["method"] = "affinity"
+    assert stored_config(old, "r.json").aggregation.affinity_margin == 0.0
+    assert config_digest(stored_config(old, "r.json")) == d("aggregation.method=affinity",
+                                                            "aggregation.affinity_margin=0")
+    assert config_digest(stored_config(old, "r.json")) != d("aggregation.method=affinity")
     RunState(digest, completed=["train"]).save(tmp_path)
     assert RunState.load(tmp_path, digest).completed == ["train"]
     with pytest.raises(FederationError, match="different config"):
