@@ -208,12 +208,22 @@ class StreamingAggregator:
             path.unlink()
         return agreement
 
-    def finalize(self) -> Targets:
+    def release(self) -> None:
+        """Drop the running sums (after :meth:`finalize`; the site tables stay)."""
+        self.num = self.den = None
+        self.feat_num, self.feat_den = {}, {}
+
+    def finalize(self, as_method: Optional[str] = None) -> Targets:
+        """The targets. ``as_method="era"`` on the sums of ``mean`` (the same uniform weights):
+        ERA's targets without a second set of sums."""
+        method = as_method or self.method
+        if method != self.method and (self.method, method) != ("mean", "era"):
+            raise ValueError(f"the sums of {self.method!r} do not give {method!r}")
         if self.num is None:
             raise ValueError("no teacher replies to aggregate")
         agreement = self._agreement_pass() if self.spilled else {}
         probs = self.num / np.maximum(self.den, EPS)[:, None]
-        if self.method == "era":
+        if method == "era":
             probs = sharpen(probs, self.cfg.era_temperature)
         total = sum(self.site_mass[s] for s in self.sites)
         weights = {s: self.site_mass[s] / total for s in self.sites}
@@ -226,14 +236,26 @@ class AutoAggregator:
     """``aggregation.method: auto``: the same replies folded by each method of
     ``aggregation.auto_candidates``; :meth:`finalize` keeps the targets with the highest
     ``score`` (the server's Dice against the public proxy set's own masks: public data only).
-    No extra traffic: every candidate reads the same replies (with the affinity)."""
+    No extra traffic: every candidate reads the same replies (with the affinity). Memory: one
+    set of running sums per candidate, except that ``era`` reads the sums of ``mean`` (the same
+    uniform weights, sharpened at the end); candidates are finalised one at a time and only the
+    best targets so far are kept."""
 
     def __init__(self, cfg: AggregationConfig, spill_dir: Optional[Path] = None):
-        self.members = {m: StreamingAggregator(dataclasses.replace(cfg, method=m),
-                                               None if spill_dir is None else spill_dir / m)
-                        for m in cfg.auto_candidates}
+        self.candidates = list(cfg.auto_candidates)
+        self.members: dict[str, StreamingAggregator] = {}
+        for m in self.candidates:
+            base = self.base(m)
+            if base not in self.members:
+                self.members[base] = StreamingAggregator(
+                    dataclasses.replace(cfg, method=base),
+                    None if spill_dir is None else spill_dir / base)
         self.scores: dict[str, float] = {}
         self.chosen: Optional[str] = None
+
+    def base(self, method: str) -> str:
+        """The member whose sums give ``method``'s targets."""
+        return "mean" if method == "era" and "mean" in self.candidates else method
 
     @property
     def sites(self) -> list[str]:
@@ -249,14 +271,20 @@ class AutoAggregator:
         """The chosen targets; ``score(probs (N, 2, H, W))`` rates each candidate's targets
         (ties: the earlier candidate). ``scores`` and ``chosen`` say what was picked. Without
         ``score`` (a proxy set without masks) the first candidate is kept, unscored."""
-        results = {m: agg.finalize() for m, agg in self.members.items()}
-        if score is None:
-            self.scores, self.chosen = {}, next(iter(results))
-        else:
-            self.scores = {m: float(score(t.probs)) for m, t in results.items()}
-            self.chosen = max(self.scores, key=lambda m: self.scores[m])   # first of equals
-        claim = next((t.claim for t in results.values() if t.claim is not None), None)
-        return dataclasses.replace(results[self.chosen], claim=claim)
+        claim = next((a.claim for a in self.members.values() if a.claim is not None), None)
+        todo = self.candidates if score is not None else self.candidates[:1]
+        self.scores, best = {}, None
+        for i, m in enumerate(todo):
+            agg = self.members[self.base(m)]
+            targets = agg.finalize(as_method=m)
+            if all(self.base(later) != self.base(m) for later in todo[i + 1:]):
+                agg.release()
+            if score is not None:
+                self.scores[m] = float(score(targets.probs))
+            if best is None or self.scores[m] > self.scores[self.chosen]:   # first of equals
+                best, self.chosen = targets, m
+            del targets
+        return dataclasses.replace(best, claim=claim)
 
 
 def make_aggregator(cfg: AggregationConfig, spill_dir: Optional[Path] = None

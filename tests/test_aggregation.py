@@ -227,6 +227,36 @@ def test_auto_aggregator_keeps_the_best_scored_candidate_and_the_claim():
     assert np.allclose(t3.claim, [1.0, 1.0])
 
 
+def test_auto_aggregator_shares_the_mean_sums_with_era_and_releases_them():
+    """era reads the sums of mean (one set of sums fewer) and gives exactly the targets of its
+    own aggregator; every candidate's targets equal its standalone aggregation bit for bit; the
+    sums are dropped once finalised."""
+    from common.aggregation import AutoAggregator
+
+    probs = {s: random_probs(k, n=3, sharp=2.0) for k, s in enumerate("ABC")}
+    aff = {s: np.array([0.8, 1.5, 3.0], np.float32) * (k + 1) for k, s in enumerate("ABC")}
+    feats = {s: np.full((3, 4, 2, 2), k, np.float32) for k, s in enumerate("ABC")}
+    cfg = AggregationConfig(method="auto")          # affinity, mean, adaptive, era
+    agg = AutoAggregator(cfg)
+    assert set(agg.members) == {"affinity", "mean", "adaptive"}
+    for s in "ABC":
+        agg.add(s, probs[s], 0.7, {"enc2": feats[s]}, aff[s])
+    for m in cfg.auto_candidates:     # a score that picks m: m's own targets come back
+        auto = AutoAggregator(cfg)
+        for s in "ABC":
+            auto.add(s, probs[s], 0.7, {"enc2": feats[s]}, aff[s])
+        alone = StreamingAggregator(dataclasses.replace(cfg, method=m))
+        for s in "ABC":
+            alone.add(s, probs[s], 0.7, {"enc2": feats[s]}, aff[s])
+        want = alone.finalize()
+        t = auto.finalize(lambda p, want=want: -float(np.abs(p - want.probs).max()))
+        assert auto.chosen == m and np.array_equal(t.probs, want.probs), m
+        assert np.array_equal(t.features["enc2@4"], want.features["enc2@4"])
+        assert all(a.num is None and not a.feat_num for a in auto.members.values())
+    with pytest.raises(ValueError, match="do not give"):
+        agg.members["adaptive"].finalize(as_method="era")
+
+
 def test_auto_candidates_are_checked_with_the_config():
     from common.config import ConfigError, load_config
 
