@@ -68,8 +68,9 @@ AGGREGATING = ("kd", "feddf")
 
 
 def stored_config(data: dict, source: str) -> RunConfig:
-    """The RunConfig of a stored ``config`` (a run's ``report.json``), a setting of
-    :data:`ADDED_LATER` that it lacks at the value that made the run (not today's default)."""
+    """The RunConfig of a stored ``config`` (a run's ``report.json``). A setting of
+    :data:`ADDED_LATER` that the stored config lacks is read at the value that made the run,
+    not at today's default."""
     data = copy.deepcopy(data)
     for section, keys in ADDED_LATER.items():
         for k, old in keys.items():

@@ -248,7 +248,8 @@ def simulated_reply(cfg: RunConfig, slices: int, rng: np.random.Generator,
 def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     """What the server does with ``sites`` replies of ``slices`` proxy slices, encoded as ``cfg``
     says (:func:`simulated_reply`): decode and check each one (common.protocol.read_proxy_reply)
-    and fold it into the streaming aggregator. Seconds (decoding and aggregation; the replies are
+    and fold it into the server's aggregator (``auto``: every candidate, then the choice by a
+    Dice against simulated proxy masks). Seconds (decoding and aggregation; the replies are
     made before the clock starts, after one untimed warm-up decode) and the tracemalloc peak (MB)
     of the server's part: each reply held, decoded and folded in (making it is the site's work
     and is not counted; cyclic garbage is collected before each reply is measured)."""
