@@ -1,11 +1,13 @@
 """The hospital's Flower ClientApp (Message API).
 
-Four handlers, one per message type of :mod:`common.protocol`:
+Five handlers, one per message type of :mod:`common.protocol`:
 
 * ``train.teacher``   train (or reuse / resume) the site's teacher on its private data;
 * ``query.proxy``     the teacher's logits and features on named public proxy slices;
 * ``evaluate.student`` the student's Dice / HD95 on the private test split (and, when asked, its
                       validation Dice);
+* ``train.consensus`` fine-tune a copy of the teacher on its private data plus the federation's
+                      consensus on the proxy slices; the copy answers the queries that name it;
 * ``train.adapt``     fine-tune the final student on the private data and keep it in the node's
                       state directory (``adapted_student``); only metrics are returned.
 
@@ -45,12 +47,14 @@ from common.config import ConfigError, RunConfig
 from common.data import DataError
 from common.logs import get_logger
 from common.protocol import (
+    CONSENSUS,
     ERR_BAD_MESSAGE,
     ERR_CONFIG,
     ERR_DATA,
     ERR_INTERNAL,
     EVAL,
     FEATURES,
+    FOREGROUND,
     FLWR_ARRAYS,
     FLWR_CONFIG,
     INFO,
@@ -143,8 +147,11 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     batch = q.get("batch_size", 32)
     if not isinstance(batch, int) or isinstance(batch, bool):
         raise ProtocolError(f"query.batch_size: expected an integer, got {batch!r}")
+    teacher = q.get("teacher", "")
+    if not isinstance(teacher, str):
+        raise ProtocolError(f"query.teacher: expected a string, got {teacher!r}")
     logits, features, stats = site_ops.answer_proxy_query(cfg, node, ids, feats,
-                                                          str(q["precision"]), batch)
+                                                          str(q["precision"]), batch, teacher)
     LOG.info(f"[{node.site}] proxy reply: {stats['n_slices']} slices, "
              f"{stats['reply_bytes'] / 1e6:.2f} MB ({reply_encoding(cfg, str(q['precision']), bool(feats))}), "
              f"entropy {stats['proxy_entropy']:.4f}, {stats['seconds']:.1f}s")
@@ -153,6 +160,21 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
         FEATURES: ArrayRecord({k: Array(v) for k, v in features.items()}),
         STATS: MetricRecord(stats),
     })
+
+
+def _consensus(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    ids = _field(msg, QUERY, "slice_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ProtocolError("query.slice_ids: expected a list of strings")
+    record = _field(msg, CONSENSUS, kind=ArrayRecord)
+    if FOREGROUND not in record:
+        raise ProtocolError(f"consensus: missing array {FOREGROUND!r}")
+    metrics = site_ops.refine_teacher(cfg, node, ids, record[FOREGROUND].numpy(), log=LOG.info)
+    how = "reused" if metrics["reused"] else f"epoch {metrics['best_epoch']}"
+    LOG.info(f"[{node.site}] teacher refined on the consensus: val Dice "
+             f"{metrics['val_dice_before']:.4f} -> {metrics['val_dice_after']:.4f} ({how}, "
+             f"{metrics['seconds']:.1f}s)")
+    return RecordDict({METRICS: MetricRecord(metrics)})
 
 
 def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
@@ -185,6 +207,11 @@ def _adapt(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
 @app.train("teacher")
 def train_teacher(msg: Message, context: Context) -> Message:
     return _serve(msg, context, _train)
+
+
+@app.train("consensus")
+def refine_teacher(msg: Message, context: Context) -> Message:
+    return _serve(msg, context, _consensus)
 
 
 @app.train("adapt")

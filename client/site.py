@@ -251,10 +251,24 @@ def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.i
             "reused": int(res.reused), "resumed_from": res.resumed_from}
 
 
-def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = None
-                 ) -> tuple[FeatureNet, float]:
+def refined_checkpoint(node: Node, refined: str) -> Path:
+    """Where the teacher refined on consensus ``refined`` (common.protocol.consensus_id) is kept."""
+    if not refined.isalnum():
+        raise ProtocolError(f"query.teacher: {refined!r} is not a consensus id")
+    return node.state_dir / "consensus" / f"{refined}.pt"
+
+
+def refined_key(cfg: RunConfig, node: Node, refined: str) -> str:
+    """Checkpoint key of a refined teacher: its own teacher's key and the consensus id."""
+    base = teacher_key(cfg, node, site_train_config(cfg, node), load_private(cfg, node))
+    return hashlib.sha256(f"{base}/{refined}".encode()).hexdigest()
+
+
+def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = None,
+                 refined: str = "") -> tuple[FeatureNet, float]:
     """The trained teacher of this run's settings (returning the feature maps ``features``,
-    default: those of its spec) and its validation Dice."""
+    default: those of its spec) and its validation Dice; with ``refined``, its copy refined on
+    that consensus (:func:`refine_teacher`)."""
     spec = cfg.teacher_spec(node.site)
     if features is not None:
         valid = feature_names(spec)
@@ -264,11 +278,18 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
                                 f"of {node.site} (its features: {', '.join(valid)})")
         spec = replace(spec, features=list(features))
     data = load_private(cfg, node)
-    key = teacher_key(cfg, node, site_train_config(cfg, node), data)
-    state = load_checkpoint(node.teacher_checkpoint, key)
-    if state is None or not state.get("done"):
-        raise ProtocolError(f"no trained teacher for these settings in {node.state_dir} "
-                            f"(send train.teacher first)")
+    if refined:
+        path = refined_checkpoint(node, refined)
+        state = load_checkpoint(path, refined_key(cfg, node, refined))
+        if state is None or not state.get("done"):
+            raise ProtocolError(f"query.teacher: no teacher refined on consensus {refined} in "
+                                f"{path.parent} (send train.consensus first)")
+    else:
+        key = teacher_key(cfg, node, site_train_config(cfg, node), data)
+        state = load_checkpoint(node.teacher_checkpoint, key)
+        if state is None or not state.get("done"):
+            raise ProtocolError(f"no trained teacher for these settings in {node.state_dir} "
+                                f"(send train.teacher first)")
     model = build_teacher(spec, input_channels(cfg.data))
     model.load_state_dict(state["best_state"] or state["model"])
     model.eval()
@@ -280,14 +301,14 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def site_reference(cfg: RunConfig, node: Node, model: FeatureNet, affinity: bool,
-                   batch_size: int = 32) -> dict:
+                   batch_size: int = 32, refined: str = "") -> dict:
     """What the site measures on its private data to qualify its proxy reply (common.affinity):
     ``{"temperature": float}`` and, with ``affinity``, ``"affinity": AffinityReference`` (then
-    ``model`` must return the ``bottleneck`` map). Cached per teacher checkpoint and split;
-    nothing here leaves the site."""
+    ``model`` must return the ``bottleneck`` map). Cached per teacher checkpoint (``refined``:
+    the refined copy's consensus id) and split; nothing here leaves the site."""
     data = load_private(cfg, node)
     key = json.dumps(["reference", teacher_key(cfg, node, site_train_config(cfg, node), data),
-                      str(node.state_dir), affinity])
+                      str(node.state_dir), affinity, refined])
     if key in _CACHE:
         return _CACHE[key]
     ctx = cfg.data.context_slices
@@ -319,9 +340,10 @@ def site_reference(cfg: RunConfig, node: Node, model: FeatureNet, affinity: bool
 
 @torch.no_grad()
 def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], features: list[str],
-                       precision: str = "float16", batch_size: int = 32
+                       precision: str = "float16", batch_size: int = 32, teacher: str = ""
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """Run the teacher on the named proxy slices.
+    """Run the teacher (``teacher``: its copy refined on that consensus) on the named proxy
+    slices.
 
     Returns ``(logits record, features record, stats)`` as arrays for the wire:
 
@@ -352,8 +374,9 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     needs_reference = send_affinity or reply.calibrate
     taps = list(features) + (["bottleneck"] if send_affinity and "bottleneck" not in features
                              else [])
-    model, val_dice = load_teacher(cfg, node, taps)
-    reference = site_reference(cfg, node, model, send_affinity) if needs_reference else None
+    model, val_dice = load_teacher(cfg, node, taps, teacher)
+    reference = (site_reference(cfg, node, model, send_affinity, refined=teacher)
+                 if needs_reference else None)
     temperature = reference["temperature"] if reply.calibrate else 1.0
     proxy = load_proxy_cases(cfg, node)
     wanted = parse_slice_ids(slice_ids, proxy)
@@ -394,6 +417,52 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
                      dp_parts=parts, dp_delta=dp.delta,
                      dp_epsilon=epsilon(dp.noise_multiplier, n, dp.delta, parts=parts))
     return out_logits, out_feats, stats
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. Consensus round: refine a copy of the teacher on the federation's targets
+# --------------------------------------------------------------------------------------------
+def refine_teacher(cfg: RunConfig, node: Node, slice_ids: list[str], stream: np.ndarray,
+                   log: Callable[[str], None] = LOG.info) -> dict:
+    """Fine-tune a copy of this site's teacher on its private train split (its Dice + CE, the
+    teacher's own recipe) plus ``consensus.weight`` x KL(consensus || teacher) on
+    ``consensus.proxy_batch_size`` random proxy slices per step; ``stream`` is the server's
+    consensus (common.protocol.encode_consensus) on ``slice_ids``. The site's validation split
+    picks the epoch. The copy is kept as ``STATE_DIR/consensus/ID.pt`` (ID =
+    common.protocol.consensus_id; a repeated message reuses it) and answers the queries that
+    name it; the teacher itself is not changed. Returns metrics only."""
+    from common.protocol import consensus_id, decode_consensus
+
+    t0 = time.perf_counter()
+    c = cfg.consensus
+    proxy = load_proxy_cases(cfg, node)
+    wanted = parse_slice_ids(slice_ids, proxy)
+    ctx = cfg.data.context_slices
+    images = torch.from_numpy(np.stack([slice_stack(proxy[k].image, z, ctx)
+                                        for k, z in wanted])).float()
+    fg = torch.from_numpy(decode_consensus(stream, len(wanted), tuple(images.shape[-2:])))
+    target = torch.stack([1 - fg, fg], dim=1).clamp_min(1e-6).log()   # (N, 2, H, W)
+    refined = consensus_id(stream, cfg)
+    model, before = load_teacher(cfg, node)
+    data = load_private(cfg, node)
+    gen = np.random.default_rng(cfg.runtime.seed)
+
+    def consensus_term(m: torch.nn.Module, _images, logits: torch.Tensor) -> torch.Tensor:
+        rows = torch.from_numpy(gen.choice(len(wanted), min(c.proxy_batch_size, len(wanted)),
+                                           replace=False))
+        return c.weight * kd_kl_loss(m(images[rows])[0], target[rows])
+
+    tcfg = replace(site_train_config(cfg, node), epochs=c.epochs, patience=c.epochs)
+    path = refined_checkpoint(node, refined)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res = train_segmenter(model, data.train, data.val, tcfg, ctx, cfg.runtime.seed, log=log,
+                          tag=f"{node.site} consensus", checkpoint=path,
+                          checkpoint_key=refined_key(cfg, node, refined),
+                          regularizer=consensus_term if c.weight > 0 else None, lr=c.lr)
+    return {"val_dice_before": before, "val_dice_after": float(res.best_val_dice),
+            "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+            "steps": int(sum(h.get("steps", 0) for h in res.history)),
+            "reused": int(res.reused), "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,6 +215,23 @@ class AdaptConfig:
     proxy_batch_size: int = field_(8, lo=1, hi=4096, doc="proxy slices per step")
 
 
+@dataclass
+class ConsensusConfig:
+    """Consensus rounds (message ``train.consensus``, federation.strategy kd): after the first
+    proxy query the server sends the aggregated targets on the public proxy slices back to the
+    sites; each fine-tunes a copy of its teacher on its private labels plus that consensus and
+    answers the query again. The student is distilled from the last answer. A site's teacher
+    checkpoint is not changed (the refined copy is kept beside it, STATE_DIR/consensus)."""
+
+    rounds: int = field_(0, lo=0, hi=10, doc="consensus rounds after the first query (0 = off)")
+    epochs: int = field_(5, lo=1, hi=1000, doc="fine-tuning epochs of a teacher per round (the "
+                         "site's validation Dice picks among them)")
+    lr: float = field_(1e-3, lo=1e-7, hi=1.0, doc="peak learning rate of the fine-tuning (cosine)")
+    weight: float = field_(1.0, lo=0.0, doc="KL to the consensus on the proxy slices, beside "
+                           "the teacher's own Dice + CE on its private labels")
+    proxy_batch_size: int = field_(8, lo=1, hi=4096, doc="proxy slices per step")
+
+
 AUTO_CANDIDATES = ("affinity", "adaptive", "mean", "era")   # what aggregation.method auto tries
 
 
@@ -387,6 +404,7 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     reply: ReplyConfig = field(default_factory=ReplyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
@@ -466,6 +484,9 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.capacity.enabled and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
         raise ConfigError("capacity.enabled: needs federation.strategy 'kd' and "
                           "federation.rounds 1 (the family is distilled from one set of targets)")
+    if cfg.consensus.rounds and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
+        raise ConfigError("consensus.rounds: needs federation.strategy 'kd' and federation.rounds "
+                          "1 (the consensus refines the teachers before the one distillation)")
     if cfg.adapt.enabled and cfg.federation.strategy in SIMULATION_ONLY:
         raise ConfigError(f"adapt.enabled: site adaptation follows a federation, not the pooled "
                           f"baseline federation.strategy {cfg.federation.strategy!r}")

@@ -15,9 +15,9 @@ message type           server -> site (content)                     site -> serv
 ``query.proxy``        ``run``: {config}; ``query``: {slice_ids     ``logits`` (ArrayRecord), as ``reply`` in
                        (list[str], "PROXY/CaseXX/z"), features      the run config says: ``logits`` (N, 2, H,
                        (list[str]), precision ("float32" |          W) divided by the site's calibration
-                       "float16" | "int8"), batch_size (int)}       temperature (int8: + ``logits.scale``
-                                                                    (N, 2) float32), or ``foreground``, a
-                                                                    uint8 stream (common.codec) of the gland
+                       "float16" | "int8"), batch_size (int),       temperature (int8: + ``logits.scale``
+                       teacher (str, optional: the refined          (N, 2) float32), or ``foreground``, a
+                       teacher of a train.consensus)}               uint8 stream (common.codec) of the gland
                                                                     probability (N, 1, H/f, W/f); with
                                                                     aggregation affinity ``affinity`` (N,)
                                                                     float32 (common.affinity)
@@ -28,6 +28,13 @@ message type           server -> site (content)                     site -> serv
                                                                     proxy_entropy, n_slices, reply_bytes,
                                                                     temperature, seconds (dp_* under noise);
                                                                     ``info``: site, slice_ids
+``train.consensus``    ``run``: {config}; ``query``: {slice_ids};   ``metrics`` (MetricRecord):
+                       ``consensus`` (ArrayRecord): ``foreground``, val_dice_before, val_dice_after,
+                       a stream (common.codec) of the aggregated    best_epoch, epochs_run, steps, seconds,
+                       gland probability (N, 1, H, W) on those      reused (1 = refined copy reused)
+                       slices; the site fine-tunes a copy of its    ``info``: site
+                       teacher on it and its private labels
+                       (``consensus`` section) and keeps it
 ``evaluate.student``   ``run``: {config}; ``student``              ``metrics`` (MetricRecord): dice_mean,
                        (ArrayRecord): the student's state dict;     dice_std, dice_median, dice_min, dice_max,
                        ``evaluate``: {split: "test" (default) |
@@ -52,7 +59,9 @@ seconds, steps}, and ``evaluate`` with ``metrics`` {dice, hd95, num-examples} on
 split (the per-round figures; the final model is evaluated with ``evaluate.student``).
 
 ``train.adapt`` is sent after the final evaluation when ``adapt.enabled``, with whatever
-student the federation produced (distilled or FedAvg).
+student the federation produced (distilled or FedAvg). ``train.consensus`` is sent after the
+first proxy query when ``consensus.rounds`` > 0; the next ``query.proxy`` names the refined
+teacher by :func:`consensus_id` of the consensus it was sent.
 
 N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
 derived from its private images except metrics; every array in a reply has N as its leading
@@ -77,6 +86,7 @@ TRAIN_TEACHER = "train.teacher"
 QUERY_PROXY = "query.proxy"
 EVALUATE_STUDENT = "evaluate.student"
 ADAPT_STUDENT = "train.adapt"   # the adapted weights stay at the site; metrics come back
+TRAIN_CONSENSUS = "train.consensus"   # refine the teacher on the consensus; metrics come back
 
 RUN = "run"            # ConfigRecord: {"config": YAML text of the RunConfig}
 QUERY = "query"        # ConfigRecord of a proxy query
@@ -90,6 +100,7 @@ FEATURES = "features"  # ArrayRecord in proxy replies
 SCALE_SUFFIX = ".scale"
 AFFINITY = "affinity"  # optional (N,) float32 array in the logits record (common.affinity)
 FOREGROUND = "foreground"  # compact reply: gland probability stream in the logits record
+CONSENSUS = "consensus"    # ArrayRecord of train.consensus: the FOREGROUND stream of the targets
 # Flower's built-in strategies (FedAvg / FedProx baseline) send ``arrays`` + ``config``; the run
 # config travels in their config record under RUN_CONFIG_KEY.
 FLWR_ARRAYS = "arrays"
@@ -264,14 +275,56 @@ def train_request(cfg: RunConfig):
 
 
 def query_request(cfg: RunConfig, slice_ids: list[str], features: list[str],
-                  precision: str = "float16", batch_size: int = 32):
-    """Content of a ``query.proxy`` instruction (slice ids are ``CASE/z`` of the proxy set)."""
+                  precision: str = "float16", batch_size: int = 32, teacher: str = ""):
+    """Content of a ``query.proxy`` instruction (slice ids are ``CASE/z`` of the proxy set;
+    ``teacher``: the :func:`consensus_id` of a refined teacher, "" for the site's own)."""
     from flwr.app import ConfigRecord, RecordDict
 
+    query = {"slice_ids": list(slice_ids), "features": list(features), "precision": precision,
+             "batch_size": batch_size}
+    if teacher:
+        query["teacher"] = teacher
     return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
-                       QUERY: ConfigRecord({"slice_ids": list(slice_ids),
-                                            "features": list(features),
-                                            "precision": precision, "batch_size": batch_size})})
+                       QUERY: ConfigRecord(query)})
+
+
+def encode_consensus(foreground: np.ndarray, reply: ReplyConfig) -> np.ndarray:
+    """The consensus a server sends in ``train.consensus``: the targets' gland probability
+    (N, 1, H, W) in [0, 1] as one stream, quantised to ``reply.bits`` and coded with
+    ``reply.codec`` as a compact reply is (common.codec)."""
+    codes, scales = quantize(foreground, reply.bits, True)
+    return encode_stream(codes, scales, reply.bits, reply.codec, True)
+
+
+def decode_consensus(stream: np.ndarray, n: int, hw: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) float32 gland probability of a :func:`encode_consensus` stream; ProtocolError
+    names what is wrong."""
+    try:
+        return decode_stream(stream, (n, 1, *hw), True, n * hw[0] * hw[1])[:, 0]
+    except CodecError as exc:
+        raise ProtocolError(f"consensus: {exc}") from None
+
+
+def consensus_id(stream: np.ndarray, cfg: RunConfig) -> str:
+    """The name of the teacher a site refines on ``stream`` with ``cfg.consensus``: the same on
+    the server and the site, so that the next query can ask for it."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256(np.ascontiguousarray(stream, np.uint8).tobytes())
+    h.update(json.dumps(asdict(cfg.consensus), sort_keys=True).encode())
+    return "c" + h.hexdigest()[:16]
+
+
+def consensus_request(cfg: RunConfig, slice_ids: list[str], stream: np.ndarray):
+    """Content of a ``train.consensus`` instruction: the proxy slice ids and the consensus
+    stream of :func:`encode_consensus` on them."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({RUN: ConfigRecord({"config": config_to_text(cfg)}),
+                       QUERY: ConfigRecord({"slice_ids": list(slice_ids)}),
+                       CONSENSUS: ArrayRecord({FOREGROUND: Array(stream)})})
 
 
 def evaluate_request(cfg: RunConfig, student_state: dict, split: str = "test",

@@ -11,6 +11,46 @@ def _f(x, digits=4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def query_lines(q: dict) -> list[str]:
+    """The report's lines of one proxy query (``rounds[r]["query"]``)."""
+    lines: list[str] = []
+    truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
+             if "target_dice" in q else "")
+    how = q.get("encoding", q["precision"])
+    lines += [f"Proxy query: {q['n_slices']} slices; replies: {how}.{truth}", ""]
+    if q.get("auto") and not q["auto"]["scores"]:
+        lines += [f"Aggregation `auto`: the proxy set has no masks to choose by; the "
+                  f"student is distilled from the first candidate, "
+                  f"`{q['auto']['chosen']}`.", ""]
+    elif q.get("auto"):
+        lines += ["Aggregation `auto`: targets vs the public proxy masks " + ", ".join(
+            f"{m} {d:.4f}" for m, d in q["auto"]["scores"].items())
+            + f"; the student is distilled from `{q['auto']['chosen']}`.", ""]
+    cov = q.get("coverage")
+    if cov:
+        lines += [f"Proxy coverage: {cov['claimed']:.0%} of the proxy slices are within "
+                  f"distance {cov['threshold']:g} of some site's own data (median nearest "
+                  f"distance {cov['median']:.2f}; 1 = as close as the site's own unseen "
+                  f"slices)." + (f" **{cov['warning']}**" if cov.get("warning") else ""),
+                  ""]
+    dp = {s: f for s, f in q["sites"].items() if "epsilon" in f}
+    if dp:
+        lines += ["Differential privacy (Gaussian mechanism on every reply, "
+                  "common.privacy): " + ", ".join(
+                      f"{s} epsilon {f['epsilon']:.3g}" for s, f in sorted(dp.items()))
+                  + f" at delta {next(iter(dp.values()))['delta']:g}.", ""]
+    if q["sites"]:
+        lines += ["| site | weight share | agreement | calibration T | median affinity "
+                  "distance | proxy entropy | reply MB |",
+                  "|---|---|---|---|---|---|---|"]
+    for site, fig in sorted(q["sites"].items()):
+        lines.append(f"| {site} | {_f(q['site_weights'].get(site), 3)} | "
+                     f"{_f(q['agreement'].get(site), 3)} | {_f(fig.get('temperature'), 2)} | "
+                     f"{_f(fig.get('affinity_median'), 2)} | {_f(fig['proxy_entropy'])} | "
+                     f"{fig['reply_bytes'] / 1e6:.2f} |")
+    return lines
+
+
 def report_markdown(report: dict) -> str:
     st = report["state"]
     lines = [f"# Federated distillation run `{report['name']}`", "",
@@ -35,40 +75,19 @@ def report_markdown(report: dict) -> str:
                       f"epochs on {pre['cases']} volumes, {pre['seconds']:.0f} s.", ""]
         q = r.get("query")
         if q:
-            truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
-                     if "target_dice" in q else "")
-            how = q.get("encoding", q["precision"])
-            lines += [f"Proxy query: {q['n_slices']} slices; replies: {how}.{truth}", ""]
-            if q.get("auto") and not q["auto"]["scores"]:
-                lines += [f"Aggregation `auto`: the proxy set has no masks to choose by; the "
-                          f"student is distilled from the first candidate, "
-                          f"`{q['auto']['chosen']}`.", ""]
-            elif q.get("auto"):
-                lines += ["Aggregation `auto`: targets vs the public proxy masks " + ", ".join(
-                    f"{m} {d:.4f}" for m, d in q["auto"]["scores"].items())
-                    + f"; the student is distilled from `{q['auto']['chosen']}`.", ""]
-            cov = q.get("coverage")
-            if cov:
-                lines += [f"Proxy coverage: {cov['claimed']:.0%} of the proxy slices are within "
-                          f"distance {cov['threshold']:g} of some site's own data (median nearest "
-                          f"distance {cov['median']:.2f}; 1 = as close as the site's own unseen "
-                          f"slices)." + (f" **{cov['warning']}**" if cov.get("warning") else ""),
-                          ""]
-            dp = {s: f for s, f in q["sites"].items() if "epsilon" in f}
-            if dp:
-                lines += ["Differential privacy (Gaussian mechanism on every reply, "
-                          "common.privacy): " + ", ".join(
-                              f"{s} epsilon {f['epsilon']:.3g}" for s, f in sorted(dp.items()))
-                          + f" at delta {next(iter(dp.values()))['delta']:g}.", ""]
-            if q["sites"]:
-                lines += ["| site | weight share | agreement | calibration T | median affinity "
-                          "distance | proxy entropy | reply MB |",
-                          "|---|---|---|---|---|---|---|"]
-            for site, fig in sorted(q["sites"].items()):
-                lines.append(f"| {site} | {_f(q['site_weights'].get(site), 3)} | "
-                             f"{_f(q['agreement'].get(site), 3)} | {_f(fig.get('temperature'), 2)} | "
-                             f"{_f(fig.get('affinity_median'), 2)} | {_f(fig['proxy_entropy'])} | "
-                             f"{fig['reply_bytes'] / 1e6:.2f} |")
+            lines += query_lines(q)
+        for c, rec in sorted(r.get("consensus", {}).items(), key=lambda kv: int(kv[0])):
+            k = report["config"].get("consensus", {})
+            lines += ["", f"Consensus round {c}: the targets ({rec['bytes'] / 1e6:.2f} MB) went "
+                      f"to every site, which refined a copy of its teacher on its private "
+                      f"labels and them ({k.get('epochs')} epochs, lr {k.get('lr')}, weight "
+                      f"{k.get('weight')}; its validation Dice picks the epoch) and answered "
+                      f"again.", "", "| site | teacher val Dice before | after | epoch chosen |",
+                      "|---|---|---|---|"]
+            lines += [f"| {site} | {_f(m['val_dice_before'])} | {_f(m['val_dice_after'])} | "
+                      f"{int(m['best_epoch'])} |" for site, m in sorted(rec["sites"].items())]
+            if rec.get("query"):
+                lines += [""] + query_lines(rec["query"])
         w = r.get("weights")
         if w:
             lines += [f"{w['strategy']} of the student over {w['sites']} sites: "

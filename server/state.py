@@ -87,6 +87,8 @@ def config_digest(cfg: RunConfig) -> str:
     # the settings of a step that does not run define nothing
     if not cfg.adapt.enabled:
         plain.pop("adapt")
+    if not cfg.consensus.rounds:
+        plain.pop("consensus")
     agg = cfg.aggregation
     if cfg.federation.strategy not in AGGREGATING:
         plain.pop("aggregation")

@@ -2,7 +2,9 @@
 
 wait for >= ``federation.min_sites`` nodes -> ``train.teacher`` at every site -> for each round:
 ``query.proxy`` (round 1, and later rounds if ``federation.requery_teachers``) folded into the
-streaming aggregator as replies arrive -> distil the student on the proxy images ->
+streaming aggregator as replies arrive -> with ``consensus.rounds``, that many times:
+``train.consensus`` (the targets back to the sites, which refine a copy of their teacher on them)
+and ``query.proxy`` of the refined teachers -> distil the student on the proxy images ->
 ``evaluate.student`` at every site -> with ``adapt.enabled``, ``train.adapt``: every site
 fine-tunes the final student on its private data and keeps it (metrics return) -> report and
 export (of the federation's student; the adapted ones never leave their sites).
@@ -46,13 +48,17 @@ from common.privacy import epsilon
 from common.protocol import (
     ADAPT_STUDENT,
     EVALUATE_STUDENT,
+    TRAIN_CONSENSUS,
     QUERY_PROXY,
     RUN_CONFIG_KEY,
     TRAIN_TEACHER,
     ProtocolError,
     adapt_request,
     config_to_text,
+    consensus_id,
+    consensus_request,
     decode_affinity,
+    encode_consensus,
     evaluate_request,
     parse_slice_ids,
     query_request,
@@ -256,14 +262,20 @@ class Coordinator:
         self.log(f"[server] single-teacher distillation from {wanted}")
         return chosen
 
-    def query_and_aggregate(self, rnd: int) -> Targets:
+    def query_and_aggregate(self, rnd: int, consensus: int = 0) -> Targets:
+        """Step ``query_r{rnd}`` (``consensus`` c > 0: ``query_c{c}``, the answer of the
+        teachers refined in consensus round c): query every teacher, fold the replies, keep the
+        targets (``RUN_DIR/targets_{tag}.npz``) and the figures."""
         t0 = time.perf_counter()
+        tag = f"c{consensus}" if consensus else f"r{rnd}"
+        record = self.state.rounds.setdefault(str(rnd), {})
+        teacher = record["consensus"][str(consensus)]["id"] if consensus else ""
         ids, images, labels = self.proxy()
         features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
         precision = self.cfg.federation.precision
         auto = self.cfg.aggregation.method == "auto"
-        agg = make_aggregator(self.cfg.aggregation, self.run_dir / f"spill_r{rnd}")
-        content = query_request(self.cfg, ids, features, precision)
+        agg = make_aggregator(self.cfg.aggregation, self.run_dir / f"spill_{tag}")
+        content = query_request(self.cfg, ids, features, precision, teacher=teacher)
         figures: dict[str, dict] = {}
 
         def on_reply(site: str, reply: Message) -> None:
@@ -272,7 +284,7 @@ class Coordinator:
                                                 images.shape[-2:], features)
                 affinity = decode_affinity(reply.content, len(ids))
             except (ProtocolError, ValueError, TypeError) as exc:
-                self._exclude(f"query_r{rnd}", site, f"malformed reply: {exc}")
+                self._exclude(f"query_{tag}", site, f"malformed reply: {exc}")
                 return
             stats = dict(reply.content["stats"])
             agg.add(site, probs, stats["val_dice"], feats, affinity)
@@ -281,18 +293,18 @@ class Coordinator:
                              "temperature": stats.get("temperature", 1.0)}
             if affinity is not None:
                 figures[site]["affinity_median"] = float(np.median(affinity))
-            if "dp_epsilon" in stats:  # rounds of re-queries compose
+            if "dp_epsilon" in stats:  # rounds of re-queries (and consensus answers) compose
                 figures[site]["epsilon"] = epsilon(stats["dp_noise_multiplier"], len(ids),
-                                                   stats["dp_delta"], releases=rnd,
+                                                   stats["dp_delta"], releases=rnd + consensus,
                                                    parts=int(stats.get("dp_parts", 1)))
                 figures[site]["delta"] = stats["dp_delta"]
             self.log(f"[server] proxy reply from {site}: {stats['reply_bytes'] / 1e6:.2f} MB, "
                      f"entropy {stats['proxy_entropy']:.4f}")
 
-        self._broadcast(f"query_r{rnd}", self.teachers_to_query(), content, QUERY_PROXY,
+        self._broadcast(f"query_{tag}", self.teachers_to_query(), content, QUERY_PROXY,
                         self.timeout * 10 + 600, on_reply)
         if not agg.sites:
-            raise FederationError(f"round {rnd}: no usable teacher reply")
+            raise FederationError(f"query_{tag}: no usable teacher reply")
         if auto and labels is None:   # nothing to choose by: the first candidate
             targets = agg.finalize()
             self.log(f"[server] aggregation auto: the proxy set has no masks to choose by; "
@@ -303,7 +315,7 @@ class Coordinator:
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
         else:
             targets = agg.finalize()
-        np.savez(self.run_dir / f"targets_r{rnd}.npz", probs=targets.probs,
+        np.savez(self.run_dir / f"targets_{tag}.npz", probs=targets.probs,
                  **({} if targets.claim is None else {"claim": targets.claim}),
                  **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
@@ -323,12 +335,44 @@ class Coordinator:
                                     else self.target_dice(ids, targets.probs, labels))
             self.log(f"[server] aggregated targets vs proxy ground truth: Dice "
                      f"{query['target_dice']:.4f}")
-        self.state.rounds.setdefault(str(rnd), {})["query"] = query
-        self._done(f"query_r{rnd}", time.perf_counter() - t0)
+        if consensus:
+            record["consensus"][str(consensus)]["query"] = query
+        else:
+            record["query"] = query
+        self._done(f"query_{tag}", time.perf_counter() - t0)
         return targets
 
-    def load_targets(self, rnd: int) -> Targets:
-        data = np.load(self.run_dir / f"targets_r{rnd}.npz")
+    def consensus(self, c: int, targets: Targets) -> None:
+        """Step ``consensus_c{c}``: ``train.consensus`` with ``targets``' gland probability on
+        the proxy slices; every queried site refines a copy of its teacher on it (metrics
+        return; ``rounds["1"]["consensus"][c]``)."""
+        t0 = time.perf_counter()
+        ids = self.proxy()[0]
+        stream = encode_consensus(targets.probs[:, 1:2], self.cfg.reply)
+        results: dict[str, dict] = {}
+
+        def on_reply(label: str, reply: Message) -> None:
+            site = reply_site(label, reply)
+            m = results[site] = dict(reply.content["metrics"])
+            self.log(f"[server] consensus_c{c} at {site}: teacher val Dice "
+                     f"{m['val_dice_before']:.4f} -> {m['val_dice_after']:.4f} "
+                     f"(epoch {int(m['best_epoch'])})")
+
+        self.log(f"[server] consensus round {c}: the targets ({stream.nbytes / 1e6:.2f} MB) to "
+                 f"every site; each refines a copy of its teacher for {self.cfg.consensus.epochs} "
+                 f"epoch(s)")
+        self._broadcast(f"consensus_c{c}", self.teachers_to_query(),
+                        consensus_request(self.cfg, ids, stream), TRAIN_CONSENSUS,
+                        self.timeout * 10 + 3600, on_reply)
+        if not results:
+            raise FederationError(f"consensus round {c}: no site refined its teacher")
+        self.state.rounds.setdefault("1", {}).setdefault("consensus", {})[str(c)] = {
+            "id": consensus_id(stream, self.cfg), "bytes": int(stream.nbytes), "sites": results}
+        self._done(f"consensus_c{c}", time.perf_counter() - t0)
+
+    def load_targets(self, tag: str) -> Targets:
+        """The targets a query step kept (``tag``: r{round} or c{consensus round})."""
+        data = np.load(self.run_dir / f"targets_{tag}.npz")
         feats = {k[5:]: data[k] for k in data.files if k.startswith("feat:")}
         return Targets(data["probs"], feats, claim=data["claim"] if "claim" in data.files else None)
 
@@ -502,14 +546,22 @@ class Coordinator:
         first = self.final_round if strategy == "feddf" else 1
         for rnd in range(first, self.final_round + 1):
             q = rnd if self.cfg.federation.requery_teachers else first
+            tag = f"r{q}"   # the query whose targets are in ``targets`` (None: on disk)
             if self._pending(f"query_r{q}"):
                 targets = self.query_and_aggregate(q)
+            for c in range(1, self.cfg.consensus.rounds + 1):   # kd, one round (config check)
+                if self._pending(f"consensus_c{c}"):
+                    self.consensus(c, targets or self.load_targets(tag))
+                targets = None
+                if self._pending(f"query_c{c}"):
+                    targets = self.query_and_aggregate(q, consensus=c)
+                tag = f"c{c}"
             if self.cfg.capacity.enabled:  # one round (checked by the config)
                 if self._pending("capacity"):
-                    capacity.search(self, targets or self.load_targets(q))
+                    capacity.search(self, targets or self.load_targets(tag))
                 continue
             if self._pending(f"distill_r{rnd}"):
-                self.distill(rnd, targets or self.load_targets(q))
+                self.distill(rnd, targets or self.load_targets(tag))
             if self._pending(f"evaluate_r{rnd}"):
                 self.evaluate(rnd)
         if (self.cfg.adapt.enabled and not self.cfg.capacity.enabled

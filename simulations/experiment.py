@@ -126,6 +126,18 @@ def _plus(steps: Optional[int], pretrain: Optional[int]) -> Optional[int]:
     return steps if steps is None or not pretrain else steps + int(pretrain)
 
 
+def run_queries(state: dict) -> list[dict]:
+    """Every proxy query of a run state in order: each round's, then its consensus rounds'
+    (the last one's targets are the distilled ones)."""
+    out = []
+    for _, r in sorted(state["rounds"].items(), key=lambda kv: int(kv[0])):
+        if "query" in r:
+            out.append(r["query"])
+        out += [c["query"] for _, c in sorted(r.get("consensus", {}).items(),
+                                               key=lambda kv: int(kv[0])) if "query" in c]
+    return out
+
+
 def run_figures(report: dict) -> dict:
     """The figures of one run report that the comparison needs."""
     st = report["state"]
@@ -141,12 +153,13 @@ def run_figures(report: dict) -> dict:
         ev = {"dice_mean": adapt["dice_mean"], "val_dice_mean": adapt["val_dice_mean"],
               "sites": sites, "global_dice_mean": ev.get("dice_mean")}
     unseen = last.get("unseen", {})
-    replies = [f["reply_bytes"] for r in st["rounds"].values() if "query" in r
-               for f in r["query"]["sites"].values()]
+    queries = run_queries(st)
+    replies = [f["reply_bytes"] for q in queries for f in q["sites"].values()]
     w = next((r["weights"] for r in st["rounds"].values() if "weights" in r), None)
-    n_sites = max(len(r["query"]["sites"]) for r in st["rounds"].values() if "query" in r) \
-        if replies else 0
-    student_bytes = 4 * report.get("student_parameters", 0)   # float32 weights to a site
+    n_sites = max(len(q["sites"]) for q in queries) if replies else 0
+    # float32 weights to a site, and the consensus targets of every consensus round
+    student_bytes = 4 * report.get("student_parameters", 0) + sum(
+        c["bytes"] for r in st["rounds"].values() for c in r.get("consensus", {}).values())
     if w:  # FedAvg / FedProx (and feddf's first stage): every site uploads every round
         per_site = w["bytes_per_site_round"]
         total = w["bytes_per_site_round"] * w["sites"] * len(w["history"]) + int(sum(replies))
@@ -169,13 +182,11 @@ def run_figures(report: dict) -> dict:
             "hd95_mean": float(np.mean([m["hd95_mean"] for m in sites.values()])) if sites else None,
             "unseen_dice": {s: m["dice_mean"] for s, m in unseen.items()},
             "unseen_hd95": {s: m["hd95_mean"] for s, m in unseen.items()},
-            "target_dice": next((r["query"].get("target_dice") for r in st["rounds"].values()
-                                 if "query" in r), None),
+            "target_dice": queries[-1].get("target_dice") if queries else None,
             "bytes_per_site_round": per_site, "bytes_to_server": total,
             "site_bytes_moved": moved,
-            "epsilon": max((f["epsilon"] for r in st["rounds"].values() if "query" in r
-                            for f in r["query"]["sites"].values() if "epsilon" in f),
-                           default=None),
+            "epsilon": max((f["epsilon"] for q in queries
+                            for f in q["sites"].values() if "epsilon" in f), default=None),
             "local_matrix": last.get("local", {}).get("matrix"),
             "n_test_cases": int(sum(m["n_cases"] for m in sites.values())),
             "site_cases": {s: int(m["n_cases"]) for s, m in sites.items()},
