@@ -4,8 +4,9 @@ latency budget (``capacity`` in the run config).
 The server aggregates the teachers' proxy outputs once; then, smallest first, it distils each
 candidate student from those same targets, has every site evaluate it on its private
 validation split (metrics only; the test split is reported, never used to choose), and times
-it on its own CPU (``runtime.threads`` threads; ``fedkd bench compress`` checks a budget on the
-deploying machine). It stops at the first candidate that meets both the Dice target and the
+it on its own CPU (``runtime.threads`` threads; the fastest of 10 repeats, which other work on
+a shared machine disturbs least; ``fedkd bench compress`` checks a budget on the deploying
+machine). It stops at the first candidate that meets both the Dice target and the
 latency budget, unless ``capacity.map_all``. If none does, the best candidate (highest
 validation Dice among those within the latency budget, else the fastest) is exported, marked
 as missing the target.
@@ -133,7 +134,8 @@ def capacity_markdown(result: dict) -> list[str]:
     lines = [f"Adaptive capacity: Dice target {result['dice_target']:.4f} on the sites' "
              f"validation splits, latency budget "
              f"{result['max_slice_ms'] or '-'} ms per slice / {result['max_volume_ms'] or '-'} ms "
-             f"per {result['volume_slices']}-slice volume ({result['threads']} threads). "
+             f"per {result['volume_slices']}-slice volume ({result['threads']} threads; the "
+             f"fastest of 10 timed passes). "
              f"Chosen: `{result['chosen']}`, which {verdict}.", "",
              "| candidate | parameters | MMACs/slice | ms/slice | ms/volume | val Dice | "
              "test Dice | " + " | ".join(result["sites"]) + " | meets |",
@@ -191,7 +193,7 @@ def search(coord, targets: Targets) -> None:
                 val = coord.site_metrics(ccfg, weights, "val", f"capacity/{name}/val")
                 test = coord.site_metrics(ccfg, weights, "test", f"capacity/{name}/test")
                 prof = profile_network(student, tuple(coord.cfg.data.size), c.volume_slices,
-                                       coord.cfg.runtime.threads)
+                                       coord.cfg.runtime.threads, statistic="min")
                 ok = within_budget(coord.cfg, prof)
                 row.update(spec=asdict(spec), weights=path.name, val_dice=val["dice_mean"],
                            test_dice=test["dice_mean"], test=test,

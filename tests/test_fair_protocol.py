@@ -131,3 +131,16 @@ def test_learning_rate_search_selects_on_validation_only(tmp_path):
     chosen = select_by_validation(rows)
     assert [(r["fold"], r["lr"]) for r in chosen if r["method"] == "kd"] == [(0, 0.001), (1, 0.01)]
     assert rows[-1] in chosen
+
+
+def test_consensus_refinement_selects_on_validation_and_test_is_read_once(fed, tmp_path,
+                                                                        monkeypatch):
+    """A consensus round refines each teacher choosing its epoch on the site's validation
+    cases; the test split is still read once, at the end."""
+    cfg, grid, calls, test_ids = watched_run(fed, tmp_path, monkeypatch,
+                                             ["consensus.rounds=1", "consensus.epochs=2"])
+    check_test_read_once_at_the_end(grid, calls, test_ids)
+    early = [c for c in calls if c[0] == "training"]
+    # each teacher's epochs (reused from the previous test's state: none) and its refinement's
+    assert len(early) in (2 * cfg.consensus.epochs, 2 * (cfg.train.epochs + cfg.consensus.epochs))
+    assert all(set(ids).isdisjoint(test_ids[site]) for _, site, ids in early)

@@ -80,3 +80,11 @@ def test_mac_count_of_known_layers_and_profile_fields():
                         threads=1, repeats=3)
     assert p["parameters"] == 51777 and p["threads"] == 1 and p["depth"] == 8
     assert p["macs_per_slice"] > 0 and 0 < p["slice_ms"] < p["volume_ms"]
+    assert p["statistic"] == "median"
+    # the capacity search times a candidate by its fastest pass; an unknown statistic is refused
+    fast = profile_network(build_student(cfg.model.student, cfg.model.teacher), (64, 64),
+                           depth=8, threads=1, repeats=5, statistic="min")
+    assert fast["statistic"] == "min" and 0 < fast["slice_ms"] < fast["volume_ms"]
+    with pytest.raises(ValueError, match="statistic"):
+        profile_network(build_student(cfg.model.student, cfg.model.teacher), (64, 64),
+                        depth=8, repeats=1, statistic="mean")
