@@ -434,6 +434,8 @@ def refine_teacher(cfg: RunConfig, node: Node, slice_ids: list[str], stream: np.
     from common.protocol import consensus_id, decode_consensus
 
     t0 = time.perf_counter()
+    if not slice_ids:
+        raise ProtocolError("query.slice_ids: empty")
     c = cfg.consensus
     proxy = load_proxy_cases(cfg, node)
     wanted = parse_slice_ids(slice_ids, proxy)

@@ -48,9 +48,9 @@ from common.privacy import epsilon
 from common.protocol import (
     ADAPT_STUDENT,
     EVALUATE_STUDENT,
-    TRAIN_CONSENSUS,
     QUERY_PROXY,
     RUN_CONFIG_KEY,
+    TRAIN_CONSENSUS,
     TRAIN_TEACHER,
     ProtocolError,
     adapt_request,

@@ -483,6 +483,8 @@ def test_consensus_refines_a_copy_of_the_teacher_toward_the_consensus(fed, train
     short = consensus_request(cfg, ids[:-1], stream)
     reply = send(short, TRAIN_CONSENSUS, node)
     assert reply.has_error() and "consensus: stream of shape" in reply.error.reason
+    assert "query.slice_ids: empty" in send(consensus_request(cfg, [], stream), TRAIN_CONSENSUS,
+                                            node).error.reason
     del short[CONSENSUS]
     assert "missing record 'consensus'" in send(short, TRAIN_CONSENSUS, node).error.reason
     assert not send(query_request(cfg, ids[:2], [], "float32"), QUERY_PROXY, node).has_error()
