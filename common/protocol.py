@@ -312,8 +312,10 @@ def consensus_id(stream: np.ndarray, cfg: RunConfig) -> str:
     import json
     from dataclasses import asdict
 
+    settings = asdict(cfg.consensus)
+    settings.pop("rounds")   # how a copy is refined, not how many rounds the run has
     h = hashlib.sha256(np.ascontiguousarray(stream, np.uint8).tobytes())
-    h.update(json.dumps(asdict(cfg.consensus), sort_keys=True).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return "c" + h.hexdigest()[:16]
 
 

@@ -4,7 +4,7 @@ latency budget (``capacity`` in the run config).
 The server aggregates the teachers' proxy outputs once; then, smallest first, it distils each
 candidate student from those same targets, has every site evaluate it on its private
 validation split (metrics only; the test split is reported, never used to choose), and times
-it on its own CPU (``runtime.threads`` threads; the fastest of 10 repeats, which other work on
+it on its own CPU (``runtime.threads`` threads; the fastest of 10 passes, which other work on
 a shared machine disturbs least; ``fedkd bench compress`` checks a budget on the deploying
 machine). It stops at the first candidate that meets both the Dice target and the
 latency budget, unless ``capacity.map_all``. If none does, the best candidate (highest

@@ -471,8 +471,9 @@ def test_consensus_refines_a_copy_of_the_teacher_toward_the_consensus(fed, train
     assert proxy_dice(consensus_id(shuffled, cfg)) < copy - 0.05
     again = send(consensus_request(cfg, ids, stream), TRAIN_CONSENSUS, node)
     assert again.content["metrics"]["reused"] == 1
-    # another consensus setting is another copy
+    # another refinement setting is another copy; the number of rounds is not a setting of it
     assert consensus_id(stream, with_overrides(cfg, ["consensus.epochs=2"])) != refined
+    assert consensus_id(stream, with_overrides(cfg, ["consensus.rounds=2"])) == refined
     # refused with the cause
     unknown = send(query_request(cfg, ids, [], "float32", teacher="c0123"), QUERY_PROXY, node)
     assert unknown.has_error() and "send train.consensus first" in unknown.error.reason
