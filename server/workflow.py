@@ -342,10 +342,10 @@ class Coordinator:
         self._done(f"query_{tag}", time.perf_counter() - t0)
         return targets
 
-    def consensus(self, c: int, targets: Targets) -> None:
-        """Step ``consensus_c{c}``: ``train.consensus`` with ``targets``' gland probability on
-        the proxy slices; every queried site refines a copy of its teacher on it (metrics
-        return; ``rounds["1"]["consensus"][c]``)."""
+    def consensus(self, rnd: int, c: int, targets: Targets) -> None:
+        """Step ``consensus_c{c}`` of round ``rnd``: ``train.consensus`` with ``targets``' gland
+        probability on the proxy slices; every queried site refines a copy of its teacher on it
+        (metrics return; ``rounds[rnd]["consensus"][c]``)."""
         t0 = time.perf_counter()
         ids = self.proxy()[0]
         stream = encode_consensus(targets.probs[:, 1:2], self.cfg.reply)
@@ -366,7 +366,7 @@ class Coordinator:
                         self.timeout * 10 + 3600, on_reply)
         if not results:
             raise FederationError(f"consensus round {c}: no site refined its teacher")
-        self.state.rounds.setdefault("1", {}).setdefault("consensus", {})[str(c)] = {
+        self.state.rounds.setdefault(str(rnd), {}).setdefault("consensus", {})[str(c)] = {
             "id": consensus_id(stream, self.cfg), "bytes": int(stream.nbytes), "sites": results}
         self._done(f"consensus_c{c}", time.perf_counter() - t0)
 
@@ -551,7 +551,7 @@ class Coordinator:
                 targets = self.query_and_aggregate(q)
             for c in range(1, self.cfg.consensus.rounds + 1):   # kd, one round (config check)
                 if self._pending(f"consensus_c{c}"):
-                    self.consensus(c, targets or self.load_targets(tag))
+                    self.consensus(q, c, targets or self.load_targets(tag))
                 targets = None
                 if self._pending(f"query_c{c}"):
                     targets = self.query_and_aggregate(q, consensus=c)

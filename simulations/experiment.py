@@ -157,18 +157,18 @@ def run_figures(report: dict) -> dict:
     replies = [f["reply_bytes"] for q in queries for f in q["sites"].values()]
     w = next((r["weights"] for r in st["rounds"].values() if "weights" in r), None)
     n_sites = max(len(q["sites"]) for q in queries) if replies else 0
-    # float32 weights to a site, and the consensus targets of every consensus round
-    student_bytes = 4 * report.get("student_parameters", 0) + sum(
+    # what a site receives: the float32 student, and the targets of every consensus round
+    received = 4 * report.get("student_parameters", 0) + sum(
         c["bytes"] for r in st["rounds"].values() for c in r.get("consensus", {}).values())
     if w:  # FedAvg / FedProx (and feddf's first stage): every site uploads every round
         per_site = w["bytes_per_site_round"]
         total = w["bytes_per_site_round"] * w["sites"] * len(w["history"]) + int(sum(replies))
         # up and down every round (+ feddf's replies and its distilled student, once)
         moved = 2 * per_site * len(w["history"]) + (
-            sum(replies) / n_sites + student_bytes if replies else 0)
+            sum(replies) / n_sites + received if replies else 0)
     elif replies:  # KD: each site's replies, and the distilled student it receives once
         per_site, total = float(np.mean(replies)), int(sum(replies))
-        moved = sum(replies) / n_sites + student_bytes
+        moved = sum(replies) / n_sites + received
     else:  # pooled-data baselines communicate nothing (they need the data itself)
         per_site, total, moved = None, None, None
     return {"strategy": strategy,
