@@ -118,12 +118,13 @@ def test_resume_after_a_crash_skips_completed_steps(fed, tmp_path):
         if "[distill r1] epoch 3/" in line:
             raise Crash()
 
-    cfg, grid = make(fed, tmp_path)
+    short = ["distill.epochs=5"]
+    cfg, grid = make(fed, tmp_path, short)
     with pytest.raises(Crash):
         run_federation(grid, cfg, crash_in_distill)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["completed"] == ["train", "query_r1"]
-    cfg, grid = make(fed, tmp_path)  # a restarted server with the same run directory
+    cfg, grid = make(fed, tmp_path, short)  # a restarted server with the same run directory
     logs = []
     report = run_federation(grid, cfg, logs.append)
     assert "[server] skipping step train (done)" in logs
@@ -144,7 +145,9 @@ def test_malformed_reply_is_excluded_and_does_not_change_the_student(fed, tmp_pa
             reply.content["logits"] = ArrayRecord({"logits": Array(logits.astype(np.float16))})
         return reply
 
-    logits = ["reply.output=logits", "reply.features=full", "distill.feature_loss=mse"]
+    # two distillation epochs: the students must be equal bit for bit, at any length
+    logits = ["reply.output=logits", "reply.features=full", "distill.feature_loss=mse",
+              "distill.epochs=2"]
     cfg, grid = make(fed, tmp_path / "bad", logits, tamper=nan_logits)
     bad = run_federation(grid, cfg, lambda s: None)
     assert any("query_r1/SiteC" == k and "NaN" in v for k, v in bad["state"]["excluded"].items())
@@ -157,7 +160,7 @@ def test_malformed_reply_is_excluded_and_does_not_change_the_student(fed, tmp_pa
 
 
 def test_single_teacher_mode_queries_only_the_best_site(fed, tmp_path, adaptive_run):
-    cfg, grid = make(fed, tmp_path, ["aggregation.method=single"])
+    cfg, grid = make(fed, tmp_path, ["aggregation.method=single", "distill.epochs=1"])
     report = run_federation(grid, cfg, lambda s: None)
     teachers = report["state"]["teachers"]
     best = max(teachers, key=lambda s: teachers[s]["val_dice"])
