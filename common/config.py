@@ -275,6 +275,10 @@ class FederationConfig:
         "central-student, central-kd: baselines on pooled data, simulation only")
     local_epochs: int = field_(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
     proximal_mu: float = field_(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
+    select_round: bool = field_(False, doc="fedavg / fedprox / feddf's FedAvg stage: keep the "
+                                "round whose global model scored the best sites' validation Dice "
+                                "in the per-round evaluation (ties: the later round) instead of "
+                                "the last; the counterpart of distill.select_every")
 
 
 @dataclass
@@ -487,6 +491,12 @@ def _check_consistency(cfg: RunConfig) -> None:
     if cfg.consensus.rounds and (cfg.federation.strategy != "kd" or cfg.federation.rounds != 1):
         raise ConfigError("consensus.rounds: needs federation.strategy 'kd' and federation.rounds "
                           "1 (the consensus refines the teachers before the one distillation)")
+    if cfg.federation.select_round and cfg.federation.strategy not in ("fedavg", "fedprox",
+                                                                        "feddf"):
+        raise ConfigError(f"federation.select_round: applies to the FedAvg rounds of fedavg, "
+                          f"fedprox and feddf, not federation.strategy "
+                          f"{cfg.federation.strategy!r} (a distillation selects with "
+                          f"distill.select_every)")
     if cfg.adapt.enabled and cfg.federation.strategy in SIMULATION_ONLY:
         raise ConfigError(f"adapt.enabled: site adaptation follows a federation, not the pooled "
                           f"baseline federation.strategy {cfg.federation.strategy!r}")

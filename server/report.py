@@ -96,6 +96,9 @@ def report_markdown(report: dict) -> str:
                       "|---|---|---|"]
             lines += [f"| {h['round']} | {_f(h.get('dice'))} | {_f(h.get('hd95'), 1)} |"
                       for h in w["history"]]
+            if w.get("selection"):
+                lines += ["", f"Round {w['selection']['round']} kept: the best sites' "
+                          f"validation Dice (`federation.select_round`)."]
         cap = r.get("capacity")
         if cap and "chosen" in cap:
             from server.capacity import capacity_markdown

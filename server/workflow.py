@@ -495,23 +495,40 @@ class Coordinator:
         conf = ConfigRecord({RUN_CONFIG_KEY: config_to_text(self.cfg)})
         self.log(f"[server] {type(strategy).__name__} of the student: {fed.rounds} round(s) of "
                  f"{fed.local_epochs} local epoch(s) on {len(nodes)} site(s)")
+        models: dict[int, dict] = {}   # select_round: each round's global model, on the server
+
+        def keep(rnd: int, arrays: ArrayRecord) -> None:
+            if fed.select_round and rnd > 0:
+                models[rnd] = arrays.to_torch_state_dict()
+
         result = strategy.start(self.grid, ArrayRecord(student.net.state_dict()), fed.rounds,
                                 self.timeout * 10 + 3600, train_config=conf,
-                                evaluate_config=conf)
+                                evaluate_config=conf, evaluate_fn=keep)
         if not result.arrays:
             raise FederationError(f"{type(strategy).__name__}: no round produced a model (no "
                                   f"site replied; see the log)")
         state = result.arrays.to_torch_state_dict()
-        torch.save(state, self.run_dir / f"student_r{fed.rounds}.pt")
         upload = int(sum(v.numel() * v.element_size() for v in state.values()))
         # per-round validation figures of the sites, and the mean optimizer steps a site took
         steps = {int(r): float(m.get("steps", 0)) for r, m in result.train_metrics_clientapp.items()}
         history = [{"round": int(r), "split": "val", "steps": steps.get(int(r), 0.0),
                     **{k: float(v) for k, v in m.items()}}
                    for r, m in sorted(result.evaluate_metrics_clientapp.items())]
-        self.state.rounds.setdefault(str(fed.rounds), {})["weights"] = {
-            "strategy": type(strategy).__name__, "history": history,
-            "bytes_per_site_round": upload, "sites": len(nodes)}
+        record = {"strategy": type(strategy).__name__, "history": history,
+                  "bytes_per_site_round": upload, "sites": len(nodes)}
+        val = {h["round"]: h["dice"] for h in history if h["round"] in models and "dice" in h}
+        if val:
+            best = max(val, key=lambda r: (val[r], r))
+            state = models[best]
+            record["selection"] = {"round": best, "val_dice": {str(r): v for r, v in val.items()}}
+            self.log(f"[server] {type(strategy).__name__}: round {best} of {fed.rounds} chosen on "
+                     f"the sites' validation Dice ({val[best]:.4f}; the last round "
+                     f"{val.get(fed.rounds, float('nan')):.4f})")
+        elif fed.select_round:
+            self.log("[server] federation.select_round: no round was evaluated by the sites; "
+                     "the last round's model is kept")
+        torch.save(state, self.run_dir / f"student_r{fed.rounds}.pt")
+        self.state.rounds.setdefault(str(fed.rounds), {})["weights"] = record
         self._done("weights", time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- the run

@@ -157,8 +157,11 @@ def run_figures(report: dict) -> dict:
     replies = [f["reply_bytes"] for q in queries for f in q["sites"].values()]
     w = next((r["weights"] for r in st["rounds"].values() if "weights" in r), None)
     n_sites = max(len(q["sites"]) for q in queries) if replies else 0
-    # what a site receives: the float32 student, and the targets of every consensus round
-    received = 4 * report.get("student_parameters", 0) + sum(
+    # what a site receives: the float32 student (once, and once more per candidate that a
+    # distillation's selection sends for validation), and the targets of every consensus round
+    candidates = sum(len(r.get("distill", {}).get("selection", {}).get("val_dice", {}))
+                     for r in st["rounds"].values())
+    received = 4 * report.get("student_parameters", 0) * (1 + candidates) + sum(
         c["bytes"] for r in st["rounds"].values() for c in r.get("consensus", {}).values())
     if w:  # FedAvg / FedProx (and feddf's first stage): every site uploads every round
         per_site = w["bytes_per_site_round"]

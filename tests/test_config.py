@@ -77,6 +77,10 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     with pytest.raises(ConfigError, match=r"use_agreement: .*not 'auto'"):
         load_config(None, ["aggregation.use_agreement=true", "aggregation.auto_candidates=[mean]"])
     assert load_config(None, ["aggregation.use_agreement=true"]).aggregation.uses("adaptive")
+    with pytest.raises(ConfigError, match=r"select_round: applies to the FedAvg rounds .*not "
+                                          r"federation.strategy 'kd'"):
+        load_config(None, ["federation.select_round=true"])
+    assert load_config(None, ["federation.select_round=true", "federation.strategy=feddf"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_override("train.epochs")
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):

@@ -31,14 +31,15 @@ def fed(tmp_path_factory):
     return root, tmp_path_factory.mktemp("state")
 
 
-def watched_run(fed, run_dir, monkeypatch, extra=()):
+def watched_run(fed, run_dir, monkeypatch, extra=(), tamper=None, students=None):
     """Run a federation and record every evaluation: (which split the site was asked for, or
-    'training' inside training, and the case ids evaluated)."""
+    'training' inside training, and the case ids evaluated); ``students`` (a list) also gets
+    (split, weights) of every student a site evaluates."""
     root, state = fed
     cfg = load_config(None, [*SETTINGS, f"data.root={root}", f"output.run_dir={run_dir}",
                              *extra])
     grid = LocalGrid(app, {1: {"partition-id": 0}, 2: {"partition-id": 1}},
-                     {"data-root": str(root), "state-root": str(state)})
+                     {"data-root": str(root), "state-root": str(state)}, tamper=tamper)
     calls: list[tuple[str, str, list[str]]] = []
     phase = {"split": "training"}
     real_eval_cases, real_eval_student = training.evaluate_cases, site_ops.evaluate_student
@@ -49,6 +50,8 @@ def watched_run(fed, run_dir, monkeypatch, extra=()):
 
     def eval_student(cfg, node, state_dict, split="test"):
         phase["split"] = split
+        if students is not None:
+            students.append((split, {k: v.clone() for k, v in state_dict.items()}))
         try:
             return real_eval_student(cfg, node, state_dict, split)
         finally:
@@ -90,6 +93,41 @@ def test_fedavg_reads_validation_every_round_and_test_once(fed, tmp_path, monkey
     per_round = [c for c in calls[:-4] if c[0] == "val"]
     assert len(per_round) == 2 * 2  # 2 rounds x 2 sites, on their validation cases
     assert all(set(ids).isdisjoint(test_ids[site]) for _, site, ids in per_round)
+
+
+def test_fedavg_round_selection_reads_validation_only_and_keeps_that_round(fed, tmp_path,
+                                                                           monkeypatch):
+    """federation.select_round: the round with the best sites' validation Dice is the model
+    the sites test (once, at the end), not the last round. The sites' round-1 validation
+    replies are raised to 0.9 (the others to 0.1), so the choice must be round 1."""
+    import torch
+    from flwr.app import MetricRecord
+
+    evaluated = {"n": 0}
+
+    def favour_round_1(node, reply):
+        if reply.metadata.message_type == "evaluate" and reply.has_content():
+            evaluated["n"] += 1
+            m = reply.content["metrics"]
+            reply.content["metrics"] = MetricRecord(
+                {**dict(m), "dice": 0.9 if evaluated["n"] <= 2 else 0.1})
+        return reply
+
+    students: list = []
+    cfg, grid, calls, test_ids = watched_run(
+        fed, tmp_path, monkeypatch, ["federation.strategy=fedavg", "federation.rounds=3",
+                                     "federation.select_round=true"],
+        tamper=favour_round_1, students=students)
+    check_test_read_once_at_the_end(grid, calls, test_ids)
+    weights = json.loads((tmp_path / "report.json").read_text())["state"]["rounds"]["3"]["weights"]
+    assert weights["selection"] == {"round": 1, "val_dice": {"1": 0.9, "2": 0.1, "3": 0.1}}
+    per_round = [w for split, w in students[:6]]   # 3 rounds x 2 sites, validation
+    assert [split for split, _ in students] == ["val"] * 6 + ["val", "test"] * 2
+    final = students[-1][1]
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)   # noqa: E731
+    assert same(final, per_round[0]) and not same(final, per_round[-1])
+    assert same(final, torch.load(tmp_path / "student_r3.pt"))
+    assert "Round 1 kept" in (tmp_path / "report.md").read_text()
 
 
 def test_distillation_reads_test_once_and_teachers_stop_on_validation(fed, tmp_path, monkeypatch):

@@ -383,6 +383,13 @@ def test_feddf_refines_the_fedavg_student_by_distillation(fed, tmp_path, adaptiv
     assert set(report["state"]["rounds"]["3"]["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert card["config"]["federation"]["strategy"] == "feddf"
+    from simulations.experiment import run_figures
+
+    fig = run_figures(report)   # the three candidates sent for validation count as traffic
+    replies = sum(f["reply_bytes"] for f in report["state"]["rounds"]["3"]["query"]["sites"].values())
+    w = report["state"]["rounds"]["2"]["weights"]
+    assert fig["site_bytes_moved"] == pytest.approx(
+        2 * 2 * w["bytes_per_site_round"] + replies / 3 + 4 * 4 * report["student_parameters"])
 
 
 def test_pooled_data_baselines_are_refused_outside_a_simulation(fed, tmp_path):
