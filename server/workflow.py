@@ -483,17 +483,19 @@ class Coordinator:
 
     def weight_sharing(self, nodes: list[int]) -> None:
         """FedAvg / FedProx of the student architecture with Flower's built-in strategies."""
-        from flwr.serverapp.strategy import FedAvg, FedProx
+        from server.strategies import OrderedFedAvg, OrderedFedProx
 
         t0 = time.perf_counter()
         fed = self.cfg.federation
         n = max(fed.min_sites, 1)
         kwargs = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
-        strategy = (FedProx(proximal_mu=fed.proximal_mu, **kwargs) if fed.strategy == "fedprox"
-                    else FedAvg(**kwargs))   # fedavg, and feddf's first stage
+        strategy = (OrderedFedProx(proximal_mu=fed.proximal_mu, **kwargs)
+                    if fed.strategy == "fedprox"
+                    else OrderedFedAvg(**kwargs))   # fedavg, and feddf's first stage
+        strategy_name = "FedProx" if fed.strategy == "fedprox" else "FedAvg"
         student = self.initial_student()
         conf = ConfigRecord({RUN_CONFIG_KEY: config_to_text(self.cfg)})
-        self.log(f"[server] {type(strategy).__name__} of the student: {fed.rounds} round(s) of "
+        self.log(f"[server] {strategy_name} of the student: {fed.rounds} round(s) of "
                  f"{fed.local_epochs} local epoch(s) on {len(nodes)} site(s)")
         models: dict[int, dict] = {}   # select_round: each round's global model, on the server
 
@@ -505,7 +507,7 @@ class Coordinator:
                                 self.timeout * 10 + 3600, train_config=conf,
                                 evaluate_config=conf, evaluate_fn=keep)
         if not result.arrays:
-            raise FederationError(f"{type(strategy).__name__}: no round produced a model (no "
+            raise FederationError(f"{strategy_name}: no round produced a model (no "
                                   f"site replied; see the log)")
         state = result.arrays.to_torch_state_dict()
         upload = int(sum(v.numel() * v.element_size() for v in state.values()))
@@ -514,14 +516,14 @@ class Coordinator:
         history = [{"round": int(r), "split": "val", "steps": steps.get(int(r), 0.0),
                     **{k: float(v) for k, v in m.items()}}
                    for r, m in sorted(result.evaluate_metrics_clientapp.items())]
-        record = {"strategy": type(strategy).__name__, "history": history,
+        record = {"strategy": strategy_name, "history": history,
                   "bytes_per_site_round": upload, "sites": len(nodes)}
         val = {h["round"]: h["dice"] for h in history if h["round"] in models and "dice" in h}
         if val:
             best = max(val, key=lambda r: (val[r], r))
             state = models[best]
             record["selection"] = {"round": best, "val_dice": {str(r): v for r, v in val.items()}}
-            self.log(f"[server] {type(strategy).__name__}: round {best} of {fed.rounds} chosen on "
+            self.log(f"[server] {strategy_name}: round {best} of {fed.rounds} chosen on "
                      f"the sites' validation Dice ({val[best]:.4f}; the last round "
                      f"{val.get(fed.rounds, float('nan')):.4f})")
         elif fed.select_round:

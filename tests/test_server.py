@@ -617,3 +617,40 @@ def test_serverapp_resolves_its_yaml_in_the_app_and_names_a_bad_setting(tmp_path
     finally:
         logging.getLogger("fedkd.server").removeHandler(handler)
     assert any(x.startswith("[server] run stopped: ") and "train.epochs" in x for x in lines)
+
+
+def test_fedavg_aggregate_does_not_depend_on_the_replies_arrival_order():
+    """Flower's FedAvg sums float32 weights in arrival order: another order changes the last
+    bits (and, over rounds, the run). The server's FedAvg / FedProx sort the replies by content
+    first, so every order gives the same global model, equal to one of Flower's own orders."""
+    from flwr.app import Metadata, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.strategies import OrderedFedAvg, OrderedFedProx
+
+    rng = np.random.default_rng(0)
+    replies = []
+    for node, n in ((1, 3), (2, 5), (3, 7)):
+        md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                      reply_to_message_id=f"q{node}", group_id="1", created_at=0.0, ttl=60.0,
+                      message_type="train")
+        arrays = {"w": Array(rng.standard_normal(20000).astype(np.float32)),
+                  "b": Array(rng.standard_normal(16).astype(np.float32))}
+        replies.append(Message(RecordDict({"arrays": ArrayRecord(arrays),
+                                           "metrics": MetricRecord({"num-examples": n})}),
+                               metadata=md))
+    orders = [replies, replies[::-1], [replies[1], replies[2], replies[0]]]
+
+    def weights(strategy, order):
+        arrays, _ = strategy.aggregate_train(1, order)
+        return arrays["w"].numpy()
+
+    plain = [weights(FedAvg(), o) for o in orders]
+    assert any(not np.array_equal(plain[0], p) for p in plain[1:])   # Flower's own: order shows
+    for cls in (OrderedFedAvg, lambda: OrderedFedProx(proximal_mu=0.1)):
+        ours = [weights(cls(), o) for o in orders]
+        assert all(np.array_equal(ours[0], w) for w in ours[1:])
+        assert any(np.array_equal(ours[0], p) for p in plain)   # the same weighted mean
+        expected = sum(n * r.content["arrays"]["w"].numpy().astype(np.float64)
+                       for n, r in zip((3, 5, 7), replies)) / 15
+        np.testing.assert_allclose(ours[0], expected, rtol=1e-5, atol=1e-6)
