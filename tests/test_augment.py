@@ -77,3 +77,28 @@ def test_scanner_intensity_is_physical_reproducible_and_leaves_targets_alone():
     assert torch.allclose(maps["probs"], ref["probs"])          # targets move only with geometry
     out = augmentation("scanner")({"image": x[0].numpy(), "label": np.zeros((1, 32, 32), np.int64)})
     assert tuple(out["image"].shape) == (1, 32, 32)
+
+
+def test_monai_scanner_augmentation_follows_its_random_state_only():
+    """The MONAI path (FedAvg local epochs, central baselines, adaptation) seeds the scanner
+    draws from the transform's random state: a seeded pipeline gives the same slices whatever
+    torch's global generator did before (another site's round in the same simulation actor),
+    and another seed gives other slices."""
+    from common.augment import augmentation
+
+    x = torch.full((1, 32, 32), 0.5)
+    x[:, 8:24, 8:24] = 0.7
+
+    def run(seed, disturb):
+        t = augmentation("scanner")
+        t.set_random_state(seed=seed)
+        out = []
+        for i in range(8):
+            torch.rand(disturb + i)     # whatever else draws from the global generator
+            out.append(t({"image": x.numpy().copy(), "label": np.zeros((1, 32, 32))})["image"])
+        return torch.stack([torch.as_tensor(o) for o in out])
+
+    a, b, c = run(5, 0), run(5, 3), run(6, 0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert (a - x).abs().amax() > 0.05
