@@ -19,11 +19,11 @@ field, a surface/endorectal-coil hot spot, wide gamma, blur and noise; no contra
 from __future__ import annotations
 
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import MapTransform, RandomizableTransform
 
 # The standard recipe: probabilities and ranges shared by both implementations.
 STANDARD = {
@@ -94,25 +94,33 @@ def scanner_intensity(x: torch.Tensor, gen: Optional[torch.Generator] = None) ->
     return out + std * torch.randn(out.shape, generator=gen)
 
 
-class RandScannerIntensityd(MapTransform, RandomizableTransform):
-    """MONAI-path wrapper: one (C, H, W) slice under ``keys`` through
-    :func:`scanner_intensity`, its draws from a torch generator seeded by this transform's own
-    random state, so that ``Compose.set_random_state`` makes them reproducible (torch's global
-    generator would depend on whatever ran before in the process, e.g. other sites' rounds in
-    the same simulation actor)."""
+@functools.cache
+def _scanner_transform():
+    """The MONAI-path wrapper class (built on first use: MONAI's transforms take a second or
+    more to import, and a node or server that never trains on the MONAI path need not pay it)."""
+    from monai.transforms import MapTransform, RandomizableTransform
 
-    def __init__(self, keys):
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob=1.0)
+    class RandScannerIntensityd(MapTransform, RandomizableTransform):
+        """One (C, H, W) slice under ``keys`` through :func:`scanner_intensity`, its draws from
+        a torch generator seeded by this transform's own random state, so that
+        ``Compose.set_random_state`` makes them reproducible (torch's global generator would
+        depend on whatever ran before in the process, e.g. other sites' rounds in the same
+        simulation actor)."""
 
-    def __call__(self, data):
-        self.randomize(None)
-        gen = torch.Generator().manual_seed(int(self.R.randint(0, 2**31 - 1)))
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key], dtype=torch.float32)
-            d[key] = scanner_intensity(img[None], gen)[0]
-        return d
+        def __init__(self, keys):
+            MapTransform.__init__(self, keys)
+            RandomizableTransform.__init__(self, prob=1.0)
+
+        def __call__(self, data):
+            self.randomize(None)
+            gen = torch.Generator().manual_seed(int(self.R.randint(0, 2**31 - 1)))
+            d = dict(data)
+            for key in self.key_iterator(d):
+                img = torch.as_tensor(d[key], dtype=torch.float32)
+                d[key] = scanner_intensity(img[None], gen)[0]
+            return d
+
+    return RandScannerIntensityd
 
 
 def augmentation(intensity: str = "standard"):
@@ -150,7 +158,7 @@ def augmentation(intensity: str = "standard"):
             RandGaussianNoised("image", std=0.08, prob=0.3),
         ]
     elif intensity == "scanner":
-        steps += [RandScannerIntensityd("image")]
+        steps += [_scanner_transform()("image")]
     else:
         steps += [RandAdjustContrastd("image", gamma=a["gamma"], prob=a["gamma_prob"]),
                   RandGaussianNoised("image", std=a["noise_std"], prob=a["noise_prob"])]
