@@ -34,15 +34,17 @@ def content_order(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
-class OrderedFedAvg(FedAvg):
+class _ContentOrdered:
+    """Mixin for a Flower strategy: its aggregate does not depend on the replies' arrival
+    order."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_train(server_round, content_order(replies))
+
+
+class OrderedFedAvg(_ContentOrdered, FedAvg):
     """FedAvg whose aggregate does not depend on the replies' arrival order."""
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        return super().aggregate_train(server_round, content_order(replies))
 
-
-class OrderedFedProx(FedProx):
+class OrderedFedProx(_ContentOrdered, FedProx):
     """FedProx whose aggregate does not depend on the replies' arrival order."""
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        return super().aggregate_train(server_round, content_order(replies))
