@@ -497,11 +497,14 @@ class Coordinator:
         conf = ConfigRecord({RUN_CONFIG_KEY: config_to_text(self.cfg)})
         self.log(f"[server] {strategy_name} of the student: {fed.rounds} round(s) of "
                  f"{fed.local_epochs} local epoch(s) on {len(nodes)} site(s)")
-        models: dict[int, dict] = {}   # select_round: each round's global model, on the server
+        # select_round: each round's global model, spilled to the run directory (not held in
+        # memory), the chosen one loaded at the end and the others deleted
+        models: dict[int, Path] = {}
 
         def keep(rnd: int, arrays: ArrayRecord) -> None:
             if fed.select_round and rnd > 0:
-                models[rnd] = arrays.to_torch_state_dict()
+                models[rnd] = self.run_dir / f"candidate_round_{rnd}.pt"
+                torch.save(arrays.to_torch_state_dict(), models[rnd])
 
         result = strategy.start(self.grid, ArrayRecord(student.net.state_dict()), fed.rounds,
                                 self.timeout * 10 + 3600, train_config=conf,
@@ -521,7 +524,7 @@ class Coordinator:
         val = {h["round"]: h["dice"] for h in history if h["round"] in models and "dice" in h}
         if val:
             best = max(val, key=lambda r: (val[r], r))
-            state = models[best]
+            state = torch.load(models[best], weights_only=True)
             record["selection"] = {"round": best, "val_dice": {str(r): v for r, v in val.items()}}
             self.log(f"[server] {strategy_name}: round {best} of {fed.rounds} chosen on "
                      f"the sites' validation Dice ({val[best]:.4f}; the last round "
@@ -530,6 +533,8 @@ class Coordinator:
             self.log("[server] federation.select_round: no round was evaluated by the sites; "
                      "the last round's model is kept")
         torch.save(state, self.run_dir / f"student_r{fed.rounds}.pt")
+        for path in models.values():
+            path.unlink(missing_ok=True)
         self.state.rounds.setdefault(str(fed.rounds), {})["weights"] = record
         self._done("weights", time.perf_counter() - t0)
 

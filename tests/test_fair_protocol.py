@@ -128,6 +128,7 @@ def test_fedavg_round_selection_reads_validation_only_and_keeps_that_round(fed, 
     assert same(final, per_round[0]) and not same(final, per_round[-1])
     assert same(final, torch.load(tmp_path / "student_r3.pt"))
     assert "Round 1 kept" in (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob("candidate_round_*.pt"))   # the rounds' spills are removed
 
 
 def test_distillation_reads_test_once_and_teachers_stop_on_validation(fed, tmp_path, monkeypatch):
