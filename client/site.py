@@ -10,14 +10,16 @@ key                meaning
                    ``CaseXX_segmentation.nii.gz``), an MSD task folder, or a manifest file
 ``data-layout``    ``liu`` (default), ``msd`` or ``manifest``
 ``site``           the site's name in reports (default: the folder name)
-``proxy-path``     the public proxy set (Liu layout; labels not needed)
+``proxy-path``     the public proxy set: a Liu-layout folder, or several separated by ``:``
+                   (``;`` on Windows), named as the run's ``data.proxy`` names them (labels
+                   not needed)
 ``state-dir``      where the teacher checkpoint is kept (default ``~/.fedkd/state/SITE``)
 ``threads``        torch threads (default: the run config's ``runtime.threads``)
 ``train.KEY``      a site override of a ``train`` setting, e.g. ``train.batch_size=4``
 =================  ==============================================================================
 
 In a simulation the node config has only ``partition-id``: partition *i* is the *i*-th site
-folder (sorted, the proxy folder excluded) under the Flower run config's ``data-root`` (default:
+folder (sorted, the proxy folders excluded) under the Flower run config's ``data-root`` (default:
 the YAML run config's ``data.root``), the proxy set is ``data.proxy`` there and the state directory is
 ``state-root/SITE``. ``data.sites`` (if set) lists the simulated sites' folders, relative to the root, in partition order (``state-root`` from the Flower run config, default ``output.state_root``).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from common.affinity import AffinityReference, fit_temperature, slice_embedding
-from common.config import ConfigError, RunConfig, TrainConfig
+from common.config import ConfigError, RunConfig, TrainConfig, proxy_set_paths
 from common.typedconfig import build_section
 from common.data import (
     CaseVolume,
@@ -45,7 +48,6 @@ from common.data import (
     discover_manifest,
     discover_msd,
     load_proxy,
-    proxy_dir,
     site_folders,
 )
 from common.slices import slice_stack
@@ -76,7 +78,7 @@ class Node:
     site: str
     data_path: Path
     layout: str
-    proxy_path: Optional[Path]
+    proxy_paths: tuple[Path, ...]   # the public sets' folders (empty: none configured)
     state_dir: Path
     threads: Optional[int]
     train_overrides: tuple[tuple[str, Any], ...] = ()
@@ -104,7 +106,8 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
             raise ConfigError(f"node config data-layout: expected liu, msd or manifest, "
                               f"got {layout!r}")
         site = str(nc.get("site") or (data_path.stem if layout == "manifest" else data_path.name))
-        proxy = Path(str(nc["proxy-path"])).expanduser() if nc.get("proxy-path") else None
+        proxy = tuple(Path(p).expanduser() for p in str(nc.get("proxy-path") or "").split(
+            os.pathsep) if p)
         state = Path(str(nc.get("state-dir") or Path.home() / ".fedkd" / "state" / site))
         return Node(site, data_path, layout, proxy, state.expanduser(), threads, overrides)
     if "partition-id" in nc:
@@ -119,7 +122,7 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
             raise ConfigError(f"node config partition-id: {pid} but {root} has {len(sites)} "
                               f"site folders")
         state_root = Path(str(run_config.get("state-root") or cfg.output.state_root))
-        return Node(sites[pid].name, sites[pid], "liu", proxy_dir(dcfg),
+        return Node(sites[pid].name, sites[pid], "liu", tuple(proxy_set_paths(dcfg)),
                     state_root / sites[pid].name, threads, overrides)
     raise ConfigError("node config: needs data-path (a hospital node) or partition-id "
                       "(a simulation)")
@@ -210,12 +213,12 @@ def load_unsplit_cases(cfg: RunConfig, node: Node) -> list[CaseVolume]:
 
 def load_proxy_cases(cfg: RunConfig, node: Node) -> dict[str, CaseVolume]:
     """The public proxy set held by this site, ``{case_id: volume}`` (no labels)."""
-    if node.proxy_path is None:
+    if not node.proxy_paths:
         raise ConfigError("node config proxy-path: not set (needed to answer proxy queries)")
-    key = json.dumps(["proxy", str(node.proxy_path), _preprocessing_key(cfg)], sort_keys=True)
+    key = json.dumps(["proxy", [str(p) for p in node.proxy_paths], _preprocessing_key(cfg),
+                      cfg.data.proxy_pad], sort_keys=True)
     if key not in _CACHE:
-        dcfg = replace(cfg.data, layout="liu", proxy=str(node.proxy_path.resolve()))
-        _CACHE[key] = {c.case_id: c for c in load_proxy(dcfg)}
+        _CACHE[key] = load_proxy(replace(cfg.data, layout="liu"), folders=list(node.proxy_paths))
     return _CACHE[key]
 
 
@@ -561,7 +564,8 @@ def proxy_sampler(cfg: RunConfig, node: Node, seed: int) -> Callable[[int], torc
     proxy = list(load_proxy_cases(cfg, node).values())
     items = [(c, z) for c in proxy for z in range(c.num_slices)]
     if not items:
-        raise DataError(f"{node.proxy_path}: the proxy set has no slices")
+        raise DataError(f"{os.pathsep.join(map(str, node.proxy_paths))}: the proxy set has no "
+                        f"slices")
     gen = np.random.default_rng(seed)
     ctx = cfg.data.context_slices
 

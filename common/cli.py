@@ -8,6 +8,7 @@ print one clear line (``error: FILE: key: cause``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -48,14 +49,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from common.data import DataError, discover_sites, load_case, proxy_dir, discover_liu_site
+    from common.config import proxy_set_paths
+    from common.data import DataError, discover_sites, load_case, discover_liu_site
 
     cfg = _config(args)
     problems = 0
     sites = discover_sites(cfg.data)
     groups = dict(sites)
-    if proxy_dir(cfg.data).is_dir():
-        groups["(proxy) " + cfg.data.proxy] = discover_liu_site(proxy_dir(cfg.data), False)
+    for folder in proxy_set_paths(cfg.data):
+        if folder.is_dir():
+            groups[f"(proxy) {folder.name}"] = discover_liu_site(folder, False)
     for name, records in groups.items():
         slices, fg = 0, 0
         for rec in records:
@@ -68,7 +71,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
             slices += vol.num_slices
             if vol.label is not None:
                 fg += int(vol.label.reshape(vol.num_slices, -1).any(axis=1).sum())
-        print(f"[check-data] {name}: {len(records)} cases, {slices} slices, {fg} with gland")
+        masks = sum(r.label is not None for r in records)
+        print(f"[check-data] {name}: {len(records)} cases, {slices} slices, {fg} with gland"
+              + (f" ({masks} of the cases have masks)" if masks < len(records) else ""))
     print(f"[check-data] {problems} problem(s)")
     return 1 if problems else 0
 
@@ -156,12 +161,14 @@ def _deploy(args: argparse.Namespace) -> int:
         return exec_command(superlink_command(args.certs, args.host, args.port, args.database,
                                        args.log_file), args.print)
     elif args.action == "supernode":
-        for flag, path in (("--data-path", args.data_path), ("--proxy-path", args.proxy_path)):
+        for flag, path in (("--data-path", args.data_path),
+                           *(("--proxy-path", p) for p in args.proxy_path)):
             if not Path(path).expanduser().exists():
                 raise DeployError(f"{flag} {path}: not found")
         node = {"data-path": str(Path(args.data_path).expanduser().resolve()),
                 "data-layout": args.layout, "site": args.site,
-                "proxy-path": str(Path(args.proxy_path).expanduser().resolve()),
+                "proxy-path": os.pathsep.join(str(Path(p).expanduser().resolve())
+                                              for p in args.proxy_path),
                 "state-dir": str(Path(args.state_dir).expanduser().resolve())
                 if args.state_dir else None, "threads": args.threads}
         return exec_command(supernode_command(args.superlink, args.ca, args.key, node, args.port,
@@ -206,7 +213,8 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--key", type=Path, required=True, help="this site's SITE.key")
     p.add_argument("--data-path", required=True, help="the site's private cases")
     p.add_argument("--layout", default="liu", choices=["liu", "msd", "manifest"])
-    p.add_argument("--proxy-path", required=True, help="the public proxy set")
+    p.add_argument("--proxy-path", required=True, nargs="+",
+                   help="the public proxy set's folder(s), named as the run's data.proxy")
     p.add_argument("--state-dir", default=None, help="teacher checkpoint folder "
                    "(default ~/.fedkd/state/SITE)")
     p.add_argument("--site", default=None, help="site name in reports (default: folder name)")

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -43,9 +43,18 @@ class DataConfig:
     root: str = field_("data/synthetic", doc="dataset root (relative paths are resolved from the CWD)")
     layout: Literal["liu", "msd", "manifest"] = field_("liu", doc="on-disk layout of the sites")
     sites: list[str] = field_(factory=list, doc="site folders to use; empty = every site found")
-    proxy: str = field_("PROXY", doc="public proxy set folder (relative to root, or absolute)")
-    proxy_slice_step: int = field_(1, lo=1, hi=64, doc="the server queries every k-th slice of each "
-                               "proxy volume (neighbouring thin slices are nearly alike)")
+    proxy: Union[str, list[str]] = field_(
+        "PROXY", doc="public proxy set: one folder or a list of folders (relative to root, or "
+        "absolute; Liu layout), e.g. [promise12/RUNMC, public-pool]; a set may come without "
+        "masks (its masks are used where present)")
+    proxy_pad: Literal["zero", "edge", "reflect"] = field_(
+        "zero", doc="how a proxy volume smaller than data.size is padded in-plane (a public set "
+        "cropped around the gland): zero (black), edge (the border voxels repeated) or reflect "
+        "(mirrored); site volumes are always zero-padded")
+    proxy_slice_step: Union[int, dict[str, int]] = field_(
+        1, lo=1, hi=64, doc="the server queries every k-th slice of each proxy volume "
+        "(neighbouring thin slices are nearly alike); per public set by folder name, e.g. "
+        "{RUNMC: 1, public-pool: 2} (a set not named: every slice)")
     manifest: Optional[str] = field_(None, doc="YAML/CSV manifest of image/label pairs (layout manifest)")
     msd_channel: int = field_(0, lo=0, doc="channel of a 4D MSD image to use (Task05: 0 = T2)")
     label_mode: Literal["auto", "binary", "positive"] = field_(
@@ -190,6 +199,15 @@ class DistillConfig:
     max_claim_distance: Optional[float] = field_(None, lo=0.0, doc="aggregation affinity: leave "
                                                  "out proxy slices whose nearest site distance "
                                                  "exceeds this (None: keep all)")
+    steps_per_epoch: int = field_(0, lo=0, hi=1000000, doc="the budget in optimiser steps: > 0: "
+                                  "every epoch is this many steps of student.batch_size slices "
+                                  "drawn at random (gland slices, and empty ones at "
+                                  "student.empty_slice_fraction the odds), whatever the proxy "
+                                  "set's size; 0: one pass over the epoch's slices")
+    set_weights: dict[str, float] = field_(
+        factory=dict, lo=0.0, doc="with steps_per_epoch: each public set's share of the drawn "
+        "slices, by folder name (e.g. {RUNMC: 0.5, public-pool: 0.5}); empty: every slice "
+        "equally likely, so a set's share is its share of the slices")
 
 
 # federation.strategy values that are pooled-data baselines: they run only in simulation, and no
@@ -507,10 +525,58 @@ def _check_consistency(cfg: RunConfig) -> None:
     both = [s for s in unseen if s in cfg.data.sites]
     if both:
         raise ConfigError(f"experiment.unseen_sites: {both[0]!r} is also in data.sites")
+    _check_proxy_sets(cfg)
+    d = cfg.distill
+    if d.set_weights:
+        names = [p.name for p in proxy_set_paths(cfg.data)]
+        unknown = [k for k in d.set_weights if k not in names]
+        if unknown:
+            raise ConfigError(f"distill.set_weights.{unknown[0]}: not a set of data.proxy "
+                              f"(sets: {', '.join(names)})")
+        if not d.steps_per_epoch:
+            raise ConfigError("distill.set_weights: needs distill.steps_per_epoch > 0 (the "
+                              "shares apply to the slices drawn for each step)")
+        if sum(d.set_weights.values()) <= 0:
+            raise ConfigError("distill.set_weights: at least one share must be > 0")
     specs = [("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)]
     specs += [(f"model.site_teachers.{k}", v) for k, v in cfg.model.site_teachers.items()]
     for key, spec in specs:
         check_model_spec(spec, key)
+
+
+def proxy_set_paths(data: DataConfig) -> list[Path]:
+    """The public proxy set's folders (``data.proxy``: one or a list), relative to
+    ``data.root`` unless absolute."""
+    names = [data.proxy] if isinstance(data.proxy, str) else list(data.proxy)
+    return [Path(p) if Path(p).is_absolute() else Path(data.root) / p for p in names]
+
+
+def _check_proxy_sets(cfg: RunConfig) -> None:
+    """The public sets: at least one, distinct names (a set's name prefixes its slice ids), and
+    none that is also a site or an unseen site (its private cases would be public)."""
+    paths = proxy_set_paths(cfg.data)
+    if not paths:
+        raise ConfigError("data.proxy: expected a folder or a non-empty list of folders")
+    names = [p.name for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data.proxy: two public sets named {twice[0]!r} (the folder name "
+                          f"names a set's slices)")
+    step = cfg.data.proxy_slice_step
+    unknown = [k for k in step if k not in names] if isinstance(step, dict) else []
+    if unknown:
+        raise ConfigError(f"data.proxy_slice_step.{unknown[0]}: not a set of data.proxy "
+                          f"(sets: {', '.join(names)})")
+    root = Path(cfg.data.root)
+    private = [("data.sites", s) for s in cfg.data.sites]
+    private += [("experiment.unseen_sites", s) for s in cfg.experiment.unseen_sites]
+    for key, site in private:
+        site_path = (root / site).resolve()
+        for path in paths:
+            proxy = path.resolve()
+            if proxy == site_path or proxy in site_path.parents or site_path in proxy.parents:
+                raise ConfigError(f"data.proxy: {path} overlaps {key} entry {site!r}: a site's "
+                                  f"private cases cannot be a public proxy set")
 
 
 def check_model_spec(spec: ModelSpec, key: str) -> None:

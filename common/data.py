@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import yaml
 
-from common.config import DataConfig
+from common.config import DataConfig, proxy_set_paths
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SEG_RE = re.compile(r"_segmentation$", re.IGNORECASE)
@@ -186,11 +186,6 @@ def discover_sites(cfg: DataConfig) -> dict[str, list[CaseRecord]]:
     return by_site
 
 
-def proxy_dir(cfg: DataConfig) -> Path:
-    p = Path(cfg.proxy)
-    return p if p.is_absolute() else Path(cfg.root) / p
-
-
 def site_folders(cfg: DataConfig) -> list[Path]:
     """The Liu-layout site folders in partition order: ``data.sites`` (paths relative to
     ``data.root``, e.g. ``promise12/BIDMC``; a site is named after its folder), or every folder of
@@ -198,8 +193,8 @@ def site_folders(cfg: DataConfig) -> list[Path]:
     root = Path(cfg.root)
     if cfg.sites:
         return [root / s for s in cfg.sites]
-    proxy = proxy_dir(cfg).resolve()
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != proxy
+    proxy = {p.resolve() for p in proxy_set_paths(cfg)}
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() not in proxy
                   and not p.name.startswith("."))
 
 
@@ -276,8 +271,12 @@ def read_case(rec: CaseRecord, cfg: DataConfig, require_label: bool = True
 # --------------------------------------------------------------------------------------------
 # Preprocessing
 # --------------------------------------------------------------------------------------------
-def preprocess_transform(cfg: DataConfig, with_label: bool = True):
-    """The MONAI dictionary pipeline applied to a channel-less (X, Y, Z) volume (+ label)."""
+PAD_MODES = {"zero": "constant", "edge": "edge", "reflect": "reflect"}   # data.proxy_pad -> numpy
+
+
+def preprocess_transform(cfg: DataConfig, with_label: bool = True, pad: str = "zero"):
+    """The MONAI dictionary pipeline applied to a channel-less (X, Y, Z) volume (+ label);
+    ``pad``: how a volume smaller than ``data.size`` is padded (:data:`PAD_MODES`)."""
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
@@ -296,12 +295,14 @@ def preprocess_transform(cfg: DataConfig, with_label: bool = True):
         Spacingd(keys, pixdim=(cfg.spacing[0], cfg.spacing[1], -1.0), mode=modes),
         ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0,
                                         clip=True),
-        ResizeWithPadOrCropd(keys, spatial_size=(cfg.size[0], cfg.size[1], -1)),
+        ResizeWithPadOrCropd(keys, spatial_size=(cfg.size[0], cfg.size[1], -1),
+                             mode=PAD_MODES[pad]),
     ])
 
 
 def preprocess(img: np.ndarray, lab: Optional[np.ndarray], affine: np.ndarray, cfg: DataConfig,
-               source: Path = Path("<array>")) -> tuple[np.ndarray, Optional[np.ndarray], tuple]:
+               source: Path = Path("<array>"), pad: str = "zero"
+               ) -> tuple[np.ndarray, Optional[np.ndarray], tuple]:
     """Apply :func:`preprocess_transform`. Returns (image (D,H,W), label (D,H,W), spacing)."""
     from monai.data import MetaTensor
 
@@ -310,7 +311,7 @@ def preprocess(img: np.ndarray, lab: Optional[np.ndarray], affine: np.ndarray, c
         data["label"] = MetaTensor(torch.from_numpy(lab.astype(np.float32)),
                                    affine=torch.from_numpy(affine))
     try:
-        out = preprocess_transform(cfg, lab is not None)(data)
+        out = preprocess_transform(cfg, lab is not None, pad)(data)
     except Exception as exc:  # MONAI wraps errors in RuntimeError with the transform name
         raise DataError(f"{source}: preprocessing failed ({type(exc).__name__}: {exc})") from None
     image = out["image"][0].permute(2, 0, 1).contiguous().numpy().astype(np.float32)
@@ -322,21 +323,32 @@ def preprocess(img: np.ndarray, lab: Optional[np.ndarray], affine: np.ndarray, c
     return image, label, spacing
 
 
-def load_case(rec: CaseRecord, cfg: DataConfig, require_label: bool = True) -> CaseVolume:
+def load_case(rec: CaseRecord, cfg: DataConfig, require_label: bool = True,
+              pad: str = "zero") -> CaseVolume:
     img, lab, affine = read_case(rec, cfg, require_label)
-    image, label, spacing = preprocess(img, lab, affine, cfg, rec.image)
+    image, label, spacing = preprocess(img, lab, affine, cfg, rec.image, pad)
     return CaseVolume(rec.site, rec.case_id, image, label, spacing, rec.image)
 
 
-def load_proxy(cfg: DataConfig, with_labels: bool = False) -> list[CaseVolume]:
-    """The public proxy set (Liu layout folder ``data.proxy``), labels only when asked for."""
-    folder = proxy_dir(cfg)
-    records = discover_liu_site(folder, require_labels=False)
-    if with_labels:
-        missing = [r for r in records if r.label is None]
-        if missing:
-            raise DataError(f"{missing[0].image}: proxy image without label (needed for "
-                            f"evaluation)")
-    else:
-        records = [CaseRecord(r.site, r.case_id, r.image, None) for r in records]
-    return [load_case(r, cfg, require_label=with_labels) for r in records]
+def proxy_key(set_name: str, case_id: str, n_sets: int) -> str:
+    """A proxy case's key in slice ids (``KEY/z``): its case id when the proxy is one set, else
+    ``SET/case id`` (a set is named after its folder), so cases of two sets never collide."""
+    return case_id if n_sets == 1 else f"{set_name}/{case_id}"
+
+
+def load_proxy(cfg: DataConfig, with_labels: bool = False,
+               folders: Optional[list[Path]] = None) -> dict[str, CaseVolume]:
+    """The public proxy set, ``{key: volume}`` in set order then case order (keys:
+    :func:`proxy_key`), from the Liu-layout folders ``folders`` (default ``data.proxy``: one
+    or several). ``with_labels``: a case's mask is read where its folder has one (an unlabelled
+    set is never an error; an unreadable mask is); else no masks are read. Padded as
+    ``data.proxy_pad`` says."""
+    folders = proxy_set_paths(cfg) if folders is None else folders
+    out: dict[str, CaseVolume] = {}
+    for folder in folders:
+        for rec in discover_liu_site(folder, require_labels=False):
+            if not with_labels:
+                rec = CaseRecord(rec.site, rec.case_id, rec.image, None)
+            out[proxy_key(folder.name, rec.case_id, len(folders))] = load_case(
+                rec, cfg, require_label=False, pad=cfg.proxy_pad)
+    return out

@@ -64,8 +64,12 @@ def foreground_slices(cases: list[CaseVolume]) -> tuple[list[tuple[int, int]], l
     return fg, bg
 
 
-def proxy_slice_ids(proxy: dict[str, CaseVolume], step: int = 1) -> list[str]:
-    """The slice ids of a proxy set that the server queries, ``CASE/z`` in case order: every
-    ``step``-th slice of each volume (z = 0, step, 2 step, ...)."""
-    return [f"{cid}/{z}" for cid, vol in sorted(proxy.items())
-            for z in range(0, vol.num_slices, step)]
+def proxy_slice_ids(proxy: dict[str, CaseVolume], step: int | dict[str, int] = 1) -> list[str]:
+    """The slice ids of a proxy set that the server queries, ``KEY/z`` in key order: every
+    ``step``-th slice of each volume (z = 0, step, 2 step, ...); ``step`` may be given per
+    public set ({set name: step}, a volume's set being its ``site``; 1 for a set not named)."""
+    def every(vol: CaseVolume) -> int:
+        return step.get(vol.site, 1) if isinstance(step, dict) else step
+
+    return [f"{key}/{z}" for key, vol in sorted(proxy.items())
+            for z in range(0, vol.num_slices, every(vol))]

@@ -37,7 +37,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in args) + " or null"
+        null = " or null" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_describe(a) for a in args) + null
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if origin is dict:
@@ -84,7 +85,17 @@ def build(tp: Any, value: Any, where: str, meta: typing.Mapping, base: Any = Non
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return build(args[0], value, where, meta, base)
+        for arg in args[:-1]:   # the first type that takes the value (str | list[str])
+            try:
+                return build(arg, value, where, meta, base)
+            except ConfigError:
+                pass
+        try:
+            return build(args[-1], value, where, meta, base)
+        except ConfigError:
+            if len(args) == 1:
+                raise
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}") from None
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")

@@ -176,7 +176,7 @@ def search(coord, targets: Targets) -> None:
     rows = result["candidates"]
     budget = coord.cfg.model.max_student_fraction * count_parameters(
         build_teacher(coord.cfg.model.teacher, coord.in_channels))
-    _, images, _ = coord.proxy()
+    proxy = coord.proxy()
     coord.log(f"[server] capacity: Dice target {result['dice_target']:.4f}; candidates "
              + ", ".join(f"{n} ({p:,})" for n, _, p in candidate_specs(coord.cfg)))
     for name, spec, params in candidate_specs(coord.cfg):
@@ -187,9 +187,10 @@ def search(coord, targets: Targets) -> None:
                 row["skipped"] = "over model.max_student_fraction"
             else:
                 student = new_candidate(coord.cfg, spec)
-                history = distill_student(student, images, targets, coord.cfg.distill,
+                history = distill_student(student, proxy.images, targets, coord.cfg.distill,
                                           coord.cfg.student, coord.cfg.runtime.seed, coord.log,
-                                          tag=f"distill {name}")
+                                          tag=f"distill {name}", set_index=proxy.set_index,
+                                          set_names=proxy.set_names)
                 weights = student.net.state_dict()
                 path = coord.run_dir / f"capacity_{len(rows)}.pt"
                 torch.save(weights, path)

@@ -12,7 +12,9 @@ Loss weights and T come from ``distill``; a weight of 0 switches a term off (for
 ``--set distill.w_feature=0``). The optimiser recipe is the ``student`` section, the same as
 FedAvg's local epochs: AdamW at ``student.lr`` with cosine decay over ``distill.epochs``, batches
 of ``student.batch_size``, every slice whose target holds gland plus a random
-``student.empty_slice_fraction`` of the others per epoch, and the standard augmentation
+``student.empty_slice_fraction`` of the others per epoch (or, with ``distill.steps_per_epoch``,
+that many steps of slices drawn at random with the same odds, each public set at its
+``distill.set_weights`` share: a budget in steps whatever the proxy set's size), and the standard augmentation
 (:func:`common.augment.augment_batch`, the targets and feature maps moving with the image).
 Shapes: proxy images (N, C_in, H, W); target probabilities (N, 2, H, W); feature targets
 ``{"name@C": (N, C, h, w)}``.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,12 +53,39 @@ def epoch_slices(has_gland: np.ndarray, fraction: float, rng: np.random.Generato
     return np.concatenate([fg, chosen]).astype(np.int64)
 
 
+def draw_odds(has_gland: np.ndarray, usable: np.ndarray, empty_fraction: float,
+              set_index: Optional[np.ndarray] = None, set_names: Sequence[str] = (),
+              set_weights: Optional[dict[str, float]] = None) -> np.ndarray:
+    """(N,) probabilities of drawing each proxy slice for a step: a gland slice counts 1, an
+    empty one ``empty_fraction``, an unusable one 0; with ``set_weights`` ({set name: share}),
+    each set's slices are scaled so that the set gets its share (``set_index`` (N,) indexes
+    ``set_names``; a set without a share gets none)."""
+    w = np.where(has_gland, 1.0, empty_fraction) * usable
+    if set_weights:
+        if set_index is None:
+            raise ValueError("distill.set_weights: the proxy slices' sets are not known")
+        total = sum(set_weights.values())
+        for i, name in enumerate(set_names):
+            rows = set_index == i
+            mass = w[rows].sum()
+            share = set_weights.get(name, 0.0) / total
+            if share > 0 and mass == 0:
+                raise ValueError(f"distill.set_weights.{name}: the set has no usable slice")
+            w[rows] = w[rows] * (share / mass) if mass > 0 else 0.0
+    if w.sum() <= 0:
+        raise ValueError("distill: no proxy slice can be drawn")
+    return w / w.sum()
+
+
 def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, cfg: DistillConfig,
                     recipe: Optional[StudentConfig] = None, seed: int = 0,
                     log: Callable[[str], None] = print, tag: str = "distill",
                     feature_loss: Optional[FeatureDistillLoss] = None,
-                    on_epoch: Optional[Callable[[int, FeatureNet], None]] = None) -> list[dict]:
-    """Train ``student`` in place on ``images`` (N, C_in, H, W) toward ``targets``.
+                    on_epoch: Optional[Callable[[int, FeatureNet], None]] = None,
+                    set_index: Optional[np.ndarray] = None,
+                    set_names: Sequence[str] = ()) -> list[dict]:
+    """Train ``student`` in place on ``images`` (N, C_in, H, W) toward ``targets``
+    (``set_index`` (N,) into ``set_names``: each slice's public set, for ``distill.set_weights``).
 
     Returns the per-epoch history: total loss, each term's mean, the slices used and the
     optimizer steps. ``on_epoch(epoch, student)`` is called after every epoch (e.g. to keep
@@ -93,15 +122,28 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
                "feature": cfg.w_feature}
     if not any(w > 0 for w in weights.values()):
         raise ValueError("distill: every loss weight is 0")
+    odds = None
+    if cfg.steps_per_epoch:
+        odds = draw_odds(has_gland, usable, recipe.empty_slice_fraction, set_index, set_names,
+                         cfg.set_weights)
+        if set_index is not None:
+            log(f"[{tag}] {cfg.steps_per_epoch} steps an epoch; share of the draws by set: "
+                + ", ".join(f"{n} {odds[set_index == i].sum():.2f}"
+                            for i, n in enumerate(set_names)))
     history = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         student.train()
         sums = {"loss": 0.0, "kl": 0.0, "lovasz": 0.0, "dice": 0.0, "feature": 0.0}
         steps = 0
-        chosen = torch.from_numpy(np.intersect1d(
-            epoch_slices(has_gland, recipe.empty_slice_fraction, rng), np.flatnonzero(usable)))
-        order = chosen[torch.randperm(len(chosen), generator=gen)]
+        if odds is None:   # one pass over the epoch's slices
+            chosen = torch.from_numpy(np.intersect1d(
+                epoch_slices(has_gland, recipe.empty_slice_fraction, rng), np.flatnonzero(usable)))
+            order = chosen[torch.randperm(len(chosen), generator=gen)]
+        else:              # a fixed number of steps, slices drawn at their odds
+            order = torch.from_numpy(rng.choice(len(odds), cfg.steps_per_epoch * recipe.batch_size,
+                                                p=odds))
+            chosen = torch.unique(order)
         for idx in order.split(recipe.batch_size):
             x, p = x_all[idx], p_all[idx]
             feats_t = {g: f[idx] for g, f in feat_all.items()}
@@ -146,14 +188,18 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
     return history
 
 
-def mix_labels(targets: Targets, labels: np.ndarray, weight: float) -> Targets:
+def mix_labels(targets: Targets, labels: np.ndarray, weight: float,
+               labelled: Optional[np.ndarray] = None) -> Targets:
     """Targets with the public proxy masks mixed in: probs (N, 2, H, W) become
-    (1 - weight) x probs + weight x one-hot(labels (N, H, W)); features and claims unchanged."""
+    (1 - weight) x probs + weight x one-hot(labels (N, H, W)) on the ``labelled`` (N,) slices
+    (default: all); the others, features and claims unchanged."""
     if labels.shape != targets.probs.shape[:1] + targets.probs.shape[2:]:
         raise ValueError(f"proxy masks of shape {labels.shape} for targets of shape "
                          f"{targets.probs.shape}")
-    onehot = np.stack([labels == 0, labels == 1], axis=1).astype(np.float32)
-    probs = ((1.0 - weight) * targets.probs + weight * onehot).astype(np.float32)
+    rows = np.ones(len(labels), bool) if labelled is None else labelled
+    onehot = np.stack([labels[rows] == 0, labels[rows] == 1], axis=1).astype(np.float32)
+    probs = targets.probs.astype(np.float32, copy=True)
+    probs[rows] = (1.0 - weight) * probs[rows] + weight * onehot
     return dataclasses.replace(targets, probs=probs)
 
 
@@ -161,17 +207,16 @@ def pretrain_on_proxy(student: FeatureNet, cfg: RunConfig, log: Callable[[str], 
                       ) -> dict:
     """Train ``student`` in place on the public proxy set's own masks (``student.
     proxy_pretrain_epochs`` epochs of supervised DiceCE, the ``student`` recipe, every slice of
-    every proxy volume; no validation: the last epoch is kept). ConfigError, naming the folder,
+    every proxy volume that has a mask; no validation: the last epoch is kept). ConfigError, naming the folder,
     if the proxy set has no masks. Returns {epochs, steps, cases, seconds}."""
-    from common.data import DataError, load_proxy
+    from common.data import load_proxy
     from common.training import train_segmenter
 
     epochs = cfg.student.proxy_pretrain_epochs
-    try:
-        cases = load_proxy(cfg.data, with_labels=True)
-    except DataError as exc:
+    cases = [c for c in load_proxy(cfg.data, with_labels=True).values() if c.label is not None]
+    if not cases:
         raise ConfigError(f"student.proxy_pretrain_epochs={epochs} needs a public proxy set with "
-                          f"masks: {exc}") from None
+                          f"masks; data.proxy ({cfg.data.proxy}) has none")
     res = train_segmenter(student, cases, [], cfg.student_train(epochs=epochs, patience=epochs),
                           cfg.data.context_slices, cfg.runtime.seed, log=log,
                           tag="proxy pretrain")

@@ -39,10 +39,8 @@ from flwr.serverapp import Grid
 
 from common.aggregation import Targets, make_aggregator
 from common.config import SIMULATION_ONLY, ConfigError, RunConfig, dump_config
-from common.data import DataError, load_proxy, proxy_dir
-from common.slices import proxy_slice_ids, slice_stack
 from common.logs import get_logger
-from common.metrics import case_weighted_mean, dice_score
+from common.metrics import case_weighted_mean
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.privacy import epsilon
 from common.protocol import (
@@ -60,7 +58,6 @@ from common.protocol import (
     decode_affinity,
     encode_consensus,
     evaluate_request,
-    parse_slice_ids,
     query_request,
     read_proxy_reply,
     reply_encoding,
@@ -70,6 +67,7 @@ from server import capacity
 from server.audit import AuditGrid
 from server.distill import distill_student, mix_labels, pretrain_on_proxy
 from server.messaging import exchange, wait_for_nodes
+from server.proxy import ProxySet, load_proxy_set
 from server.state import FederationError, RunState, config_digest
 
 LOG = get_logger("fedkd.server")
@@ -136,9 +134,9 @@ class Coordinator:
                                  self.cfg.student.proxy_pretrain_epochs),
                                 ("distill.proxy_label_weight", self.cfg.distill.proxy_label_weight))
                  if v]
-        if needs and self.proxy()[2] is None:
-            raise ConfigError(f"{needs[0]} needs the public proxy set's masks, and "
-                              f"{proxy_dir(self.cfg.data)} has images without them")
+        if needs and self.proxy().labels is None:
+            raise ConfigError(f"{needs[0]} needs the public proxy set's masks, and no set of "
+                              f"data.proxy ({self.cfg.data.proxy}) has any")
 
     def initial_student(self) -> FeatureNet:
         """Where the student starts, for distillation and FedAvg / FedProx alike: a fresh
@@ -195,36 +193,17 @@ class Coordinator:
         for node in missing:
             self._exclude(step, nodes[node], "no reply before the timeout")
 
-    def proxy(self):
-        """The server's copy of the public proxy set: (slice ids, images (N, C, H, W), labels
-        (N, H, W) or None). Labels report how good the targets are, and are mixed into them with
-        ``distill.proxy_label_weight``."""
+    def proxy(self) -> ProxySet:
+        """The server's copy of the public proxy set (every set of ``data.proxy``; masks where
+        a set has them: they score ``auto``'s candidates, report how good the targets are, and
+        are mixed into them with ``distill.proxy_label_weight``)."""
         if self._proxy is None:
-            try:
-                vols = load_proxy(self.cfg.data, with_labels=True)
-            except DataError:
-                vols = load_proxy(self.cfg.data)
-            cases = {c.case_id: c for c in vols}
-            ids = proxy_slice_ids(cases, self.cfg.data.proxy_slice_step)
-            where = [(cases[c], z) for c, z in parse_slice_ids(ids, cases)]
-            images = np.stack([slice_stack(c.image, z, self.cfg.data.context_slices)
-                               for c, z in where]).astype(np.float32)
-            labels = None
-            if all(c.label is not None for c in cases.values()):
-                labels = np.stack([c.label[z] for c, z in where])
-            self._proxy = (ids, images, labels)
+            self._proxy = load_proxy_set(self.cfg.data)
+            p = self._proxy
+            self.log(f"[server] proxy set: {len(p)} slices ("
+                     + ", ".join(f"{k} {v}" for k, v in p.slices_per_set().items())
+                     + f"); {p.n_labelled} with masks")
         return self._proxy
-
-    @staticmethod
-    def target_dice(ids: list[str], probs: np.ndarray, labels: np.ndarray) -> float:
-        """Mean over proxy cases of the 3D Dice between the targets' argmax and the truth."""
-        pred = probs.argmax(axis=1)
-        cases = [i.rpartition("/")[0] for i in ids]
-        scores = []
-        for case in dict.fromkeys(cases):
-            rows = [k for k, c in enumerate(cases) if c == case]
-            scores.append(dice_score(pred[rows], labels[rows]))
-        return float(np.mean(scores))
 
     def site_nodes(self) -> dict[int, str]:
         return {int(n): s for n, s in self.state.nodes.items()}
@@ -270,7 +249,8 @@ class Coordinator:
         tag = f"c{consensus}" if consensus else f"r{rnd}"
         record = self.state.rounds.setdefault(str(rnd), {})
         teacher = record["consensus"][str(consensus)]["id"] if consensus else ""
-        ids, images, labels = self.proxy()
+        proxy = self.proxy()
+        ids, images, labels = proxy.ids, proxy.images, proxy.labels
         features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
         precision = self.cfg.federation.precision
         auto = self.cfg.aggregation.method == "auto"
@@ -310,7 +290,7 @@ class Coordinator:
             self.log(f"[server] aggregation auto: the proxy set has no masks to choose by; "
                      f"using the first candidate, {agg.chosen}")
         elif auto:   # the candidate whose targets agree best with the public masks
-            targets = agg.finalize(lambda probs: self.target_dice(ids, probs, labels))
+            targets = agg.finalize(proxy.target_dice)
             self.log("[server] aggregation auto: targets vs the proxy masks " + ", ".join(
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
         else:
@@ -319,7 +299,9 @@ class Coordinator:
                  **({} if targets.claim is None else {"claim": targets.claim}),
                  **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
-                 "agreement": targets.agreement, "n_slices": len(ids), "precision": precision,
+                 "agreement": targets.agreement, "n_slices": len(ids),
+                 "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
+                 "precision": precision,
                  "encoding": reply_encoding(self.cfg, precision, bool(features))}
         if auto:
             query["auto"] = {"scores": agg.scores, "chosen": agg.chosen}
@@ -332,9 +314,9 @@ class Coordinator:
                 self.log(f"[server] WARNING: {query['coverage']['warning']}")
         if labels is not None:  # synthetic proxy sets ship masks: how good are the targets?
             query["target_dice"] = (agg.scores[agg.chosen] if auto   # scored when chosen
-                                    else self.target_dice(ids, targets.probs, labels))
+                                    else proxy.target_dice(targets.probs))
             self.log(f"[server] aggregated targets vs proxy ground truth: Dice "
-                     f"{query['target_dice']:.4f}")
+                     f"{query['target_dice']:.4f} ({proxy.n_labelled} slices with masks)")
         if consensus:
             record["consensus"][str(consensus)]["query"] = query
         else:
@@ -347,7 +329,7 @@ class Coordinator:
         probability on the proxy slices; every queried site refines a copy of its teacher on it
         (metrics return; ``rounds[rnd]["consensus"][c]``)."""
         t0 = time.perf_counter()
-        ids = self.proxy()[0]
+        ids = self.proxy().ids
         stream = encode_consensus(targets.probs[:, 1:2], self.cfg.reply)
         results: dict[str, dict] = {}
 
@@ -383,7 +365,7 @@ class Coordinator:
             student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
         else:
             student = self.initial_student()
-        _, images, _ = self.proxy()
+        proxy = self.proxy()
         every, epochs = self.cfg.distill.select_every, self.cfg.distill.epochs
         candidates: dict[int, dict] = {}
         if every and rnd > 1:   # a refinement may also keep the weights it started from
@@ -394,10 +376,12 @@ class Coordinator:
                 candidates[epoch] = {k: v.clone() for k, v in net.net.state_dict().items()}
 
         if self.cfg.distill.proxy_label_weight > 0:
-            targets = mix_labels(targets, self.proxy()[2], self.cfg.distill.proxy_label_weight)
-        history = distill_student(student, images, targets, self.cfg.distill,
+            targets = mix_labels(targets, proxy.labels, self.cfg.distill.proxy_label_weight,
+                                 proxy.labelled)
+        history = distill_student(student, proxy.images, targets, self.cfg.distill,
                                   self.cfg.student, self.cfg.runtime.seed, self.log,
-                                  tag=f"distill r{rnd}", on_epoch=keep)
+                                  tag=f"distill r{rnd}", on_epoch=keep,
+                                  set_index=proxy.set_index, set_names=proxy.set_names)
         record: dict = {"history": history}
         weights = student.net.state_dict()
         if candidates:

@@ -40,8 +40,8 @@ from client.site import (
     train_teacher,
 )
 from common.aggregation import StreamingAggregator
-from common.config import ModelSpec, RunConfig, dump_config
-from common.data import CaseVolume, discover_sites, proxy_dir
+from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
+from common.data import CaseVolume, discover_sites
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.metrics import case_weighted_mean
 from common.training import evaluate_cases, summary_metrics, train_segmenter
@@ -56,7 +56,7 @@ def unseen_nodes(cfg: RunConfig) -> list[Node]:
     """The ``experiment.unseen_sites`` folders (relative to ``data.root``; named after the
     folder)."""
     root = Path(cfg.data.root)
-    return [Node(Path(s).name, root / s, "liu", proxy_dir(cfg.data),
+    return [Node(Path(s).name, root / s, "liu", tuple(proxy_set_paths(cfg.data)),
                  Path(cfg.output.state_root) / Path(s).name, None)
             for s in cfg.experiment.unseen_sites]
 
@@ -204,8 +204,8 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         rnd["central"] = {"history": info["history"]}
         if strategy == "central-kd":
             coord = Coordinator(None, cfg, log)
-            ids, images, labels = coord.proxy()
-            probs, feats = proxy_outputs(model, images)
+            proxy = coord.proxy()
+            probs, feats = proxy_outputs(model, proxy.images)
             # one teacher: nothing to weigh (every method gives its probabilities)
             agg = StreamingAggregator(dataclasses.replace(cfg.aggregation, method="mean"))
             agg.add("central", probs, info["val_dice"],
@@ -213,13 +213,15 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
                     if cfg.distill.w_feature > 0 else {})
             targets = agg.finalize()
             query = {"sites": {}, "site_weights": targets.site_weights,
-                     "agreement": targets.agreement, "n_slices": len(ids), "precision": "float32"}
-            if labels is not None:
-                query["target_dice"] = coord.target_dice(ids, targets.probs, labels)
+                     "agreement": targets.agreement, "n_slices": len(proxy),
+                     "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
+                     "precision": "float32"}
+            if proxy.labels is not None:
+                query["target_dice"] = proxy.target_dice(targets.probs)
             model = coord.new_student()
-            history = distill_student(model, images, targets, cfg.distill, cfg.student,
-                                      cfg.runtime.seed, log,
-                                      tag="central-kd distill")
+            history = distill_student(model, proxy.images, targets, cfg.distill, cfg.student,
+                                      cfg.runtime.seed, log, tag="central-kd distill",
+                                      set_index=proxy.set_index, set_names=proxy.set_names)
             rnd.update(query=query, distill={"history": history})
         params = count_parameters(model)
         sites = _per_site(cfg, model, nodes)

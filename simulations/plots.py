@@ -6,24 +6,27 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
+from common.config import DataConfig, proxy_set_paths
 from common.plotting import pyplot, save
-from common.data import discover_liu_site, discover_sites, load_case, proxy_dir
+from common.data import discover_liu_site, discover_sites, load_case
 
 
 def site_montage(cfg: DataConfig, out: str | Path, cases_per_site: int = 1) -> Path:
-    """One row per case index, one column per site (and the proxy set when present): the
+    """One row per case index, one column per site (and each proxy set when present): the
     preprocessed slice with the largest gland area, mask outline in red. Returns the PNG path."""
     plt = pyplot()
     groups = {site: recs[:cases_per_site] for site, recs in discover_sites(cfg).items()}
-    if proxy_dir(cfg).is_dir():
-        recs = discover_liu_site(proxy_dir(cfg), require_labels=False)
-        groups[proxy_dir(cfg).name] = recs[:cases_per_site]
+    public = set()
+    for folder in proxy_set_paths(cfg):
+        if folder.is_dir():
+            public.add(folder.name)
+            groups[folder.name] = discover_liu_site(folder, require_labels=False)[:cases_per_site]
     fig, axes = plt.subplots(cases_per_site, len(groups), squeeze=False,
                              figsize=(2.4 * len(groups), 2.6 * cases_per_site))
     for col, (site, recs) in enumerate(groups.items()):
         for row, rec in enumerate(recs):
-            vol = load_case(rec, cfg, require_label=rec.label is not None)
+            vol = load_case(rec, cfg, require_label=rec.label is not None,
+                            pad=cfg.proxy_pad if site in public else "zero")
             z = vol.num_slices // 2
             if vol.label is not None:
                 z = int(np.argmax(vol.label.reshape(vol.num_slices, -1).sum(axis=1)))

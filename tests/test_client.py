@@ -292,7 +292,7 @@ def test_simulation_partition_maps_to_a_synthetic_site(fed, tmp_path):
     root, _, _ = fed
     n = resolve_node({"partition-id": 1, "num-partitions": 2},
                      {"data-root": str(root), "state-root": str(tmp_path)})
-    assert n.site == "SiteB" and n.proxy_path == root / "PROXY" and n.state_dir == tmp_path / "SiteB"
+    assert n.site == "SiteB" and n.proxy_paths == (root / "PROXY",) and n.state_dir == tmp_path / "SiteB"
     with pytest.raises(ConfigError, match="partition-id: 2 but .* has 2 site folders"):
         resolve_node({"partition-id": 2}, {"data-root": str(root)})
 
@@ -441,8 +441,7 @@ def test_consensus_refines_a_copy_of_the_teacher_toward_the_consensus(fed, train
 
     root, cfg, node = fed
     here = resolve_node(node, {}, cfg)
-    cases = {c.case_id: c for c in load_proxy(replace(cfg.data, root=str(root)),
-                                              with_labels=True)}
+    cases = load_proxy(replace(cfg.data, root=str(root)), with_labels=True)
     ids = proxy_slice_ids(cases)
     truth = np.stack([cases[i.rpartition("/")[0]].label[int(i.rpartition("/")[2])]
                       for i in ids]).astype(np.float32)

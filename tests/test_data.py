@@ -49,8 +49,9 @@ def test_liu_layout_on_synthetic_sites(tiny_synth):
     assert vol.spacing[:2] == pytest.approx((1.0, 1.0))
     assert set(np.unique(vol.label)) == {0, 1}
     proxy = load_proxy(cfg)
-    assert len(proxy) == 3 and all(p.label is None for p in proxy)
-    assert all(p.label is not None for p in load_proxy(cfg, with_labels=True))
+    assert list(proxy) == ["Case00", "Case01", "Case02"]
+    assert len(proxy) == 3 and all(p.label is None for p in proxy.values())
+    assert all(p.label is not None for p in load_proxy(cfg, with_labels=True).values())
 
 
 def test_msd_layout_4d_channel_and_multiclass_labels(tmp_path):
@@ -316,3 +317,8 @@ def test_proxy_slice_step_queries_every_kth_slice():
     assert proxy_slice_ids(vols) == ["Case00/0", "Case00/1", "Case00/2", "Case01/0", "Case01/1",
                                      "Case01/2", "Case01/3", "Case01/4"]
     assert proxy_slice_ids(vols, 2) == ["Case00/0", "Case00/2", "Case01/0", "Case01/2", "Case01/4"]
+    vols["POOL/Case00"] = CaseVolume("POOL", "Case00", np.zeros((5, 4, 4), np.float32), None,
+                                     (1, 1, 1))
+    assert proxy_slice_ids(vols, {"POOL": 2})[-3:] == ["POOL/Case00/0", "POOL/Case00/2",
+                                                       "POOL/Case00/4"]
+    assert len(proxy_slice_ids(vols, {"POOL": 2})) == 8 + 3

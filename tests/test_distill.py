@@ -104,7 +104,7 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
     cfg = with_overrides(RunConfig(), [f"data.root={tiny_synth}", "data.size=[64,64]",
                                        "data.spacing=[2.0,2.0]", "student.proxy_pretrain_epochs=20",
                                        "student.intensity_augment=standard"])
-    proxy = load_proxy(cfg.data, with_labels=True)
+    proxy = list(load_proxy(cfg.data, with_labels=True).values())
     net = FeatureNet(cfg.model.student, 1)
     before = evaluate_cases(net, proxy, with_hd95=False)["dice"]["mean"]
     record = pretrain_on_proxy(net, cfg, log=lambda s: None)

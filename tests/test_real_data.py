@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from common.data import discover_liu_site, discover_sites, proxy_dir
+from common.config import proxy_set_paths
+from common.data import discover_liu_site, discover_sites
 from common.splits import load_unsplit, split_cases
 from conftest import REPO
 from simulations.experiment import method_configs
@@ -30,8 +31,8 @@ def test_real_configs_find_their_sites_and_test_every_case_once(shared, name, mo
     monkeypatch.chdir(REPO)  # data.root is ../shared/data, relative to the repository
     cfg = load_config(name)
     records = discover_sites(cfg.data)
-    assert len(records) == 3 and proxy_dir(cfg.data).is_dir()
-    assert not set(records) & {Path(cfg.data.proxy).name}  # the proxy is no site
+    assert len(records) == 3 and all(p.is_dir() for p in proxy_set_paths(cfg.data))
+    assert not set(records) & {p.name for p in proxy_set_paths(cfg.data)}  # the proxy is no site
     if not cfg.experiment.folds:
         return
     runs = method_configs(cfg)

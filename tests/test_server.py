@@ -209,6 +209,33 @@ def test_auto_aggregation_without_proxy_masks_uses_the_first_candidate(fed, tmp_
     assert "no masks to choose by" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_a_labelled_and_an_unlabelled_public_set_in_one_proxy(fed, tmp_path):
+    """data.proxy = [PROXY, POOL] with POOL unlabelled: every site answers on both sets, auto
+    still scores its candidates on PROXY's masks (it does not fall back to the first one), the
+    report counts the slices with masks, and the steps budget draws from each set at its
+    share."""
+    import shutil
+
+    pool = tmp_path / "POOL"
+    shutil.copytree(Path(fed[0]) / "PROXY", pool)
+    for f in pool.glob("*_segmentation*"):
+        f.unlink()
+    cfg, grid = make(fed, tmp_path / "run", [f"data.proxy=[PROXY, {pool}]", "distill.epochs=1",
+                                             "aggregation.auto_candidates=[mean,affinity]",
+                                             "distill.steps_per_epoch=4",
+                                             "distill.set_weights={PROXY: 1, POOL: 3}"])
+    logs = []
+    report = run_federation(grid, cfg, logs.append)
+    q = report["state"]["rounds"]["1"]["query"]
+    per_set = q["slices_per_set"]
+    assert per_set["PROXY"] == per_set["POOL"] > 0 and q["n_slices"] == 2 * per_set["PROXY"]
+    assert q["n_labelled"] == per_set["PROXY"]
+    assert set(q["auto"]["scores"]) == {"mean", "affinity"}
+    assert q["target_dice"] == pytest.approx(q["auto"]["scores"][q["auto"]["chosen"]])
+    assert report["state"]["rounds"]["1"]["distill"]["history"][0]["steps"] == 4
+    assert any("share of the draws by set: PROXY 0.25, POOL 0.75" in x for x in logs)
+
+
 def test_consensus_round_refines_the_teachers_and_distils_from_their_answer(fed, tmp_path,
                                                                           adaptive_run):
     """consensus.rounds=1: after the first query every site gets the targets
