@@ -114,8 +114,23 @@ def feature_group(name: str, channels: int) -> str:
     return f"{name}@{channels}"
 
 
+CHUNK = 256   # slices folded (and finalised) at a time: temporaries stay small whatever N
+
+
+def _zeros(shape: tuple, dtype, spill_dir: Optional[Path], name: str) -> np.ndarray:
+    """Zeros in RAM, or (``spill_dir`` given) in a memory-mapped ``.npy`` file there: the OS
+    pages them out as needed, so server memory does not grow with the proxy set."""
+    if spill_dir is None:
+        return np.zeros(shape, dtype)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(spill_dir / f"{name}.npy", "w+", dtype, shape)
+
+
 class StreamingAggregator:
-    """Fold teacher replies into targets one at a time (see the module docstring)."""
+    """Fold teacher replies into targets one at a time (see the module docstring).
+
+    Replies are folded ``CHUNK`` slices at a time; with a ``spill_dir`` the running sums and the
+    targets are memory-mapped files there (RAM holds a chunk's temporaries, not N slices)."""
 
     def __init__(self, cfg: AggregationConfig, spill_dir: Optional[Path] = None):
         self.cfg = cfg
@@ -145,66 +160,87 @@ class StreamingAggregator:
         if self.method == "single" and self.reliability:
             raise ValueError(f"aggregation 'single' takes one teacher; got {site} after "
                              f"{self.sites[0]}")
-        probs = probs.astype(np.float32, copy=False)
         if self.num is not None and probs.shape != self.num.shape:
             raise ValueError(f"{site}: probabilities of shape {probs.shape}, expected "
                              f"{self.num.shape}")
         self.reliability[site] = float(reliability)
-        if self.method == "adaptive":
-            w = confidence_weight(probs, reliability, self.cfg.confidence_temperature)
-        elif self.method == "affinity":
+        slice_d = None
+        if self.method == "affinity":
             d = np.ones(len(probs), np.float32) if affinity is None else affinity
             if d.shape != probs.shape[:1]:
                 raise ValueError(f"{site}: affinity of shape {d.shape}, expected "
                                  f"({probs.shape[0]},)")
             self.claim = d.copy() if self.claim is None else np.minimum(self.claim, d)
-            d = np.clip(d - self.cfg.affinity_margin, 0.0, 50.0)
-            w = np.exp(-d / self.cfg.affinity_temperature).astype(np.float32)
-            w = np.broadcast_to(w[:, None, None], probs.shape[:1] + probs.shape[2:])
-        else:
-            w = np.ones(probs.shape[:1] + probs.shape[2:], np.float32)
-        if self.method == "adaptive" and self.cfg.use_agreement:
+            slice_d = np.clip(d - self.cfg.affinity_margin, 0.0, 50.0)
+        agreement = self.method == "adaptive" and self.cfg.use_agreement
+        if agreement:   # first pass: reliability only; the reply waits on disk for the second
             path = self.spill_dir / f"{len(self.spilled):04d}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, probs.astype(np.float16))
+            spill = _zeros(probs.shape, np.float16, self.spill_dir, path.stem)
+            for start in range(0, len(probs), CHUNK):
+                spill[start:start + CHUNK] = probs[start:start + CHUNK]
+            spill.flush()
             self.spilled[site] = path
-            w_mean = np.full_like(w, max(reliability, MIN_RELIABILITY))  # first pass: reliability
-            self._fold(site, probs, w_mean)
-        else:
-            self._fold(site, probs, w)
-        slice_w = np.asarray(w, np.float32).mean(axis=(1, 2))        # (N,)
-        if self.method == "adaptive" and self.cfg.use_agreement:  # first pass: reliability only
-            slice_w = np.full(len(probs), max(reliability, MIN_RELIABILITY), np.float32)
+
+        def weight(p: np.ndarray, rows: slice) -> np.ndarray:
+            if agreement:
+                return np.full(p.shape[:1] + p.shape[2:], max(reliability, MIN_RELIABILITY),
+                               np.float32)
+            if self.method == "adaptive":
+                return confidence_weight(p, reliability, self.cfg.confidence_temperature)
+            if slice_d is not None:
+                w = np.exp(-slice_d[rows] / self.cfg.affinity_temperature).astype(np.float32)
+                return np.broadcast_to(w[:, None, None], p.shape[:1] + p.shape[2:])
+            return np.ones(p.shape[:1] + p.shape[2:], np.float32)
+
+        slice_w = self._fold(site, probs, weight)
         for name, f in (features or {}).items():
             key = feature_group(name, f.shape[1])
-            contrib = slice_w[:, None, None, None] * f.astype(np.float32, copy=False)
-            if key in self.feat_num:
-                self.feat_num[key] += contrib
-                self.feat_den[key] += slice_w
-            else:
-                self.feat_num[key] = contrib.astype(np.float64)
-                self.feat_den[key] = slice_w.astype(np.float64)
+            if key not in self.feat_num:
+                self.feat_num[key] = _zeros(f.shape, np.float64, self.spill_dir, f"feat_{key}")
+                self.feat_den[key] = np.zeros(len(f), np.float64)
+            num = self.feat_num[key]
+            for start in range(0, len(f), CHUNK):
+                rows = slice(start, start + CHUNK)
+                num[rows] += slice_w[rows, None, None, None] * np.asarray(f[rows], np.float32)
+            self.feat_den[key] += slice_w
 
-    def _fold(self, site: str, probs: np.ndarray, w: np.ndarray) -> None:
-        contrib = probs * w[:, None]          # float32; the sums are float64 (order-independent)
+    def _fold(self, site: str, probs: np.ndarray,
+              weight: Callable[[np.ndarray, slice], np.ndarray]) -> np.ndarray:
+        """Add ``weight(p, rows) * p`` of every chunk of ``probs`` into the sums; returns each
+        slice's mean weight (N,) float32."""
+        n = len(probs)
         if self.num is None:
-            self.num, self.den = contrib.astype(np.float64), np.asarray(w, np.float64).copy()
-        else:
-            self.num += contrib
-            self.den += w
-        self.site_mass[site] = float(w.sum())
+            self.num = _zeros(probs.shape, np.float64, self.spill_dir, "num")
+            self.den = _zeros(probs.shape[:1] + probs.shape[2:], np.float64, self.spill_dir, "den")
+        slice_w = np.empty(n, np.float32)
+        mass = 0.0
+        for start in range(0, n, CHUNK):
+            rows = slice(start, start + CHUNK)
+            p = np.asarray(probs[rows], np.float32)
+            w = weight(p, rows)
+            self.num[rows] += p * w[:, None]   # float32 products; float64 sums (order-free)
+            self.den[rows] += w
+            mass += float(w.sum(dtype=np.float64))
+            slice_w[rows] = w.mean(axis=(1, 2))
+        self.site_mass[site] = mass
+        return slice_w
 
     def _agreement_pass(self) -> dict[str, float]:
         """Second pass of ``use_agreement``: a_k from the spilled replies, then the adaptive
         fold with weights r_k * a_k * exp(-H / tau)."""
-        ensemble = (self.num / self.den[:, None]).argmax(axis=1)
+        ensemble = np.empty(self.den.shape, bool)
+        for start in range(0, len(ensemble), CHUNK):
+            rows = slice(start, start + CHUNK)
+            ensemble[rows] = self.num[rows, 1] > self.num[rows, 0]   # argmax == 1
         agreement = {}
         self.num = self.den = None
         for site, path in sorted(self.spilled.items()):
-            p = np.load(path, mmap_mode="r").astype(np.float32)
-            agreement[site] = hard_dice(p.argmax(axis=1) == 1, ensemble == 1)
+            p = np.load(path, mmap_mode="r")
+            agreement[site] = hard_dice(np.asarray(p[:, 1] > p[:, 0]), ensemble)
             r = max(self.reliability[site], MIN_RELIABILITY) * max(agreement[site], MIN_RELIABILITY)
-            self._fold(site, p, confidence_weight(p, r, self.cfg.confidence_temperature))
+            self._fold(site, p, lambda q, rows: confidence_weight(
+                q, r, self.cfg.confidence_temperature))
+            del p
             path.unlink()
         return agreement
 
@@ -214,22 +250,29 @@ class StreamingAggregator:
         self.feat_num, self.feat_den = {}, {}
 
     def finalize(self, as_method: Optional[str] = None) -> Targets:
-        """The targets. ``as_method="era"`` on the sums of ``mean`` (the same uniform weights):
-        ERA's targets without a second set of sums."""
+        """The targets (memory-mapped in ``spill_dir`` when there is one). ``as_method="era"``
+        on the sums of ``mean`` (the same uniform weights): ERA's targets without a second set
+        of sums."""
         method = as_method or self.method
         if method != self.method and (self.method, method) != ("mean", "era"):
             raise ValueError(f"the sums of {self.method!r} do not give {method!r}")
         if self.num is None:
             raise ValueError("no teacher replies to aggregate")
         agreement = self._agreement_pass() if self.spilled else {}
-        probs = self.num / np.maximum(self.den, EPS)[:, None]
-        if method == "era":
-            probs = sharpen(probs, self.cfg.era_temperature)
+        probs = _zeros(self.num.shape, np.float32, self.spill_dir, f"targets_{method}")
+        for start in range(0, len(probs), CHUNK):
+            rows = slice(start, start + CHUNK)
+            p = self.num[rows] / np.maximum(self.den[rows], EPS)[:, None]
+            probs[rows] = sharpen(p, self.cfg.era_temperature) if method == "era" else p
         total = sum(self.site_mass[s] for s in self.sites)
         weights = {s: self.site_mass[s] / total for s in self.sites}
-        feats = {k: (v / np.maximum(self.feat_den[k], EPS)[:, None, None, None]).astype(np.float32)
-                 for k, v in sorted(self.feat_num.items())}
-        return Targets(probs.astype(np.float32), feats, weights, agreement, self.claim)
+        feats = {}
+        for k, v in sorted(self.feat_num.items()):
+            out = feats[k] = _zeros(v.shape, np.float32, self.spill_dir, f"targets_{method}_{k}")
+            for start in range(0, len(v), CHUNK):
+                rows = slice(start, start + CHUNK)
+                out[rows] = v[rows] / np.maximum(self.feat_den[k][rows], EPS)[:, None, None, None]
+        return Targets(probs, feats, weights, agreement, self.claim)
 
 
 class AutoAggregator:

@@ -285,11 +285,13 @@ class FederationConfig:
     requery_teachers: bool = field_(False)
     wait_timeout_s: float = field_(120.0, lo=0.0)
     precision: Literal["float32", "float16", "int8"] = field_("float16")
-    strategy: Literal["kd", "fedavg", "fedprox", "feddf", "local", "central", "central-student",
-                      "central-kd"] = field_(
+    strategy: Literal["kd", "fedavg", "fedprox", "feddf", "fedavg-st", "local", "central",
+                      "central-student", "central-kd"] = field_(
         "kd", doc="kd: federated distillation; fedavg / fedprox: Flower's strategies on the "
         "student architecture; feddf: FedAvg, then the FedAvg student refined by distillation "
-        "on the proxy set (Lin et al. 2020; student weights leave the sites); local, central, "
+        "on the proxy set (Lin et al. 2020; student weights leave the sites); fedavg-st: "
+        "FedAvg, then self-training on the proxy set (the FedAvg student labels it and is "
+        "distilled on its own soft labels, the distill recipe and budget); local, central, "
         "central-student, central-kd: baselines on pooled data, simulation only")
     local_epochs: int = field_(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
     proximal_mu: float = field_(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
@@ -510,9 +512,9 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError("consensus.rounds: needs federation.strategy 'kd' and federation.rounds "
                           "1 (the consensus refines the teachers before the one distillation)")
     if cfg.federation.select_round and cfg.federation.strategy not in ("fedavg", "fedprox",
-                                                                        "feddf"):
+                                                                        "feddf", "fedavg-st"):
         raise ConfigError(f"federation.select_round: applies to the FedAvg rounds of fedavg, "
-                          f"fedprox and feddf, not federation.strategy "
+                          f"fedprox, feddf and fedavg-st, not federation.strategy "
                           f"{cfg.federation.strategy!r} (a distillation selects with "
                           f"distill.select_every)")
     if cfg.adapt.enabled and cfg.federation.strategy in SIMULATION_ONLY:

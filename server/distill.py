@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -51,6 +52,19 @@ def epoch_slices(has_gland: np.ndarray, fraction: float, rng: np.random.Generato
     n_bg = int(round(len(bg) * fraction))
     chosen = rng.choice(bg, n_bg, replace=False) if n_bg else np.empty(0, dtype=np.int64)
     return np.concatenate([fg, chosen]).astype(np.int64)
+
+
+def rows_of(array: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of an array in RAM or memory-mapped, as a float32 tensor (only these rows
+    are read)."""
+    return torch.from_numpy(np.asarray(array[idx.numpy()], dtype=np.float32))
+
+
+def has_gland_target(probs: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(N,) whether a slice's target (N, 2, H, W) has a pixel whose argmax is gland, read
+    ``chunk`` slices at a time."""
+    return np.concatenate([(probs[i:i + chunk, 1] > probs[i:i + chunk, 0]).any(axis=(1, 2))
+                           for i in range(0, len(probs), chunk)]) if len(probs) else np.zeros(0, bool)
 
 
 def draw_odds(has_gland: np.ndarray, usable: np.ndarray, empty_fraction: float,
@@ -96,9 +110,7 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
         raise ValueError(f"{images.shape[0]} proxy images but {targets.probs.shape[0]} targets")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    x_all = torch.from_numpy(images.astype(np.float32))
-    p_all = torch.from_numpy(targets.probs.astype(np.float32))
-    has_gland = (targets.probs.argmax(axis=1) > 0).reshape(len(images), -1).any(axis=1)
+    has_gland = has_gland_target(targets.probs)
     usable = np.ones(len(images), bool)
     if cfg.max_claim_distance is not None and targets.claim is not None:
         usable = targets.claim <= cfg.max_claim_distance
@@ -109,7 +121,7 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
                              f"{cfg.max_claim_distance:g} of any site")
     if not has_gland.any() and recipe.empty_slice_fraction == 0:
         raise ValueError(f"{tag}: no target holds gland and student.empty_slice_fraction is 0")
-    feat_all = {g: torch.from_numpy(f.astype(np.float32)) for g, f in targets.features.items()}
+    feat_all = targets.features
     if feature_loss is None and cfg.w_feature > 0 and feat_all:
         feature_loss = FeatureDistillLoss(student.feature_channels(),
                                           {g: f.shape[1] for g, f in feat_all.items()},
@@ -145,8 +157,8 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
                                                 p=odds))
             chosen = torch.unique(order)
         for idx in order.split(recipe.batch_size):
-            x, p = x_all[idx], p_all[idx]
-            feats_t = {g: f[idx] for g, f in feat_all.items()}
+            x, p = rows_of(images, idx), rows_of(targets.probs, idx)
+            feats_t = {g: rows_of(f, idx) for g, f in feat_all.items()}
             if recipe.augment:
                 x, maps = augment_batch(x, {"probs": p, **feats_t}, gen, background="probs",
                                         intensity=recipe.intensity_augment)
@@ -186,6 +198,26 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
             on_epoch(epoch, student)
     student.eval()
     return history
+
+
+@torch.no_grad()
+def model_probs(model: FeatureNet, images: np.ndarray, folder: Optional[Path] = None,
+                batch: int = 64) -> np.ndarray:
+    """``model``'s softmax (N, 2, H, W) float32 on ``images`` (N, C, H, W), ``batch`` slices at
+    a time; memory-mapped in ``folder/probs.npy`` when ``folder`` is given."""
+    model.eval()
+    n, (h, w) = len(images), images.shape[-2:]
+    if folder is None:
+        out = np.empty((n, 2, h, w), np.float32)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(folder / "probs.npy", "w+", np.float32, (n, 2, h, w))
+    for start in range(0, n, batch):
+        x = torch.from_numpy(np.asarray(images[start:start + batch], dtype=np.float32))
+        out[start:start + batch] = model(x)[0].softmax(dim=1).numpy()
+    if isinstance(out, np.memmap):
+        out.flush()
+    return out
 
 
 def mix_labels(targets: Targets, labels: np.ndarray, weight: float,

@@ -10,20 +10,21 @@ images. Masks are used on the slices that have them and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from common.config import DataConfig, proxy_set_paths
-from common.data import load_proxy
+from common.data import discover_liu_site, load_case, proxy_key
 from common.metrics import dice_score
-from common.protocol import parse_slice_ids
 from common.slices import proxy_slice_ids, slice_stack
 
 
 @dataclass
 class ProxySet:
-    """The queried proxy slices, in the order of ``ids`` (``KEY/z``, :func:`common.data.proxy_key`).
+    """The queried proxy slices, in the order of ``ids`` (``KEY/z``, :func:`common.data.proxy_key`;
+    set by set in ``data.proxy`` order, case by case, slice by slice).
 
     ``images`` (N, C, H, W) float32; ``labels`` (N, H, W) uint8 or None when no slice has a mask
     (rows of unlabelled slices are 0 and must be read through ``labelled``); ``labelled`` (N,)
@@ -62,20 +63,55 @@ class ProxySet:
         return float(np.mean(scores))
 
 
-def load_proxy_set(cfg: DataConfig) -> ProxySet:
-    """Read and preprocess every public set of ``data.proxy`` (masks where present), and take
-    every ``data.proxy_slice_step``-th slice of each volume."""
+class _Rows:
+    """Rows of one shape and dtype appended to a raw file, then read back memory-mapped."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.shape, self.n = path, np.dtype(dtype), None, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "wb")
+
+    def add(self, rows: np.ndarray) -> None:
+        self.shape = rows.shape[1:]
+        self.file.write(np.ascontiguousarray(rows, self.dtype).tobytes())
+        self.n += len(rows)
+
+    def array(self) -> np.ndarray:
+        self.file.close()
+        return np.memmap(self.path, self.dtype, "r", shape=(self.n, *self.shape))
+
+
+def load_proxy_set(cfg: DataConfig, cache_dir: Optional[Path] = None) -> ProxySet:
+    """Read and preprocess every public set of ``data.proxy`` (masks where present), one
+    volume at a time, and take every ``data.proxy_slice_step``-th slice of each volume. With
+    ``cache_dir`` the images and masks are written there and memory-mapped (server memory does
+    not grow with the proxy set); else they are held in RAM."""
     folders = proxy_set_paths(cfg)
-    vols = load_proxy(cfg, with_labels=True, folders=folders)
-    ids = proxy_slice_ids(vols, cfg.proxy_slice_step)
-    where = [(vols[c], z) for c, z in parse_slice_ids(ids, vols)]
-    images = np.stack([slice_stack(c.image, z, cfg.context_slices)
-                       for c, z in where]).astype(np.float32)
-    labelled = np.array([c.label is not None for c, _ in where], bool)
-    labels = None
-    if labelled.any():
-        blank = np.zeros(images.shape[-2:], np.uint8)
-        labels = np.stack([c.label[z] if c.label is not None else blank for c, z in where])
     names = [f.name for f in folders]
-    set_index = np.array([names.index(c.site) for c, _ in where], np.int64)
-    return ProxySet(ids, images, labels, labelled, set_index, names)
+    ids: list[str] = []
+    labelled: list[bool] = []
+    set_index: list[int] = []
+    images: list[np.ndarray] | _Rows = [] if cache_dir is None else _Rows(
+        cache_dir / "proxy_images.f32", np.float32)
+    labels: list[np.ndarray] | _Rows = [] if cache_dir is None else _Rows(
+        cache_dir / "proxy_masks.u8", np.uint8)
+    add = (lambda rows, x: rows.append(x)) if cache_dir is None else (lambda rows, x: rows.add(x))
+    for i, folder in enumerate(folders):
+        for rec in discover_liu_site(folder, require_labels=False):
+            key = proxy_key(folder.name, rec.case_id, len(folders))
+            vol = load_case(rec, cfg, require_label=False, pad=cfg.proxy_pad)
+            zs = [int(k.rpartition("/")[2]) for k in proxy_slice_ids({key: vol},
+                                                                     cfg.proxy_slice_step)]
+            ids += [f"{key}/{z}" for z in zs]
+            add(images, np.stack([slice_stack(vol.image, z, cfg.context_slices) for z in zs]))
+            mask = vol.label[zs] if vol.label is not None else np.zeros(
+                (len(zs), *vol.image.shape[1:]), np.uint8)
+            add(labels, mask)
+            labelled += [vol.label is not None] * len(zs)
+            set_index += [i] * len(zs)
+    stacked = (lambda rows: np.concatenate(rows)) if cache_dir is None else (
+        lambda rows: rows.array())
+    labelled_arr = np.array(labelled, bool)
+    mask_arr = stacked(labels)
+    return ProxySet(ids, stacked(images), mask_arr if labelled_arr.any() else None,
+                    labelled_arr, np.array(set_index, np.int64), names)

@@ -17,7 +17,10 @@ def query_lines(q: dict) -> list[str]:
     truth = (f" Aggregated targets vs the proxy ground truth: Dice {q['target_dice']:.4f}."
              if "target_dice" in q else "")
     how = q.get("encoding", q["precision"])
-    lines += [f"Proxy query: {q['n_slices']} slices; replies: {how}.{truth}", ""]
+    sets = q.get("slices_per_set", {})
+    parts = (" (" + ", ".join(f"{k} {v}" for k, v in sets.items()) + ")") if len(sets) > 1 else ""
+    masks = (f"; {q['n_labelled']} with masks" if "n_labelled" in q else "")
+    lines += [f"Proxy query: {q['n_slices']} slices{parts}{masks}; replies: {how}.{truth}", ""]
     if q.get("auto") and not q["auto"]["scores"]:
         lines += [f"Aggregation `auto`: the proxy set has no masks to choose by; the "
                   f"student is distilled from the first candidate, "

@@ -28,6 +28,7 @@ dtype, NaN) is excluded from that step with a logged reason, which the report na
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,12 +66,30 @@ from common.protocol import (
 )
 from server import capacity
 from server.audit import AuditGrid
-from server.distill import distill_student, mix_labels, pretrain_on_proxy
+from server.distill import distill_student, mix_labels, model_probs, pretrain_on_proxy
 from server.messaging import exchange, wait_for_nodes
 from server.proxy import ProxySet, load_proxy_set
 from server.state import FederationError, RunState, config_digest
 
 LOG = get_logger("fedkd.server")
+
+
+def save_targets(targets: Targets, folder: Path) -> None:
+    """``folder/probs.npy`` (N, 2, H, W), ``claim.npy`` (N,) if any, ``feat@NAME@C.npy``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"probs": targets.probs, "claim": targets.claim,
+              **{f"feat@{k}": v for k, v in targets.features.items()}}
+    for name, arr in arrays.items():
+        if arr is not None:
+            np.save(folder / f"{name}.npy", arr)
+
+
+def load_targets(folder: Path) -> Targets:
+    """The targets :func:`save_targets` wrote, memory-mapped (rows are read as used)."""
+    probs = np.load(folder / "probs.npy", mmap_mode="r")
+    claim = np.load(folder / "claim.npy") if (folder / "claim.npy").is_file() else None
+    feats = {p.stem[5:]: np.load(p, mmap_mode="r") for p in sorted(folder.glob("feat@*.npy"))}
+    return Targets(probs, feats, claim=claim)
 
 
 def reply_site(label: str, reply: Message) -> str:
@@ -85,11 +104,15 @@ COVERAGE_DISTANCE = 1.2
 COVERAGE_WARNING = 0.7
 
 
+# strategies whose FedAvg student is refined by a distillation on the proxy set, one round more
+REFINING = ("feddf", "fedavg-st")
+
+
 def final_round(cfg: RunConfig) -> int:
-    """The round of a run's final student: ``federation.rounds``; with ``feddf`` the
-    distillation after the FedAvg rounds is one round more."""
+    """The round of a run's final student: ``federation.rounds``; with ``feddf`` and
+    ``fedavg-st`` the distillation after the FedAvg rounds is one round more."""
     rounds = cfg.federation.rounds
-    return rounds + 1 if cfg.federation.strategy == "feddf" else rounds
+    return rounds + 1 if cfg.federation.strategy in REFINING else rounds
 
 
 def proxy_coverage(claim: np.ndarray) -> dict:
@@ -198,7 +221,7 @@ class Coordinator:
         a set has them: they score ``auto``'s candidates, report how good the targets are, and
         are mixed into them with ``distill.proxy_label_weight``)."""
         if self._proxy is None:
-            self._proxy = load_proxy_set(self.cfg.data)
+            self._proxy = load_proxy_set(self.cfg.data, self.run_dir / "proxy_cache")
             p = self._proxy
             self.log(f"[server] proxy set: {len(p)} slices ("
                      + ", ".join(f"{k} {v}" for k, v in p.slices_per_set().items())
@@ -244,7 +267,7 @@ class Coordinator:
     def query_and_aggregate(self, rnd: int, consensus: int = 0) -> Targets:
         """Step ``query_r{rnd}`` (``consensus`` c > 0: ``query_c{c}``, the answer of the
         teachers refined in consensus round c): query every teacher, fold the replies, keep the
-        targets (``RUN_DIR/targets_{tag}.npz``) and the figures."""
+        targets (``RUN_DIR/targets_{tag}/``, memory-mapped) and the figures."""
         t0 = time.perf_counter()
         tag = f"c{consensus}" if consensus else f"r{rnd}"
         record = self.state.rounds.setdefault(str(rnd), {})
@@ -254,7 +277,8 @@ class Coordinator:
         features = list(self.cfg.model.student.features) if self.cfg.distill.w_feature > 0 else []
         precision = self.cfg.federation.precision
         auto = self.cfg.aggregation.method == "auto"
-        agg = make_aggregator(self.cfg.aggregation, self.run_dir / f"spill_{tag}")
+        spill = self.run_dir / f"spill_{tag}"   # the running sums, on disk (memory-mapped)
+        agg = make_aggregator(self.cfg.aggregation, spill)
         content = query_request(self.cfg, ids, features, precision, teacher=teacher)
         figures: dict[str, dict] = {}
 
@@ -295,9 +319,6 @@ class Coordinator:
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
         else:
             targets = agg.finalize()
-        np.savez(self.run_dir / f"targets_{tag}.npz", probs=targets.probs,
-                 **({} if targets.claim is None else {"claim": targets.claim}),
-                 **{f"feat:{k}": v for k, v in targets.features.items()})
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids),
                  "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
@@ -321,8 +342,11 @@ class Coordinator:
             record["consensus"][str(consensus)]["query"] = query
         else:
             record["query"] = query
+        save_targets(targets, self.run_dir / f"targets_{tag}")
+        del targets, agg
+        shutil.rmtree(spill, ignore_errors=True)
         self._done(f"query_{tag}", time.perf_counter() - t0)
-        return targets
+        return self.load_targets(tag)
 
     def consensus(self, rnd: int, c: int, targets: Targets) -> None:
         """Step ``consensus_c{c}`` of round ``rnd``: ``train.consensus`` with ``targets``' gland
@@ -353,10 +377,9 @@ class Coordinator:
         self._done(f"consensus_c{c}", time.perf_counter() - t0)
 
     def load_targets(self, tag: str) -> Targets:
-        """The targets a query step kept (``tag``: r{round} or c{consensus round})."""
-        data = np.load(self.run_dir / f"targets_{tag}.npz")
-        feats = {k[5:]: data[k] for k in data.files if k.startswith("feat:")}
-        return Targets(data["probs"], feats, claim=data["claim"] if "claim" in data.files else None)
+        """The targets a query step kept (``tag``: r{round} or c{consensus round}),
+        memory-mapped."""
+        return load_targets(self.run_dir / f"targets_{tag}")
 
     def distill(self, rnd: int, targets: Targets):
         t0 = time.perf_counter()
@@ -541,6 +564,8 @@ class Coordinator:
             if self.cfg.adapt.enabled and self._pending(f"adapt_r{rounds}"):
                 self.adapt(rounds, labels)
             return self.finish(t0)
+        if strategy == "fedavg-st":
+            return self.self_training(nodes, t0)
         if strategy == "feddf" and self._pending("weights"):
             self.weight_sharing(nodes)   # FedAvg rounds first: student weights leave the sites
         known = set(self.state.nodes)
@@ -575,6 +600,31 @@ class Coordinator:
         if (self.cfg.adapt.enabled and not self.cfg.capacity.enabled
                 and self._pending(f"adapt_r{self.final_round}")):
             self.adapt(self.final_round)
+        return self.finish(t0)
+
+    def self_training(self, nodes: list[int], t0: float) -> dict:
+        """``fedavg-st``: FedAvg rounds, then the server labels the public proxy set with the
+        FedAvg student (its own softmax, ``RUN_DIR/targets_self/``) and distils the student on
+        those labels, starting from itself (step ``distill_r{rounds + 1}``: the ``distill``
+        recipe and budget, no feature targets); the sites evaluate the result. No teacher is
+        trained and no site answers a proxy query: what a FedAvg user can do with the same
+        unlabelled data."""
+        labels = {n: f"node {n}" for n in nodes}
+        rounds, rnd = self.cfg.federation.rounds, self.final_round
+        if self._pending("weights"):
+            self.weight_sharing(nodes)
+        if self._pending(f"distill_r{rnd}"):
+            student = self.new_student()
+            student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rounds}.pt"))
+            folder = self.run_dir / "targets_self"
+            model_probs(student, self.proxy().images, folder)   # folder/probs.npy
+            self.log(f"[server] self-training: the FedAvg student labelled {len(self.proxy())} "
+                     f"proxy slices")
+            self.distill(rnd, load_targets(folder))
+        if self._pending(f"evaluate_r{rnd}"):
+            self.evaluate(rnd, labels)
+        if self.cfg.adapt.enabled and self._pending(f"adapt_r{rnd}"):
+            self.adapt(rnd, labels)
         return self.finish(t0)
 
     def finish(self, t0: float) -> dict:

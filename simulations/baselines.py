@@ -109,7 +109,7 @@ def proxy_outputs(model: FeatureNet, images: np.ndarray, batch: int = 32
     model.eval()
     probs, feats = [], {}
     for start in range(0, len(images), batch):
-        logits, f = model(torch.from_numpy(images[start:start + batch]))
+        logits, f = model(torch.from_numpy(np.array(images[start:start + batch], np.float32)))
         probs.append(logits.softmax(dim=1).numpy())
         for k, v in f.items():
             feats.setdefault(k, []).append(v.numpy())

@@ -32,7 +32,8 @@ from common.data import DataError
 from server.state import FederationError
 from simulations.plots import _by_method
 
-STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "central-student", "central-kd")
+STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "fedavg-st", "central-student",
+                      "central-kd")
 
 
 def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:
@@ -165,10 +166,12 @@ def run_figures(report: dict) -> dict:
         c["bytes"] for r in st["rounds"].values() for c in r.get("consensus", {}).values())
     if w:  # FedAvg / FedProx (and feddf's first stage): every site uploads every round
         per_site = w["bytes_per_site_round"]
-        total = w["bytes_per_site_round"] * w["sites"] * len(w["history"]) + int(sum(replies))
-        # up and down every round (+ feddf's replies and its distilled student, once)
-        moved = 2 * per_site * len(w["history"]) + (
-            sum(replies) / n_sites + received if replies else 0)
+        rounds = report["config"]["federation"]["rounds"]
+        total = per_site * w["sites"] * rounds + int(sum(replies))
+        # down and up every round, down once more for every round's evaluation, and the final
+        # student for the test evaluation (+ feddf's replies and its selection candidates)
+        moved = per_site * (2 * rounds + len(w["history"])) + received + (
+            sum(replies) / n_sites if replies else 0)
     elif replies:  # KD: each site's replies, and the distilled student it receives once
         per_site, total = float(np.mean(replies)), int(sum(replies))
         moved = sum(replies) / n_sites + received

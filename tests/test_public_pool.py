@@ -174,3 +174,48 @@ def test_a_node_reads_several_public_folders_from_its_node_config(tmp_path):
     node = resolve_node({"data-path": str(tmp_path / "BIDMC"),
                          "proxy-path": os.pathsep.join([str(a), str(b)])}, {})
     assert node.proxy_paths == (a, b)
+
+
+def test_the_proxy_cache_on_disk_holds_what_ram_holds(two_sets, tmp_path):
+    cfg = pool_cfg(two_sets)
+    ram, disk = load_proxy_set(cfg.data), load_proxy_set(cfg.data, tmp_path / "cache")
+    assert isinstance(disk.images, np.memmap) and isinstance(disk.labels, np.memmap)
+    assert disk.ids == ram.ids and np.array_equal(disk.images, ram.images)
+    assert np.array_equal(disk.labels, ram.labels) and np.array_equal(disk.labelled, ram.labelled)
+
+
+def test_aggregating_a_10000_slice_proxy_keeps_server_memory_bounded(tmp_path):
+    """Three sites' replies on 10,000 proxy slices through `auto` (three sets of float64 sums:
+    about 0.5 GB in RAM). With a spill directory the sums and the targets are memory-mapped
+    and replies are folded 256 slices at a time: the aggregator's own allocations stay under
+    40 MB (measured: 17-23 MB; 830 MB without the spill directory)."""
+    import tracemalloc
+
+    from common.aggregation import make_aggregator
+    from common.config import AggregationConfig
+
+    n, hw = 10_000, 32
+    replies = []
+    for k in range(3):   # the decoded replies, memory-mapped like the server's inputs
+        p = np.lib.format.open_memmap(tmp_path / f"reply{k}.npy", "w+", np.float32, (n, 2, hw, hw))
+        rng = np.random.default_rng(k)
+        for start in range(0, n, 1000):
+            fg = rng.random((min(1000, n - start), hw, hw), dtype=np.float32)
+            p[start:start + 1000, 1], p[start:start + 1000, 0] = fg, 1 - fg
+        replies.append(p)
+    labels = (np.asarray(replies[0][:50, 1]) > 0.5).astype(np.uint8)
+
+    def score(probs):
+        return float((np.asarray(probs[:50]).argmax(axis=1) == labels).mean())
+
+    agg = make_aggregator(AggregationConfig(), tmp_path / "spill")
+    tracemalloc.start()
+    for k, p in enumerate(replies):
+        agg.add(f"S{k}", p, 0.7, affinity=np.full(n, 1.0 + k, np.float32))
+    targets = agg.finalize(score)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert targets.probs.shape == (n, 2, hw, hw) and isinstance(targets.probs, np.memmap)
+    assert np.allclose(np.asarray(targets.probs[:100]).sum(axis=1), 1.0, atol=1e-5)
+    assert set(agg.scores) == {"affinity", "mean", "adaptive", "era"}
+    assert peak < 40e6, f"aggregation allocated {peak / 1e6:.0f} MB"

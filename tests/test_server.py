@@ -18,6 +18,7 @@ from common.protocol import ADAPT_STUDENT, EVALUATE_STUDENT, QUERY_PROXY, TRAIN_
 from common.synthetic import write_dataset
 from common.modelcard import load_model_dir
 from server.predict import predict_file
+from server.proxy import load_proxy_set
 from server.state import FederationError
 from server.workflow import run_federation
 from simulations.local_grid import LocalGrid
@@ -234,6 +235,9 @@ def test_a_labelled_and_an_unlabelled_public_set_in_one_proxy(fed, tmp_path):
     assert q["target_dice"] == pytest.approx(q["auto"]["scores"][q["auto"]["chosen"]])
     assert report["state"]["rounds"]["1"]["distill"]["history"][0]["steps"] == 4
     assert any("share of the draws by set: PROXY 0.25, POOL 0.75" in x for x in logs)
+    assert (f"Proxy query: {q['n_slices']} slices (PROXY {per_set['PROXY']}, POOL "
+            f"{per_set['POOL']}); {per_set['PROXY']} with masks") in (
+        tmp_path / "run" / "report.md").read_text()
 
 
 def test_consensus_round_refines_the_teachers_and_distils_from_their_answer(fed, tmp_path,
@@ -267,8 +271,8 @@ def test_consensus_round_refines_the_teachers_and_distils_from_their_answer(fed,
     assert set(c1["sites"]) == {"SiteA", "SiteB", "SiteC"}
     first = state["rounds"]["1"]["query"]["target_dice"]
     assert c1["query"]["target_dice"] >= first - 0.01, (first, c1["query"]["target_dice"])
-    kept = np.load(tmp_path / "targets_c1.npz")["probs"]
-    assert not np.allclose(kept, np.load(tmp_path / "targets_r1.npz")["probs"])
+    kept = np.load(tmp_path / "targets_c1" / "probs.npy")
+    assert not np.allclose(kept, np.load(tmp_path / "targets_r1" / "probs.npy"))
     cfg, grid = make(fed, tmp_path, ["consensus.rounds=1"])   # restarted
     logs = []
     report = run_federation(grid, cfg, logs.append)
@@ -415,8 +419,36 @@ def test_feddf_refines_the_fedavg_student_by_distillation(fed, tmp_path, adaptiv
     fig = run_figures(report)   # the three candidates sent for validation count as traffic
     replies = sum(f["reply_bytes"] for f in report["state"]["rounds"]["3"]["query"]["sites"].values())
     w = report["state"]["rounds"]["2"]["weights"]
+    assert len(w["history"]) == 2   # both FedAvg rounds were evaluated by the sites
     assert fig["site_bytes_moved"] == pytest.approx(
-        2 * 2 * w["bytes_per_site_round"] + replies / 3 + 4 * 4 * report["student_parameters"])
+        (2 * 2 + 2) * w["bytes_per_site_round"] + replies / 3 + 4 * 4 * report["student_parameters"])
+
+
+def test_fedavg_self_training_labels_the_proxy_with_its_own_student(fed, tmp_path):
+    """FedAvg + self-training: two FedAvg rounds, then no teacher and no proxy query: the
+    server labels the proxy set with the FedAvg student and distils that student (not a fresh
+    one) toward its own labels for the steps budget; the result is tested as round 3."""
+    cfg, grid = make(fed, tmp_path, ["federation.strategy=fedavg-st", "federation.rounds=2",
+                                     "distill.epochs=2", "distill.steps_per_epoch=3"])
+    report = run_federation(grid, cfg, lambda s: None)
+    types = sent_types(grid)
+    assert types == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3 + \
+        [EVALUATE_STUDENT] * 3
+    assert report["state"]["completed"] == ["weights", "distill_r3", "evaluate_r3"]
+    assert [h["steps"] for h in report["state"]["rounds"]["3"]["distill"]["history"]] == [3, 3]
+    labels = np.load(tmp_path / "targets_self" / "probs.npy")
+    fedavg = FeatureNet(cfg.model.student)
+    fedavg.net.load_state_dict(torch.load(tmp_path / "student_r2.pt"))
+    with torch.no_grad():   # the labels are the FedAvg student's own softmax on the proxy slices
+        first = fedavg(torch.from_numpy(load_proxy_set(cfg.data).images[:4]))[0].softmax(dim=1)
+    assert np.allclose(labels[:4], first.numpy(), atol=1e-5)
+    refined = torch.load(tmp_path / "student_r3.pt")
+    fedavg_w = torch.load(tmp_path / "student_r2.pt")
+    fresh = FeatureNet(cfg.model.student).net.state_dict()
+    moved = sum(float((refined[k].float() - fedavg_w[k].float()).norm()) for k in fedavg_w)
+    fresh_gap = sum(float((fresh[k].float() - fedavg_w[k].float()).norm()) for k in fedavg_w)
+    assert 0 < moved < 0.5 * fresh_gap
+    assert set(report["state"]["rounds"]["3"]["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
 
 
 def test_pooled_data_baselines_are_refused_outside_a_simulation(fed, tmp_path):
