@@ -294,7 +294,8 @@ class Coordinator:
             agg.add(site, probs, stats["val_dice"], feats, affinity)
             figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
                              "proxy_entropy": stats["proxy_entropy"],
-                             "temperature": stats.get("temperature", 1.0)}
+                             "temperature": stats.get("temperature", 1.0),
+                             "query_seconds": stats.get("seconds")}
             if affinity is not None:
                 figures[site]["affinity_median"] = float(np.median(affinity))
             if "dp_epsilon" in stats:  # rounds of re-queries (and consensus answers) compose

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -248,7 +250,8 @@ def simulated_reply(cfg: RunConfig, slices: int, rng: np.random.Generator,
 def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     """What the server does with ``sites`` replies of ``slices`` proxy slices, encoded as ``cfg``
     says (:func:`simulated_reply`): decode and check each one (common.protocol.read_proxy_reply)
-    and fold it into the server's aggregator (``auto``: every candidate, then the choice by a
+    and fold it into the server's aggregator (its running sums memory-mapped in a temporary
+    folder, as the server's are; ``auto``: every candidate, then the choice by a
     Dice against simulated proxy masks). Seconds (decoding and aggregation; the replies are
     made before the clock starts, after one untimed warm-up decode) and the tracemalloc peak (MB)
     of the server's part: each reply held, decoded and folded in (making it is the site's work
@@ -259,7 +262,8 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
 
     rng = np.random.default_rng(0)
     taps = feature_taps(cfg)
-    agg = make_aggregator(cfg.aggregation)
+    spill = Path(tempfile.mkdtemp(prefix="bench_spill_"))   # as the server: sums on disk
+    agg = make_aggregator(cfg.aggregation, spill)
     content, names, hw = simulated_reply(cfg, slices, rng, taps)   # warm-up: lazy imports
     read_proxy_reply(content, cfg, slices, hw, names)
     tracemalloc.start()
@@ -286,6 +290,8 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     seconds += time.perf_counter() - t0
     peak = max(peak, tracemalloc.get_traced_memory()[1])
     tracemalloc.stop()
+    del agg
+    shutil.rmtree(spill, ignore_errors=True)
     return {"sites": sites, "seconds": seconds, "peak_mb": peak / 1e6, "reply_mb": reply_mb}
 
 

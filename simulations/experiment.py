@@ -191,6 +191,8 @@ def run_figures(report: dict) -> dict:
             "target_dice": queries[-1].get("target_dice") if queries else None,
             "bytes_per_site_round": per_site, "bytes_to_server": total,
             "site_bytes_moved": moved,
+            "query_seconds": max((f["query_seconds"] for q in queries for f in q["sites"].values()
+                                  if f.get("query_seconds") is not None), default=None),
             "epsilon": max((f["epsilon"] for q in queries
                             for f in q["sites"].values() if "epsilon" in f), default=None),
             "local_matrix": last.get("local", {}).get("matrix"),
