@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	# each install's output goes to $(VENV)/pip.log and is shown when it fails (make stops there)
+	$(PY) -m pip install --quiet --upgrade pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	# torch first and pinned: its CPU wheel is on disk; an unpinned resolve pulls CUDA packages
-	$(PY) -m pip install --quiet torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install --quiet -e ".[test,onnx]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet torch==2.13.0 > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	$(PY) -m pip install --quiet -e ".[test,onnx]" > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	$(PY) -c "import torch, monai, flwr, nibabel, common" && touch $(STAMP)
 
 install: $(STAMP)

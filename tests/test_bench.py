@@ -32,7 +32,9 @@ def test_bench_compress(bench_cfg, tmp_path, capsys):
     assert r["ratios"]["parameters"] == pytest.approx(51777 / 10340)
     assert r["ratios"]["macs"] > 1 and t["size"] == [32, 32] and t["depth"] == 4
     for m in (t, s):
-        assert 0 < m["slice_ms"] < m["volume_ms"] and m["export_volume_ms"] > 0
+        # latencies only exist; which is faster is the benchmark's finding (under load a
+        # merge-gating test must not depend on it)
+        assert m["slice_ms"] > 0 and m["volume_ms"] > 0 and m["export_volume_ms"] > 0
         assert m["peak_mb"] >= 0
         if importlib.util.find_spec("onnxruntime"):  # the onnx extra (make installs it)
             assert m["onnxruntime_volume_ms"] > 0, m["onnxruntime_note"]
@@ -50,7 +52,7 @@ def test_bench_scale(bench_cfg, tmp_path, capsys):
     assert (f2["sites"], f8["sites"], c2["sites"], c8["sites"]) == (2, 8, 2, 8)
     assert r["memory_within_1_5x"]   # streaming: no growth with the number of sites
     for small, big in ((f2, f8), (c2, c8)):
-        assert big["memory_ratio"] <= 1.5 and big["seconds"] > small["seconds"]
+        assert big["memory_ratio"] <= 1.5 and big["seconds"] > 0 and small["seconds"] > 0
     assert 0 < 10 * c2["reply_mb"] < f2["reply_mb"]
     assert c8["time_vs_float16"] == pytest.approx(c8["seconds"] / f8["seconds"])
     (e,) = r["engine"]
