@@ -245,12 +245,13 @@ def summary_markdown(results: list[dict], models: dict, baseline: str = "fedavg"
     dp = any(r.get("epsilon") is not None for r in results)
     has_base = baseline in groups
     lines = ["| method | runs | test cases | Dice, sites' test cases | "
-             + (f"paired diff vs {baseline} | " if has_base else "") + "HD95 mm | "
+             + (f"paired diff vs {baseline} | " if has_base else "")
+             + "Dice, sites' validation | HD95 mm | "
              + "".join(f"Dice, unseen {s} | " for s in unseen)
              + "targets vs proxy truth | " + ("epsilon | " if dp else "")
              + "model | student steps | MB per site per round | MB to server | "
              + "MB moved per site | wall s |",
-             "|---" * (12 + has_base + len(unseen) + dp) + "|"]
+             "|---" * (13 + has_base + len(unseen) + dp) + "|"]
     for m, rows in groups.items():
         un = "".join(f"{_ms([r['unseen_dice'].get(s) for r in rows], 4)} | " for s in unseen)
         diff = ""
@@ -261,6 +262,7 @@ def summary_markdown(results: list[dict], models: dict, baseline: str = "fedavg"
         lines.append(
             f"| {m} | {len(rows)} | {sum(r.get('n_test_cases', 0) for r in rows)} | "
             f"{_ms([r['dice_mean'] for r in rows], 4)} | {diff}"
+            f"{_ms([r.get('val_dice') for r in rows], 4)} | "
             f"{_ms([r['hd95_mean'] for r in rows], 1)} | {un}"
             f"{_ms([r['target_dice'] for r in rows], 4)} | "
             + (f"{_eps(rows[0].get('epsilon'))} | " if dp else "") + f"{rows[0]['model']} | "

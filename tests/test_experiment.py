@@ -73,6 +73,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert "(9/9) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
     exp = tmp_path / "exp"
     results = json.loads((exp / "results.json").read_text())
+    assert "| Dice, sites' validation |" in (exp / "report.md").read_text()
     runs = results["runs"]
     assert [r["method"] for r in runs] == [m for m in methods if m != "broken"]
     assert [f["run"] for f in results["failed"]] == ["broken"]
