@@ -79,8 +79,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_montage(args: argparse.Namespace) -> int:
-    from simulations.plots import site_montage
+    from simulations.plots import site_montage, targets_montage
 
+    if args.targets:
+        out = targets_montage(args.targets, args.out)
+        print(f"[montage] wrote {out}")
+        return 0
     cfg = _config(args, [f"data.root={args.data}"] if args.data else [])
     out = site_montage(cfg.data, args.out)
     print(f"[montage] wrote {out}")
@@ -274,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["montage"]
     p.add_argument("--data", help="dataset root (data.root)")
     p.add_argument("--out", type=Path, default=Path("montage.png"), help="PNG to write")
+    p.add_argument("--targets", type=Path, default=None, help="a KD run directory: show what "
+                   "its student was distilled toward (proxy slices of each public set with the "
+                   "aggregated targets) instead of the sites")
     parsers["experiment"].add_argument("--only", nargs="+", default=None,
                                        help="run only these methods of the grid")
     parsers["experiment"].add_argument("--report-only", action="store_true",

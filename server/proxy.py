@@ -37,6 +37,7 @@ class ProxySet:
     labelled: np.ndarray
     set_index: np.ndarray
     set_names: list[str]
+    blank: int = 0    # constant slices (e.g. the zero-filled ends of a cropped scan) left out
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -83,12 +84,15 @@ class _Rows:
 
 def load_proxy_set(cfg: DataConfig, cache_dir: Optional[Path] = None) -> ProxySet:
     """Read and preprocess every public set of ``data.proxy`` (masks where present), one
-    volume at a time, and take every ``data.proxy_slice_step``-th slice of each volume. With
+    volume at a time, and take every ``data.proxy_slice_step``-th slice of each volume, except
+    constant slices: a scan's zero-filled ends carry no image, yet a teacher answers them (the
+    pool's 113 blank slices all got a gland target), so they are never queried. With
     ``cache_dir`` the images and masks are written there and memory-mapped (server memory does
     not grow with the proxy set); else they are held in RAM."""
     folders = proxy_set_paths(cfg)
     names = [f.name for f in folders]
     ids: list[str] = []
+    blank = 0
     labelled: list[bool] = []
     set_index: list[int] = []
     images: list[np.ndarray] | _Rows = [] if cache_dir is None else _Rows(
@@ -102,6 +106,12 @@ def load_proxy_set(cfg: DataConfig, cache_dir: Optional[Path] = None) -> ProxySe
             vol = load_case(rec, cfg, require_label=False, pad=cfg.proxy_pad)
             zs = [int(k.rpartition("/")[2]) for k in proxy_slice_ids({key: vol},
                                                                      cfg.proxy_slice_step)]
+            flat = vol.image.reshape(vol.num_slices, -1)
+            signal = flat.max(axis=1) > flat.min(axis=1)
+            blank += sum(not signal[z] for z in zs)
+            zs = [z for z in zs if signal[z]]   # a constant slice (zero-filled end) says nothing
+            if not zs:
+                continue
             ids += [f"{key}/{z}" for z in zs]
             add(images, np.stack([slice_stack(vol.image, z, cfg.context_slices) for z in zs]))
             mask = vol.label[zs] if vol.label is not None else np.zeros(
@@ -114,4 +124,4 @@ def load_proxy_set(cfg: DataConfig, cache_dir: Optional[Path] = None) -> ProxySe
     labelled_arr = np.array(labelled, bool)
     mask_arr = stacked(labels)
     return ProxySet(ids, stacked(images), mask_arr if labelled_arr.any() else None,
-                    labelled_arr, np.array(set_index, np.int64), names)
+                    labelled_arr, np.array(set_index, np.int64), names, blank)

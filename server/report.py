@@ -20,6 +20,8 @@ def query_lines(q: dict) -> list[str]:
     sets = q.get("slices_per_set", {})
     parts = (" (" + ", ".join(f"{k} {v}" for k, v in sets.items()) + ")") if len(sets) > 1 else ""
     masks = (f"; {q['n_labelled']} with masks" if "n_labelled" in q else "")
+    if q.get("blank_slices"):
+        masks += f"; {q['blank_slices']} blank slices left out"
     lines += [f"Proxy query: {q['n_slices']} slices{parts}{masks}; replies: {how}.{truth}", ""]
     if q.get("auto") and not q["auto"]["scores"]:
         lines += [f"Aggregation `auto`: the proxy set has no masks to choose by; the "

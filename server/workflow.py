@@ -225,7 +225,7 @@ class Coordinator:
             p = self._proxy
             self.log(f"[server] proxy set: {len(p)} slices ("
                      + ", ".join(f"{k} {v}" for k, v in p.slices_per_set().items())
-                     + f"); {p.n_labelled} with masks")
+                     + f"); {p.n_labelled} with masks; {p.blank} blank slices left out")
         return self._proxy
 
     def site_nodes(self) -> dict[int, str]:
@@ -323,7 +323,7 @@ class Coordinator:
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids),
                  "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
-                 "precision": precision,
+                 "blank_slices": proxy.blank, "precision": precision,
                  "encoding": reply_encoding(self.cfg, precision, bool(features))}
         if auto:
             query["auto"] = {"scores": agg.scores, "chosen": agg.chosen}

@@ -41,6 +41,50 @@ def site_montage(cfg: DataConfig, out: str | Path, cases_per_site: int = 1) -> P
     return save(fig, out)
 
 
+def targets_montage(run_dir: str | Path, out: str | Path, per_set: int = 6) -> Path:
+    """What a KD run's student was distilled toward: for each public set of its proxy, ``per_set``
+    slices (evenly spread over those whose target holds gland) with the aggregated targets'
+    gland outline (p > 0.5, red) and, when the affinity was sent, the slice's nearest site
+    distance (``d``; 1 ~ a site's own unseen slices). Reads ``RUN_DIR/report.json``,
+    ``proxy_cache/`` and ``targets_r1/`` (or the last consensus round's)."""
+    import json
+
+    run = Path(run_dir)
+    report = json.loads((run / "report.json").read_text())
+    query = report["state"]["rounds"]["1"].get("query")
+    tags = sorted(p.name for p in run.glob("targets_c*")) or ["targets_r1"]
+    if query is None or not (run / tags[-1] / "probs.npy").is_file():
+        raise FileNotFoundError(f"{run}: not a KD run directory with kept targets")
+    probs = np.load(run / tags[-1] / "probs.npy", mmap_mode="r")
+    n, _, h, w = probs.shape
+    raw = run / "proxy_cache" / "proxy_images.f32"
+    c = raw.stat().st_size // (4 * n * h * w)
+    images = np.memmap(raw, np.float32, "r", shape=(n, c, h, w))
+    claim = (np.load(run / tags[-1] / "claim.npy") if (run / tags[-1] / "claim.npy").is_file()
+             else None)
+    sets = query.get("slices_per_set") or {"proxy": n}
+    plt = pyplot()
+    fig, axes = plt.subplots(len(sets), per_set, squeeze=False,
+                             figsize=(2.0 * per_set, 2.2 * len(sets)))
+    start = 0
+    for row, (name, count) in enumerate(sets.items()):
+        rows = np.arange(start, start + count)
+        gland = rows[[bool((probs[r, 1] > 0.5).any()) for r in rows]]
+        pick = gland[np.linspace(0, len(gland) - 1, per_set).astype(int)] if len(gland) else rows[:per_set]
+        for col, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if col >= len(pick):
+                continue
+            r = pick[col]
+            ax.imshow(images[r, c // 2].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+            ax.contour(np.asarray(probs[r, 1]).T, levels=[0.5], colors="red", linewidths=1.0,
+                       origin="lower")
+            ax.set_title(f"{name}" + (f" d={claim[r]:.2f}" if claim is not None else ""),
+                         fontsize=7)
+        start += count
+    return save(fig, out)
+
+
 # --------------------------------------------------------------------------------------------
 # Experiment figures (fedkd experiment)
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,32 @@ def test_an_unlabelled_proxy_is_no_error_and_masks_are_not_invented(two_sets):
         proxy.target_dice(np.zeros((len(proxy), 2, 64, 64), np.float32))
 
 
+def test_blank_slices_of_a_public_scan_are_not_queried(two_sets, tmp_path):
+    """A cropped public scan may end in zero-filled slices; a teacher would answer them with a
+    gland (it did, on all 113 of the pool's), so the server never queries them."""
+    import nibabel as nib
+
+    src = nib.load(two_sets / "PROXY" / "Case00.nii.gz")
+    data = np.asarray(src.dataobj).copy()
+    axis = int(np.argmax([abs(src.affine[2, i]) for i in range(3)]))   # the slice axis
+    zero = [slice(None)] * 3
+    zero[axis] = slice(0, 2)
+    data[tuple(zero)] = 0
+    (tmp_path / "ENDS").mkdir()
+    nib.save(nib.Nifti1Image(data, src.affine), tmp_path / "ENDS" / "Case00.nii.gz")
+    cfg = with_overrides(pool_cfg(two_sets), [f"data.proxy={tmp_path / 'ENDS'}"])
+    proxy = load_proxy_set(cfg.data)
+    depth = data.shape[axis]
+    # the outer zero slice stays constant through preprocessing (the inner one picks up a
+    # little of its neighbour in the resampling): left out; every queried slice has signal
+    assert proxy.blank >= 1 and len(proxy) + proxy.blank == depth
+    flat = np.asarray(proxy.images).reshape(len(proxy), -1)
+    assert (flat.max(axis=1) > flat.min(axis=1)).all()
+    kept = {int(i.rpartition("/")[2]) for i in proxy.ids}
+    assert 0 not in kept or depth - 1 not in kept   # RAS may turn the slice order around
+    assert load_proxy_set(pool_cfg(two_sets).data).blank == 0   # the synthetic scans have none
+
+
 def test_a_broken_proxy_mask_is_an_error_not_an_unlabelled_set(two_sets, tmp_path):
     from common.data import DataError
 

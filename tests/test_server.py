@@ -238,6 +238,10 @@ def test_a_labelled_and_an_unlabelled_public_set_in_one_proxy(fed, tmp_path):
     assert (f"Proxy query: {q['n_slices']} slices (PROXY {per_set['PROXY']}, POOL "
             f"{per_set['POOL']}); {per_set['PROXY']} with masks") in (
         tmp_path / "run" / "report.md").read_text()
+    from simulations.plots import targets_montage   # what the student was distilled toward
+
+    png = targets_montage(tmp_path / "run", tmp_path / "targets.png", per_set=3)
+    assert png.stat().st_size > 1000
 
 
 def test_consensus_round_refines_the_teachers_and_distils_from_their_answer(fed, tmp_path,
