@@ -285,16 +285,19 @@ class FederationConfig:
     requery_teachers: bool = field_(False)
     wait_timeout_s: float = field_(120.0, lo=0.0)
     precision: Literal["float32", "float16", "int8"] = field_("float16")
-    strategy: Literal["kd", "fedavg", "fedprox", "feddf", "fedavg-st", "local", "central",
+    strategy: Literal["kd", "fedavg", "fedprox", "feddf", "local", "central",
                       "central-student", "central-kd"] = field_(
         "kd", doc="kd: federated distillation; fedavg / fedprox: Flower's strategies on the "
         "student architecture; feddf: FedAvg, then the FedAvg student refined by distillation "
-        "on the proxy set (Lin et al. 2020; student weights leave the sites); fedavg-st: "
-        "FedAvg, then self-training on the proxy set (the FedAvg student labels it and is "
-        "distilled on its own soft labels, the distill recipe and budget); local, central, "
+        "on the proxy set (Lin et al. 2020; student weights leave the sites); local, central, "
         "central-student, central-kd: baselines on pooled data, simulation only")
     local_epochs: int = field_(1, lo=1, hi=1000, doc="fedavg / fedprox: site epochs per round")
     proximal_mu: float = field_(0.01, lo=0.0, doc="fedprox: weight of the proximal term")
+    self_train: bool = field_(False, doc="after the method's last round the server labels the "
+                              "public proxy set with the final student and distils it on its "
+                              "own soft labels (one round more; the distill recipe and budget; "
+                              "no site data, no traffic): FedAvg + self-training is what a "
+                              "FedAvg user can do with the same unlabelled data")
     select_round: bool = field_(False, doc="fedavg / fedprox / feddf's FedAvg stage: keep the "
                                 "round whose global model scored the best sites' validation Dice "
                                 "in the per-round evaluation (ties: the later round) instead of "
@@ -512,11 +515,16 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError("consensus.rounds: needs federation.strategy 'kd' and federation.rounds "
                           "1 (the consensus refines the teachers before the one distillation)")
     if cfg.federation.select_round and cfg.federation.strategy not in ("fedavg", "fedprox",
-                                                                        "feddf", "fedavg-st"):
+                                                                        "feddf"):
         raise ConfigError(f"federation.select_round: applies to the FedAvg rounds of fedavg, "
-                          f"fedprox, feddf and fedavg-st, not federation.strategy "
+                          f"fedprox and feddf, not federation.strategy "
                           f"{cfg.federation.strategy!r} (a distillation selects with "
                           f"distill.select_every)")
+    if cfg.federation.self_train and (cfg.federation.strategy in SIMULATION_ONLY
+                                      or cfg.capacity.enabled):
+        raise ConfigError(f"federation.self_train: follows a federation's rounds, not "
+                          f"federation.strategy {cfg.federation.strategy!r}"
+                          + (" with capacity.enabled" if cfg.capacity.enabled else ""))
     if cfg.adapt.enabled and cfg.federation.strategy in SIMULATION_ONLY:
         raise ConfigError(f"adapt.enabled: site adaptation follows a federation, not the pooled "
                           f"baseline federation.strategy {cfg.federation.strategy!r}")

@@ -60,7 +60,7 @@ NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
 # Settings added after runs were made, with the value that reproduces those runs: left out of
 # the digest at that value, so that the earlier run directories stay resumable.
 ADDED_LATER = {"student": {"proxy_pretrain_epochs": 0}, "distill": {"proxy_label_weight": 0.0},
-               "federation": {"select_round": False},
+               "federation": {"select_round": False, "self_train": False},
                "aggregation": {"affinity_margin": 0.0, "auto_candidates": ["affinity", "mean"]}}
 
 

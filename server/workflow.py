@@ -104,15 +104,17 @@ COVERAGE_DISTANCE = 1.2
 COVERAGE_WARNING = 0.7
 
 
-# strategies whose FedAvg student is refined by a distillation on the proxy set, one round more
-REFINING = ("feddf", "fedavg-st")
+def method_round(cfg: RunConfig) -> int:
+    """The round of the method's own last student: ``federation.rounds``; with ``feddf`` the
+    distillation after the FedAvg rounds is one round more."""
+    rounds = cfg.federation.rounds
+    return rounds + 1 if cfg.federation.strategy == "feddf" else rounds
 
 
 def final_round(cfg: RunConfig) -> int:
-    """The round of a run's final student: ``federation.rounds``; with ``feddf`` and
-    ``fedavg-st`` the distillation after the FedAvg rounds is one round more."""
-    rounds = cfg.federation.rounds
-    return rounds + 1 if cfg.federation.strategy in REFINING else rounds
+    """The round of a run's final student: :func:`method_round`, and one more with
+    ``federation.self_train`` (the server's self-training on the proxy set)."""
+    return method_round(cfg) + int(cfg.federation.self_train)
 
 
 def proxy_coverage(claim: np.ndarray) -> dict:
@@ -555,18 +557,11 @@ class Coordinator:
                                   f"data: it runs only in `fedkd simulate` / `fedkd experiment`")
         self.check_proxy_masks()
         nodes = wait_for_nodes(self.grid, self.cfg.federation.min_sites, self.timeout, self.log)
+        final, labels = self.final_round, {n: f"node {n}" for n in nodes}
         if strategy in ("fedavg", "fedprox"):
-            rounds = self.cfg.federation.rounds
             if self._pending("weights"):
                 self.weight_sharing(nodes)
-            labels = {n: f"node {n}" for n in nodes}
-            if self._pending(f"evaluate_r{rounds}"):
-                self.evaluate(rounds, labels)
-            if self.cfg.adapt.enabled and self._pending(f"adapt_r{rounds}"):
-                self.adapt(rounds, labels)
-            return self.finish(t0)
-        if strategy == "fedavg-st":
-            return self.self_training(nodes, t0)
+            return self.finish_rounds(t0, final, labels)
         if strategy == "feddf" and self._pending("weights"):
             self.weight_sharing(nodes)   # FedAvg rounds first: student weights leave the sites
         known = set(self.state.nodes)
@@ -577,8 +572,9 @@ class Coordinator:
                 self.state.completed.remove("train")
             self.train_teachers(nodes)
         targets: Optional[Targets] = None
-        first = self.final_round if strategy == "feddf" else 1
-        for rnd in range(first, self.final_round + 1):
+        last = method_round(self.cfg)
+        first = last if strategy == "feddf" else 1
+        for rnd in range(first, last + 1):
             q = rnd if self.cfg.federation.requery_teachers else first
             tag = f"r{q}"   # the query whose targets are in ``targets`` (None: on disk)
             if self._pending(f"query_r{q}"):
@@ -596,37 +592,36 @@ class Coordinator:
                 continue
             if self._pending(f"distill_r{rnd}"):
                 self.distill(rnd, targets or self.load_targets(tag))
-            if self._pending(f"evaluate_r{rnd}"):
+            if rnd < last and self._pending(f"evaluate_r{rnd}"):   # per round, before the last
                 self.evaluate(rnd)
-        if (self.cfg.adapt.enabled and not self.cfg.capacity.enabled
-                and self._pending(f"adapt_r{self.final_round}")):
-            self.adapt(self.final_round)
+        if self.cfg.capacity.enabled:
+            return self.finish(t0)
+        return self.finish_rounds(t0, final)
+
+    def finish_rounds(self, t0: float, final: int, nodes: Optional[dict[int, str]] = None
+                      ) -> dict:
+        """After the method's rounds: with ``federation.self_train`` the self-training round
+        ``final``; the test evaluation of the final student; site adaptation; the report."""
+        if self.cfg.federation.self_train and self._pending(f"distill_r{final}"):
+            self.self_train(final)
+        if self._pending(f"evaluate_r{final}"):
+            self.evaluate(final, nodes)
+        if self.cfg.adapt.enabled and self._pending(f"adapt_r{final}"):
+            self.adapt(final, nodes)
         return self.finish(t0)
 
-    def self_training(self, nodes: list[int], t0: float) -> dict:
-        """``fedavg-st``: FedAvg rounds, then the server labels the public proxy set with the
-        FedAvg student (its own softmax, ``RUN_DIR/targets_self/``) and distils the student on
-        those labels, starting from itself (step ``distill_r{rounds + 1}``: the ``distill``
-        recipe and budget, no feature targets); the sites evaluate the result. No teacher is
-        trained and no site answers a proxy query: what a FedAvg user can do with the same
-        unlabelled data."""
-        labels = {n: f"node {n}" for n in nodes}
-        rounds, rnd = self.cfg.federation.rounds, self.final_round
-        if self._pending("weights"):
-            self.weight_sharing(nodes)
-        if self._pending(f"distill_r{rnd}"):
-            student = self.new_student()
-            student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rounds}.pt"))
-            folder = self.run_dir / "targets_self"
-            model_probs(student, self.proxy().images, folder)   # folder/probs.npy
-            self.log(f"[server] self-training: the FedAvg student labelled {len(self.proxy())} "
-                     f"proxy slices")
-            self.distill(rnd, load_targets(folder))
-        if self._pending(f"evaluate_r{rnd}"):
-            self.evaluate(rnd, labels)
-        if self.cfg.adapt.enabled and self._pending(f"adapt_r{rnd}"):
-            self.adapt(rnd, labels)
-        return self.finish(t0)
+    def self_train(self, rnd: int) -> None:
+        """``federation.self_train``: the server labels the public proxy set with the method's
+        final student (its own softmax, ``RUN_DIR/targets_self/``) and distils that student
+        toward its labels, starting from itself (step ``distill_r{rnd}``: the ``distill``
+        recipe and budget, no feature targets). No site data is read and nothing is sent: for
+        FedAvg, what its user can do with the same unlabelled public data."""
+        student = self.new_student()
+        student.net.load_state_dict(torch.load(self.run_dir / f"student_r{rnd - 1}.pt"))
+        folder = self.run_dir / "targets_self"
+        model_probs(student, self.proxy().images, folder)   # folder/probs.npy
+        self.log(f"[server] self-training: the student labelled {len(self.proxy())} proxy slices")
+        self.distill(rnd, load_targets(folder))
 
     def finish(self, t0: float) -> dict:
         """Write the report and export the final student."""

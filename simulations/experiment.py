@@ -32,8 +32,7 @@ from common.data import DataError
 from server.state import FederationError
 from simulations.plots import _by_method
 
-STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "fedavg-st", "central-student",
-                      "central-kd")
+STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "central-student", "central-kd")
 
 
 def method_configs(cfg: RunConfig) -> list[tuple[str, int, RunConfig]]:

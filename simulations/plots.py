@@ -217,7 +217,7 @@ def experiment_plots(results: list[dict], runs: list, root: Path) -> list[Path]:
     if any(r.get("epsilon") is not None for r in results):
         paths.append(dice_vs_epsilon_plot(results, root / "dice_vs_epsilon.png"))
     students = [r for r in results if r["model"] == "student" and r["dice_mean"] is not None]
-    federated = [r for r in students if r["strategy"] in ("kd", "fedavg", "fedprox", "feddf", "fedavg-st")]
+    federated = [r for r in students if r["strategy"] in ("kd", "fedavg", "fedprox", "feddf")]
     students = federated or students  # the montage shows the best *federated* student
     if students:
         best = max(_by_method(students).items(),

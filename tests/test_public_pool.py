@@ -189,7 +189,7 @@ def test_every_distillation_of_a_pool_grid_has_the_same_steps_budget(monkeypatch
     cfg = load_config(name)
     runs = [(m, c) for m, _, c in method_configs(cfg) if c.data.fold == 0]
     steps = {m: c.distill.steps_per_epoch * c.distill.epochs for m, c in runs
-             if c.federation.strategy in ("kd", "fedavg-st", "feddf", "central-kd")}
+             if c.federation.strategy in ("kd", "feddf", "central-kd") or c.federation.self_train}
     assert len(steps) >= 4 and set(steps.values()) == {800}, steps
     rounds = [c.federation.rounds for _, c in runs if c.federation.strategy == "fedavg"]
     assert rounds and min(rounds) >= 30 and max(rounds) >= 60

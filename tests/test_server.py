@@ -432,8 +432,9 @@ def test_fedavg_self_training_labels_the_proxy_with_its_own_student(fed, tmp_pat
     """FedAvg + self-training: two FedAvg rounds, then no teacher and no proxy query: the
     server labels the proxy set with the FedAvg student and distils that student (not a fresh
     one) toward its own labels for the steps budget; the result is tested as round 3."""
-    cfg, grid = make(fed, tmp_path, ["federation.strategy=fedavg-st", "federation.rounds=2",
-                                     "distill.epochs=2", "distill.steps_per_epoch=3"])
+    cfg, grid = make(fed, tmp_path, ["federation.strategy=fedavg", "federation.self_train=true",
+                                     "federation.rounds=2", "distill.epochs=2",
+                                     "distill.steps_per_epoch=3"])
     report = run_federation(grid, cfg, lambda s: None)
     types = sent_types(grid)
     assert types == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3 + \
@@ -453,6 +454,24 @@ def test_fedavg_self_training_labels_the_proxy_with_its_own_student(fed, tmp_pat
     fresh_gap = sum(float((fresh[k].float() - fedavg_w[k].float()).norm()) for k in fedavg_w)
     assert 0 < moved < 0.5 * fresh_gap
     assert set(report["state"]["rounds"]["3"]["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
+
+
+def test_kd_self_training_refines_the_distilled_student_and_tests_only_the_last(
+        fed, tmp_path, adaptive_run):
+    """kd + federation.self_train: the distilled student of round 1 labels the proxy set and is
+    distilled on it as round 2; only round 2 is read on the test splits (round 1 is not)."""
+    cfg, grid = make(fed, tmp_path, ["federation.self_train=true", "distill.epochs=1"])
+    report = run_federation(grid, cfg, lambda s: None)
+    assert report["state"]["completed"] == ["train", "query_r1", "distill_r1", "distill_r2",
+                                            "evaluate_r2"]
+    splits = [m.content["evaluate"]["split"] for m in grid.sent
+              if m.metadata.message_type == EVALUATE_STUDENT]
+    assert splits == ["test"] * 3
+    first, second = (torch.load(tmp_path / f"student_r{r}.pt") for r in (1, 2))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert (tmp_path / "targets_self" / "probs.npy").is_file()
+    with pytest.raises(ConfigError, match="federation.self_train: follows a federation's rounds"):
+        load_config(None, ["federation.strategy=central-kd", "federation.self_train=true"])
 
 
 def test_pooled_data_baselines_are_refused_outside_a_simulation(fed, tmp_path):
