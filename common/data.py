@@ -26,7 +26,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import nibabel as nib
 import numpy as np
@@ -336,19 +336,27 @@ def proxy_key(set_name: str, case_id: str, n_sets: int) -> str:
     return case_id if n_sets == 1 else f"{set_name}/{case_id}"
 
 
-def load_proxy(cfg: DataConfig, with_labels: bool = False,
-               folders: Optional[list[Path]] = None) -> dict[str, CaseVolume]:
-    """The public proxy set, ``{key: volume}`` in set order then case order (keys:
-    :func:`proxy_key`), from the Liu-layout folders ``folders`` (default ``data.proxy``: one
-    or several). ``with_labels``: a case's mask is read where its folder has one (an unlabelled
-    set is never an error; an unreadable mask is); else no masks are read. Padded as
+def iter_proxy(cfg: DataConfig, with_labels: bool = False,
+               folders: Optional[list[Path]] = None, labelled_only: bool = False
+               ) -> Iterator[tuple[str, CaseVolume]]:
+    """The public proxy set one volume at a time, ``(key, volume)`` in set order then case
+    order (keys: :func:`proxy_key`), from the Liu-layout folders ``folders`` (default
+    ``data.proxy``: one or several). ``with_labels``: a case's mask is read where its folder
+    has one (an unlabelled set is never an error; an unreadable mask is); else no masks are
+    read. ``labelled_only``: cases without a mask are skipped unread. Padded as
     ``data.proxy_pad`` says."""
     folders = proxy_set_paths(cfg) if folders is None else folders
-    out: dict[str, CaseVolume] = {}
     for folder in folders:
         for rec in discover_liu_site(folder, require_labels=False):
+            if labelled_only and rec.label is None:
+                continue
             if not with_labels:
                 rec = CaseRecord(rec.site, rec.case_id, rec.image, None)
-            out[proxy_key(folder.name, rec.case_id, len(folders))] = load_case(
+            yield proxy_key(folder.name, rec.case_id, len(folders)), load_case(
                 rec, cfg, require_label=False, pad=cfg.proxy_pad)
-    return out
+
+
+def load_proxy(cfg: DataConfig, with_labels: bool = False,
+               folders: Optional[list[Path]] = None) -> dict[str, CaseVolume]:
+    """:func:`iter_proxy` held in memory: ``{key: volume}``."""
+    return dict(iter_proxy(cfg, with_labels, folders))

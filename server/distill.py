@@ -241,11 +241,11 @@ def pretrain_on_proxy(student: FeatureNet, cfg: RunConfig, log: Callable[[str], 
     proxy_pretrain_epochs`` epochs of supervised DiceCE, the ``student`` recipe, every slice of
     every proxy volume that has a mask; no validation: the last epoch is kept). ConfigError, naming the folder,
     if the proxy set has no masks. Returns {epochs, steps, cases, seconds}."""
-    from common.data import load_proxy
+    from common.data import iter_proxy
     from common.training import train_segmenter
 
     epochs = cfg.student.proxy_pretrain_epochs
-    cases = [c for c in load_proxy(cfg.data, with_labels=True).values() if c.label is not None]
+    cases = [c for _, c in iter_proxy(cfg.data, with_labels=True, labelled_only=True)]
     if not cases:
         raise ConfigError(f"student.proxy_pretrain_epochs={epochs} needs a public proxy set with "
                           f"masks; data.proxy ({cfg.data.proxy}) has none")

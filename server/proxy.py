@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from common.config import DataConfig, proxy_set_paths
-from common.data import discover_liu_site, load_case, proxy_key
+from common.data import iter_proxy
 from common.metrics import dice_score
 from common.slices import proxy_slice_ids, slice_stack
 
@@ -100,25 +100,23 @@ def load_proxy_set(cfg: DataConfig, cache_dir: Optional[Path] = None) -> ProxySe
     labels: list[np.ndarray] | _Rows = [] if cache_dir is None else _Rows(
         cache_dir / "proxy_masks.u8", np.uint8)
     add = (lambda rows, x: rows.append(x)) if cache_dir is None else (lambda rows, x: rows.add(x))
-    for i, folder in enumerate(folders):
-        for rec in discover_liu_site(folder, require_labels=False):
-            key = proxy_key(folder.name, rec.case_id, len(folders))
-            vol = load_case(rec, cfg, require_label=False, pad=cfg.proxy_pad)
-            zs = [int(k.rpartition("/")[2]) for k in proxy_slice_ids({key: vol},
-                                                                     cfg.proxy_slice_step)]
-            flat = vol.image.reshape(vol.num_slices, -1)
-            signal = flat.max(axis=1) > flat.min(axis=1)
-            blank += sum(not signal[z] for z in zs)
-            zs = [z for z in zs if signal[z]]   # a constant slice (zero-filled end) says nothing
-            if not zs:
-                continue
-            ids += [f"{key}/{z}" for z in zs]
-            add(images, np.stack([slice_stack(vol.image, z, cfg.context_slices) for z in zs]))
-            mask = vol.label[zs] if vol.label is not None else np.zeros(
-                (len(zs), *vol.image.shape[1:]), np.uint8)
-            add(labels, mask)
-            labelled += [vol.label is not None] * len(zs)
-            set_index += [i] * len(zs)
+    for key, vol in iter_proxy(cfg, with_labels=True, folders=folders):
+        i = names.index(vol.site)
+        zs = [int(k.rpartition("/")[2]) for k in proxy_slice_ids({key: vol},
+                                                                 cfg.proxy_slice_step)]
+        flat = vol.image.reshape(vol.num_slices, -1)
+        signal = flat.max(axis=1) > flat.min(axis=1)
+        blank += sum(not signal[z] for z in zs)
+        zs = [z for z in zs if signal[z]]   # a constant slice (zero-filled end) says nothing
+        if not zs:
+            continue
+        ids += [f"{key}/{z}" for z in zs]
+        add(images, np.stack([slice_stack(vol.image, z, cfg.context_slices) for z in zs]))
+        mask = vol.label[zs] if vol.label is not None else np.zeros(
+            (len(zs), *vol.image.shape[1:]), np.uint8)
+        add(labels, mask)
+        labelled += [vol.label is not None] * len(zs)
+        set_index += [i] * len(zs)
     stacked = (lambda rows: np.concatenate(rows)) if cache_dir is None else (
         lambda rows: rows.array())
     labelled_arr = np.array(labelled, bool)
