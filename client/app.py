@@ -65,6 +65,7 @@ from common.protocol import (
     RUN_CONFIG_KEY,
     STATS,
     STUDENT,
+    STYLE,
     ProtocolError,
     config_from_text,
     reply_encoding,
@@ -155,11 +156,15 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     LOG.info(f"[{node.site}] proxy reply: {stats['n_slices']} slices, "
              f"{stats['reply_bytes'] / 1e6:.2f} MB ({reply_encoding(cfg, str(q['precision']), bool(feats))}), "
              f"entropy {stats['proxy_entropy']:.4f}, {stats['seconds']:.1f}s")
-    return RecordDict({
+    style = stats.pop("style", None)
+    content = RecordDict({
         LOGITS: ArrayRecord({k: Array(v) for k, v in logits.items()}),
         FEATURES: ArrayRecord({k: Array(v) for k, v in features.items()}),
         STATS: MetricRecord(stats),
     })
+    if style is not None:   # reply.share_style: the site's mean low-frequency amplitude
+        content[STYLE] = ArrayRecord({"amplitude": Array(style)})
+    return content
 
 
 def _consensus(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:

@@ -51,6 +51,7 @@ from common.data import (
     site_folders,
 )
 from common.slices import slice_stack
+from common.style import restyle, site_style
 from common.splits import SiteData, load_site, load_unsplit
 from common.logs import get_logger
 from common.architectures import feature_names
@@ -341,6 +342,20 @@ def site_reference(cfg: RunConfig, node: Node, model: FeatureNet, affinity: bool
     return out
 
 
+def own_style(cfg: RunConfig, node: Node) -> np.ndarray:
+    """This site's style (common.style): the mean low-frequency amplitude of its training
+    slices, (2b+1, 2b+1) float32 at ``reply.style_beta``; cached per split."""
+    data = load_private(cfg, node)
+    key = json.dumps(["style", str(node.data_path), _preprocessing_key(cfg),
+                      [c.case_id for c in data.train], cfg.reply.style_beta])
+    if key not in _CACHE:
+        ctx = cfg.data.context_slices
+        slices = np.stack([slice_stack(c.image, z, ctx) for c in data.train
+                           for z in range(c.num_slices)])
+        _CACHE[key] = site_style(slices, cfg.reply.style_beta)
+    return _CACHE[key]
+
+
 @torch.no_grad()
 def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], features: list[str],
                        precision: str = "float16", batch_size: int = 32, teacher: str = ""
@@ -358,6 +373,11 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
       ``pooled``: ``{name: stream}`` of the channel RMS map (N, 1, h, w);
     * the affinity (N,) float32 in the logits record when the targets may use it
       (``aggregation.method`` affinity, or auto with affinity among its candidates).
+
+    With ``reply.own_style`` > 0 every proxy slice is first restyled toward this site's own
+    look (:func:`own_style`); with ``reply.share_style`` that style is returned as
+    ``stats["style"]`` (an array, counted in ``reply_bytes``: the caller moves it to the reply's
+    ``style`` record).
 
     Memory is bounded: the outputs are preallocated in the wire dtype (or as quantised codes)
     and filled ``batch_size`` slices at a time. With ``privacy.noise_multiplier`` > 0 every
@@ -388,11 +408,14 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     affinity = np.empty(n, np.float32) if send_affinity else None
     entropy_sum = 0.0
     noise = np.random.default_rng()  # fresh OS entropy: the noise must not be reproducible
+    style = own_style(cfg, node) if reply.own_style > 0 or reply.share_style else None
     for start in range(0, n, batch_size):
         chunk = wanted[start:start + batch_size]
         rows = slice(start, start + len(chunk))
         x = torch.from_numpy(np.stack([slice_stack(proxy[c].image, z, cfg.data.context_slices)
                                        for c, z in chunk]))
+        if reply.own_style > 0:
+            x = restyle(x, style, reply.own_style)
         logits, feats = model(x)
         if affinity is not None:
             affinity[rows] = reference["affinity"].distance(slice_embedding(feats["bottleneck"]))
@@ -414,6 +437,9 @@ def answer_proxy_query(cfg: RunConfig, node: Node, slice_ids: list[str], feature
     stats = {"val_dice": val_dice, "proxy_entropy": entropy_sum / n, "n_slices": n,
              "reply_bytes": reply_bytes, "temperature": temperature,
              "seconds": time.perf_counter() - t0}
+    if reply.share_style:
+        stats["style"] = style
+        stats["reply_bytes"] += style.nbytes
     if dp.noise_multiplier > 0:
         parts = 1 + bool(features)
         stats.update(dp_noise_multiplier=dp.noise_multiplier, dp_clip_norm=dp.clip_norm,

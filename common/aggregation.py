@@ -101,13 +101,15 @@ class Targets:
     """Distillation targets. ``probs``: (N, 2, H, W) float32 summing to 1 over classes;
     ``features``: ``{"name@channels": (N, C, h, w)}``; ``site_weights``: each site's mean share
     of the per-pixel weight (sums to 1); ``agreement``: per-site agreement when computed;
-    ``claim``: (N,) the smallest site affinity distance of each slice (``affinity`` only)."""
+    ``claim``: (N,) the smallest site affinity distance of each slice (``affinity`` only);
+    ``styles``: (S, k, k) the sites' shared styles (``reply.share_style`` only, common.style)."""
 
     probs: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
     site_weights: dict[str, float] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)
     claim: Optional[np.ndarray] = None
+    styles: Optional[np.ndarray] = None
 
 
 def feature_group(name: str, channels: int) -> str:

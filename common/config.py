@@ -208,6 +208,10 @@ class DistillConfig:
         factory=dict, lo=0.0, doc="with steps_per_epoch: each public set's share of the drawn "
         "slices, by folder name (e.g. {RUNMC: 0.5, public-pool: 0.5}); empty: every slice "
         "equally likely, so a set's share is its share of the slices")
+    style_augment: float = field_(0.0, lo=0.0, hi=1.0, doc="share of the drawn proxy slices "
+                                  "restyled into a random site's look (its shared style, "
+                                  "reply.share_style; strength uniform in [0, 1]) before the "
+                                  "student sees them (0: off)")
 
 
 # federation.strategy values that are pooled-data baselines: they run only in simulation, and no
@@ -360,6 +364,16 @@ class ReplyConfig:
         "pooled", doc="full: every channel in federation.precision; pooled: the channel RMS map "
         "sqrt(mean_c f^2) (N, 1, h, w), quantised and coded like the foreground (the "
         "attention-transfer target: distill.feature_loss attention)")
+    own_style: float = field_(0.0, lo=0.0, hi=1.0, doc="site-styled queries: the site moves "
+                              "each proxy slice's low-frequency amplitude this far toward its own "
+                              "training slices' (common.style; 1: replaced) before its teacher "
+                              "answers; nothing more leaves the site (0: off)")
+    share_style: bool = field_(False, doc="the site sends its style with the proxy reply: the "
+                               "mean low-frequency amplitude of its training slices, one "
+                               "(2b+1, 2b+1) float32 array (common.style; not an image), for "
+                               "distill.style_augment")
+    style_beta: float = field_(0.1, lo=0.01, hi=0.5, doc="the style window's half-width b as a "
+                               "share of the slice size (0.1: 13 x 13 for 64 x 64 slices)")
 
 
 @dataclass
@@ -548,6 +562,14 @@ def _check_consistency(cfg: RunConfig) -> None:
                               "shares apply to the slices drawn for each step)")
         if sum(d.set_weights.values()) <= 0:
             raise ConfigError("distill.set_weights: at least one share must be > 0")
+    if d.style_augment > 0 and not cfg.reply.share_style:
+        raise ConfigError("distill.style_augment: needs reply.share_style: true (the sites' "
+                          "styles to restyle the proxy slices with)")
+    if (d.style_augment > 0 or cfg.reply.share_style) and \
+            cfg.federation.strategy not in ("kd", "feddf"):
+        raise ConfigError(f"distill.style_augment / reply.share_style: the sites share their "
+                          f"style in the proxy query, which federation.strategy "
+                          f"{cfg.federation.strategy!r} does not send")
     specs = [("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)]
     specs += [(f"model.site_teachers.{k}", v) for k, v in cfg.model.site_teachers.items()]
     for key, spec in specs:

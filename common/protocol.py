@@ -27,6 +27,10 @@ message type           server -> site (content)                     site -> serv
                                                                     ``stats`` (MetricRecord): val_dice,
                                                                     proxy_entropy, n_slices, reply_bytes,
                                                                     temperature, seconds (dp_* under noise);
+                                                                    ``style`` (ArrayRecord, reply.share_style
+                                                                    only): ``amplitude`` (2b+1, 2b+1)
+                                                                    float32, the site's mean low-frequency
+                                                                    amplitude (common.style)
                                                                     ``info``: site, slice_ids
 ``train.consensus``    ``run``: {config}; ``query``: {slice_ids};   ``metrics`` (MetricRecord):
                        ``consensus`` (ArrayRecord): ``foreground``, val_dice_before, val_dice_after,
@@ -64,9 +68,10 @@ first proxy query when ``consensus.rounds`` > 0; the next ``query.proxy`` names 
 teacher by :func:`consensus_id` of the consensus it was sent.
 
 N is the number of proxy slices requested; arrays are in request order. Nothing a site sends is
-derived from its private images except metrics; every array in a reply has N as its leading
-dimension, and every stream declares N as the leading dimension of what it decodes to (the audit
-test walks every reply to check this).
+derived from its private images except metrics (and, with ``reply.share_style``, its style: one
+small mean spectrum, a separate privacy contract); every other array in a reply has N as its
+leading dimension, and every stream declares N as the leading dimension of what it decodes to
+(the audit test walks every reply to check this).
 
 A request that cannot be served gets a Flower error reply (``Message(error=Error(code, reason))``)
 whose reason names the site, the file or field, and the cause; the node keeps serving.
@@ -100,6 +105,7 @@ FEATURES = "features"  # ArrayRecord in proxy replies
 SCALE_SUFFIX = ".scale"
 AFFINITY = "affinity"  # optional (N,) float32 array in the logits record (common.affinity)
 FOREGROUND = "foreground"  # compact reply: gland probability stream in the logits record
+STYLE = "style"            # ArrayRecord of a proxy reply (reply.share_style): {"amplitude": (k, k)}
 CONSENSUS = "consensus"    # ArrayRecord of train.consensus: the FOREGROUND stream of the targets
 # Flower's built-in strategies (FedAvg / FedProx baseline) send ``arrays`` + ``config``; the run
 # config travels in their config record under RUN_CONFIG_KEY.
@@ -448,3 +454,22 @@ def decode_affinity(content, n: int) -> Optional[np.ndarray]:
     if not np.isfinite(a).all() or (a < 0).any():
         raise ProtocolError("proxy reply: affinity holds NaN, infinite or negative values")
     return a.astype(np.float32)
+
+
+def decode_style(content, hw: tuple[int, int], beta: float) -> np.ndarray:
+    """The site style of a proxy reply (``reply.share_style``): (2b+1, 2b+1) float32, b from
+    ``beta`` and the slice size ``hw`` (common.style). ProtocolError if it is missing, of
+    another shape, negative or not finite."""
+    from common.style import window_half_width
+
+    k = 2 * window_half_width(hw, beta) + 1
+    if STYLE not in content or "amplitude" not in content[STYLE]:
+        raise ProtocolError("proxy reply: reply.share_style is on but the reply has no "
+                            "style.amplitude")
+    a = content[STYLE]["amplitude"].numpy()
+    if a.shape != (k, k) or a.dtype != np.float32:
+        raise ProtocolError(f"proxy reply: style.amplitude of shape {a.shape} and dtype "
+                            f"{a.dtype}, expected ({k}, {k}) float32")
+    if not np.isfinite(a).all() or (a < 0).any():
+        raise ProtocolError("proxy reply: style.amplitude holds NaN, infinite or negative values")
+    return a

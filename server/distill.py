@@ -15,7 +15,8 @@ of ``student.batch_size``, every slice whose target holds gland plus a random
 ``student.empty_slice_fraction`` of the others per epoch (or, with ``distill.steps_per_epoch``,
 that many steps of slices drawn at random with the same odds, each public set at its
 ``distill.set_weights`` share: a budget in steps whatever the proxy set's size), and the standard augmentation
-(:func:`common.augment.augment_batch`, the targets and feature maps moving with the image).
+(:func:`common.augment.augment_batch`, the targets and feature maps moving with the image), then
+with ``distill.style_augment`` the sites' styles (:func:`style_batch`).
 Shapes: proxy images (N, C_in, H, W); target probabilities (N, 2, H, W); feature targets
 ``{"name@C": (N, C, h, w)}``.
 """
@@ -41,6 +42,7 @@ from common.losses import (
     probs_to_logits,
 )
 from common.models import FeatureNet
+from common.style import restyle
 
 IGNORE = -1   # label of pixels left out of the Lovasz term
 
@@ -91,15 +93,32 @@ def draw_odds(has_gland: np.ndarray, usable: np.ndarray, empty_fraction: float,
     return w / w.sum()
 
 
+def style_batch(x: torch.Tensor, styles: np.ndarray, share: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """``x`` (B, C, H, W) with about ``share`` of its slices restyled (common.style.restyle),
+    each into one of ``styles`` (S, k, k) drawn at random, at a strength uniform in [0, 1]."""
+    pick = torch.rand(len(x), generator=gen) < share
+    n = int(pick.sum())
+    if n == 0:
+        return x
+    which = torch.randint(len(styles), (n,), generator=gen)
+    x = x.clone()
+    x[pick] = restyle(x[pick], np.asarray(styles)[which.numpy()], torch.rand(n, generator=gen))
+    return x
+
+
 def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, cfg: DistillConfig,
                     recipe: Optional[StudentConfig] = None, seed: int = 0,
                     log: Callable[[str], None] = print, tag: str = "distill",
                     feature_loss: Optional[FeatureDistillLoss] = None,
                     on_epoch: Optional[Callable[[int, FeatureNet], None]] = None,
                     set_index: Optional[np.ndarray] = None,
-                    set_names: Sequence[str] = ()) -> list[dict]:
+                    set_names: Sequence[str] = (),
+                    styles: Optional[np.ndarray] = None) -> list[dict]:
     """Train ``student`` in place on ``images`` (N, C_in, H, W) toward ``targets``
-    (``set_index`` (N,) into ``set_names``: each slice's public set, for ``distill.set_weights``).
+    (``set_index`` (N,) into ``set_names``: each slice's public set, for ``distill.set_weights``;
+    ``styles`` (S, k, k): the sites' shared styles, for ``distill.style_augment``: that share of
+    the drawn slices is restyled into a random site's look at a random strength, common.style).
 
     Returns the per-epoch history: total loss, each term's mean, the slices used and the
     optimizer steps. ``on_epoch(epoch, student)`` is called after every epoch (e.g. to keep
@@ -134,6 +153,9 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
                "feature": cfg.w_feature}
     if not any(w > 0 for w in weights.values()):
         raise ValueError("distill: every loss weight is 0")
+    if cfg.style_augment > 0 and (styles is None or len(styles) == 0):
+        raise ValueError(f"{tag}: distill.style_augment needs the sites' styles "
+                         f"(reply.share_style), and none came")
     odds = None
     if cfg.steps_per_epoch:
         odds = draw_odds(has_gland, usable, recipe.empty_slice_fraction, set_index, set_names,
@@ -164,6 +186,8 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
                                         intensity=recipe.intensity_augment)
                 p = maps.pop("probs")
                 feats_t = maps
+            if cfg.style_augment > 0:
+                x = style_batch(x, styles, cfg.style_augment, gen)
             logits, feats = student(x)
             terms = {}
             if cfg.w_kl > 0:

@@ -57,6 +57,7 @@ from common.protocol import (
     consensus_id,
     consensus_request,
     decode_affinity,
+    decode_style,
     encode_consensus,
     evaluate_request,
     query_request,
@@ -75,9 +76,10 @@ LOG = get_logger("fedkd.server")
 
 
 def save_targets(targets: Targets, folder: Path) -> None:
-    """``folder/probs.npy`` (N, 2, H, W), ``claim.npy`` (N,) if any, ``feat@NAME@C.npy``."""
+    """``folder/probs.npy`` (N, 2, H, W), ``claim.npy`` (N,) and ``styles.npy`` (S, k, k) if
+    any, ``feat@NAME@C.npy``."""
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"probs": targets.probs, "claim": targets.claim,
+    arrays = {"probs": targets.probs, "claim": targets.claim, "styles": targets.styles,
               **{f"feat@{k}": v for k, v in targets.features.items()}}
     for name, arr in arrays.items():
         if arr is not None:
@@ -87,9 +89,10 @@ def save_targets(targets: Targets, folder: Path) -> None:
 def load_targets(folder: Path) -> Targets:
     """The targets :func:`save_targets` wrote, memory-mapped (rows are read as used)."""
     probs = np.load(folder / "probs.npy", mmap_mode="r")
-    claim = np.load(folder / "claim.npy") if (folder / "claim.npy").is_file() else None
+    claim, styles = (np.load(folder / f"{n}.npy") if (folder / f"{n}.npy").is_file() else None
+                     for n in ("claim", "styles"))
     feats = {p.stem[5:]: np.load(p, mmap_mode="r") for p in sorted(folder.glob("feat@*.npy"))}
-    return Targets(probs, feats, claim=claim)
+    return Targets(probs, feats, claim=claim, styles=styles)
 
 
 def reply_site(label: str, reply: Message) -> str:
@@ -283,12 +286,16 @@ class Coordinator:
         agg = make_aggregator(self.cfg.aggregation, spill)
         content = query_request(self.cfg, ids, features, precision, teacher=teacher)
         figures: dict[str, dict] = {}
+        styles: dict[str, np.ndarray] = {}
 
         def on_reply(site: str, reply: Message) -> None:
             try:
                 probs, feats = read_proxy_reply(reply.content, self.cfg, len(ids),
                                                 images.shape[-2:], features)
                 affinity = decode_affinity(reply.content, len(ids))
+                if self.cfg.reply.share_style:
+                    styles[site] = decode_style(reply.content, images.shape[-2:],
+                                                self.cfg.reply.style_beta)
             except (ProtocolError, ValueError, TypeError) as exc:
                 self._exclude(f"query_{tag}", site, f"malformed reply: {exc}")
                 return
@@ -322,6 +329,8 @@ class Coordinator:
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
         else:
             targets = agg.finalize()
+        if styles:
+            targets.styles = np.stack([styles[s] for s in agg.sites if s in styles])
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids),
                  "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
@@ -407,7 +416,8 @@ class Coordinator:
         history = distill_student(student, proxy.images, targets, self.cfg.distill,
                                   self.cfg.student, self.cfg.runtime.seed, self.log,
                                   tag=f"distill r{rnd}", on_epoch=keep,
-                                  set_index=proxy.set_index, set_names=proxy.set_names)
+                                  set_index=proxy.set_index, set_names=proxy.set_names,
+                                  styles=targets.styles)
         record: dict = {"history": history}
         weights = student.net.state_dict()
         if candidates:
@@ -621,7 +631,10 @@ class Coordinator:
         folder = self.run_dir / "targets_self"
         model_probs(student, self.proxy().images, folder)   # folder/probs.npy
         self.log(f"[server] self-training: the student labelled {len(self.proxy())} proxy slices")
-        self.distill(rnd, load_targets(folder))
+        targets = load_targets(folder)
+        shared = sorted(self.run_dir.glob("targets_[rc]*/styles.npy"))   # the sites' styles
+        targets.styles = np.load(shared[-1]) if shared else None
+        self.distill(rnd, targets)
 
     def finish(self, t0: float) -> dict:
         """Write the report and export the final student."""

@@ -736,3 +736,43 @@ def test_fedavg_aggregate_does_not_depend_on_the_replies_arrival_order():
         expected = sum(n * r.content["arrays"]["w"].numpy().astype(np.float64)
                        for n, r in zip((3, 5, 7), replies)) / 15
         np.testing.assert_allclose(ours[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_site_styled_queries_share_only_one_small_style_and_the_student_trains_on_it(
+        fed, tmp_path, adaptive_run):
+    """reply.own_style: each teacher answers on the proxy slices restyled into its own site's
+    look (the targets differ from unstyled queries by the same teachers); reply.share_style:
+    each reply carries exactly one extra array, the site's (13, 13) style, which the server
+    keeps and distillation (distill.style_augment) draws from."""
+    from client.site import own_style, resolve_node
+
+    replies = []
+
+    def keep(node, reply):
+        if reply.metadata.message_type == QUERY_PROXY:
+            replies.append(reply)
+        return reply
+
+    cfg, grid = make(fed, tmp_path, ["reply.own_style=1.0", "reply.share_style=true",
+                                     "distill.style_augment=0.5", "distill.epochs=2"], tamper=keep)
+    report = run_federation(grid, cfg, lambda s: None)
+    assert report["state"]["completed"] == ["train", "query_r1", "distill_r1", "evaluate_r1"]
+    styles = np.load(tmp_path / "targets_r1" / "styles.npy")
+    assert styles.shape == (3, 13, 13)
+    root, state = fed
+    for i, site_style_ in enumerate(styles):
+        node = resolve_node({"partition-id": i}, {"data-root": str(root), "state-root": str(state)},
+                            cfg)
+        assert np.allclose(site_style_, own_style(cfg, node))
+    assert not np.allclose(styles[0], styles[1], rtol=0.05)   # the sites look different
+    assert len(replies) == 3
+    for r in replies:
+        extra = [(name, key, tuple(a.shape)) for name, rec in r.content.array_records.items()
+                 for key, a in rec.items() if name == "style"]
+        assert extra == [("style", "amplitude", (13, 13))]
+        assert r.content["stats"]["reply_bytes"] > 13 * 13 * 4
+    # the same teachers, queried on unstyled slices, gave other targets
+    _, _, _, _, plain_dir = adaptive_run
+    styled = np.load(tmp_path / "targets_r1" / "probs.npy")
+    plain = np.load(plain_dir / "targets_r1" / "probs.npy")
+    assert styled.shape == plain.shape and np.abs(styled - plain).mean() > 1e-3
