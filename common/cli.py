@@ -8,6 +8,7 @@ print one clear line (``error: FILE: key: cause``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import sys
 from pathlib import Path
@@ -112,9 +113,22 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.report_only:
         report_only(_config(args))
     elif args.collect:
-        collect_experiment(_config(args), only=args.only)
+        collect_experiment(_config(args), only=args.only, out_dir=args.publish_dir,
+                           command="fedkd " + " ".join(
+            a if re.fullmatch(r"[\w./=:,-]+", a) else repr(a) for a in args.argv))
     else:
         run_experiment(_config(args), only=args.only)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from simulations.results import sync
+
+    stale = sync(args.files, check=args.check)
+    if args.check and stale:
+        print(f"error: {stale} results block(s) differ from docs/results (run fedkd results "
+              f"{' '.join(map(str, args.files))})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -250,6 +264,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "simulate": ("run a federation of the synthetic sites in Flower's Simulation Engine",
                  cmd_simulate),
     "experiment": ("run experiment.methods x seeds (x folds) and tabulate them", cmd_experiment),
+    "results": ("copy the published tables (docs/results) into the results blocks of "
+                "markdown files; --check: fail if one differs", cmd_results),
     "bench": ("benchmarks: comm (bytes vs Dice), compress (teacher vs student speed), scale "
               "(aggregation and simulation with more sites)", cmd_bench),
     "predict": ("segment NIfTI volumes with an exported or adapted student", cmd_predict),
@@ -265,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers = {name: sub.add_parser(name, help=help_, description=help_)
                for name, (help_, _) in COMMANDS.items()}
     for name, p in parsers.items():
-        if name not in ("predict", "deploy"):  # predict: config from the model card
+        if name not in ("predict", "deploy", "results"):  # predict: config from the model card
             _add_config_args(p)
     p = parsers["synth"]
     p.add_argument("--out", help="output directory (synth.out)")
@@ -287,7 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="rewrite report.md and the plots from results.json")
     parsers["experiment"].add_argument("--collect", action="store_true",
                                        help="write results.json and report.md from the grid's "
-                                       "finished runs (their report.json) without running any")
+                                       "finished runs (their report.json) without running "
+                                       "any, and publish the table (--publish-dir) if every "
+                                       "run is of one committed code and data version")
+    parsers["experiment"].add_argument("--publish-dir", type=Path, default=Path("docs/results"),
+                                       help="--collect: where NAME.md and NAME.json go "
+                                       "(default docs/results)")
+    parsers["results"].add_argument("files", nargs="+", type=Path,
+                                    help="markdown files with <!-- results: NAME --> blocks")
+    parsers["results"].add_argument("--check", action="store_true",
+                                    help="change nothing; exit 1 if a block differs")
     parsers["bench"].add_argument("name", choices=["comm", "compress", "scale"],
                                   help="which benchmark")
     p = parsers["predict"]
@@ -304,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # the command, as typed
     from common.data import DataError
 
     try:

@@ -1,7 +1,8 @@
 """What a coordinator's run has done, persisted so that a restarted server goes on.
 
 :class:`RunState` is ``RUN_DIR/state.json``: completed steps, the sites' node ids, the teachers'
-figures, excluded sites with reasons, per-round figures and timings. A run directory is bound to
+figures, excluded sites with reasons, per-round figures, timings and the seconds worked so far
+(a resumed run keeps its true wall time). A run directory is bound to
 its config by :func:`config_digest`; another config there is refused (:class:`FederationError`).
 """
 
@@ -31,6 +32,7 @@ class RunState:
     excluded: dict[str, str] = field(default_factory=dict)     # "step/site" -> reason
     rounds: dict[str, dict] = field(default_factory=dict)      # round -> figures
     timings: dict[str, float] = field(default_factory=dict)
+    elapsed: float = 0.0   # seconds of work so far, over every process that ran this run
 
     def save(self, run_dir: Path) -> None:
         tmp = run_dir / "state.json.tmp"

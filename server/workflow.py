@@ -44,6 +44,7 @@ from common.logs import get_logger
 from common.metrics import case_weighted_mean
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.privacy import epsilon
+from common.provenance import provenance
 from common.protocol import (
     ADAPT_STUDENT,
     EVALUATE_STUDENT,
@@ -144,6 +145,7 @@ class Coordinator:
         if cfg.output.audit and grid is not None and not isinstance(grid, AuditGrid):
             self.grid = AuditGrid(grid, self.run_dir / "audit.jsonl")
         self.state = RunState.load(self.run_dir, config_digest(cfg))
+        self._started, self._worked = time.perf_counter(), self.state.elapsed
         dump_config(cfg, self.run_dir / "config.yaml")
         self.timeout = cfg.federation.wait_timeout_s
         self.in_channels = input_channels(cfg.data)
@@ -188,9 +190,14 @@ class Coordinator:
         self._done("pretrain", time.perf_counter() - t0)
         return student
 
+    def elapsed(self) -> float:
+        """Seconds of work on this run: earlier processes' (a resumed run) and this one's."""
+        return self._worked + time.perf_counter() - self._started
+
     def _done(self, step: str, seconds: float) -> None:
         self.state.completed.append(step)
         self.state.timings[step] = seconds
+        self.state.elapsed = self.elapsed()
         self.state.save(self.run_dir)
         self.log(f"[server] step {step} done ({seconds:.1f}s)")
 
@@ -560,7 +567,6 @@ class Coordinator:
 
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
-        t0 = time.perf_counter()
         strategy = self.cfg.federation.strategy
         if strategy in SIMULATION_ONLY:
             raise FederationError(f"federation.strategy={strategy!r} is a baseline on pooled "
@@ -571,7 +577,7 @@ class Coordinator:
         if strategy in ("fedavg", "fedprox"):
             if self._pending("weights"):
                 self.weight_sharing(nodes)
-            return self.finish_rounds(t0, final, labels)
+            return self.finish_rounds(final, labels)
         if strategy == "feddf" and self._pending("weights"):
             self.weight_sharing(nodes)   # FedAvg rounds first: student weights leave the sites
         known = set(self.state.nodes)
@@ -605,10 +611,10 @@ class Coordinator:
             if rnd < last and self._pending(f"evaluate_r{rnd}"):   # per round, before the last
                 self.evaluate(rnd)
         if self.cfg.capacity.enabled:
-            return self.finish(t0)
-        return self.finish_rounds(t0, final)
+            return self.finish()
+        return self.finish_rounds(final)
 
-    def finish_rounds(self, t0: float, final: int, nodes: Optional[dict[int, str]] = None
+    def finish_rounds(self, final: int, nodes: Optional[dict[int, str]] = None
                       ) -> dict:
         """After the method's rounds: with ``federation.self_train`` the self-training round
         ``final``; the test evaluation of the final student; site adaptation; the report."""
@@ -618,7 +624,7 @@ class Coordinator:
             self.evaluate(final, nodes)
         if self.cfg.adapt.enabled and self._pending(f"adapt_r{final}"):
             self.adapt(final, nodes)
-        return self.finish(t0)
+        return self.finish()
 
     def self_train(self, rnd: int) -> None:
         """``federation.self_train``: the server labels the public proxy set with the method's
@@ -636,9 +642,9 @@ class Coordinator:
         targets.styles = np.load(shared[-1]) if shared else None
         self.distill(rnd, targets)
 
-    def finish(self, t0: float) -> dict:
+    def finish(self) -> dict:
         """Write the report and export the final student."""
-        report = self.report(time.perf_counter() - t0)
+        report = self.report(self.elapsed())   # a resumed run: its earlier processes too
         if not self.cfg.output.export:
             return report
         from server.export import export_student
@@ -652,7 +658,8 @@ class Coordinator:
 
         student = FeatureNet(self.export_config().model.student, self.in_channels)
         report = {"name": self.cfg.name, "config": self.cfg.to_dict(), "state": self.state.__dict__,
-                  "student_parameters": count_parameters(student), "wall_seconds": seconds}
+                  "student_parameters": count_parameters(student), "wall_seconds": seconds,
+                  "provenance": provenance(self.cfg)}
         write_report(report, self.run_dir, self.log)
         return report
 

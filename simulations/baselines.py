@@ -42,6 +42,7 @@ from client.site import (
 from common.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
 from common.data import CaseVolume, discover_sites
+from common.provenance import provenance
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.metrics import case_weighted_mean
 from common.training import evaluate_cases, summary_metrics, train_segmenter
@@ -232,6 +233,7 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     report = {"name": cfg.name, "config": cfg.to_dict(),
               "state": {"completed": [strategy], "nodes": {}, "teachers": teachers,
                         "excluded": {}, "rounds": {"1": rnd}, "timings": {}},
-              "student_parameters": params, "wall_seconds": time.perf_counter() - t0}
+              "student_parameters": params, "wall_seconds": time.perf_counter() - t0,
+              "provenance": provenance(cfg)}
     write_report(report, run_dir, log)
     return report

@@ -201,7 +201,8 @@ def run_figures(report: dict) -> dict:
             "student_steps": _plus(student_steps(strategy, last, w),
                                    st["rounds"].get("0", {}).get("pretrain", {}).get("steps")),
             "curve": _curve(strategy, last),
-            "excluded": st["excluded"], "wall_seconds": report["wall_seconds"]}
+            "excluded": st["excluded"], "wall_seconds": report["wall_seconds"],
+            "provenance": report.get("provenance")}
 
 
 def _ms(vals: list, digits: int) -> str:
@@ -348,11 +349,15 @@ def result_row(method: str, seed: int, run_cfg: RunConfig, report: dict) -> dict
             **run_figures(report), "config": run_cfg.to_dict()}
 
 
-def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> Path:
+def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
+                       command: str = "", out_dir: Path = Path("docs/results")) -> Path:
     """``--collect``: ``results.json`` and ``report.md`` from the finished runs of the grid (each
-    run's ``report.json``), without running anything. A run whose report is missing, or was made
-    with settings other than the grid's now, is left out and named."""
+    run's ``report.json``), without running anything, and the published table
+    ``out_dir/NAME.md`` (simulations.results). A run whose report is missing, was made with
+    settings other than the grid's now, or lost a site on the way, is left out and named; runs
+    of several code or data versions are refused (SystemExit naming each version's runs)."""
     from server.state import config_digest, stored_config
+    from simulations.results import check_one_version, write_published
 
     root = Path(cfg.output.run_dir)
     runs = selected_runs(cfg, only)
@@ -364,15 +369,30 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> Path
                 config_digest(run_cfg):
             missing.append(f"{path} ({'missing' if report is None else 'other settings'})")
             continue
+        if report["state"].get("excluded"):   # a site was lost: not the run the grid asked for
+            missing.append(f"{path} (excluded " + "; ".join(
+                f"{k}: {v}" for k, v in sorted(report["state"]["excluded"].items())) + ")")
+            continue
         results.append(result_row(method, seed, run_cfg, report))
     for m in missing:
         print(f"[experiment] left out, not finished with these settings: {m}")
     if not results:
         raise SystemExit(f"[experiment] {root}: no finished run of these methods to collect")
+    stamp = check_one_version(results, run_label)
     models = profile_models(cfg)
     wall = float(sum(r["wall_seconds"] for r in results))
     _write(root, cfg, results, models, wall)
-    return write_report(cfg, results, models, wall, runs)
+    report_md = write_report(cfg, results, models, wall, runs)
+    tables = summary_markdown(select_by_validation(results), models, cfg.experiment.baseline)
+    if missing:
+        tables += ("\n\nLeft out (not finished with these settings): "
+                   + "; ".join(f"`{m}`" for m in missing) + "\n")
+    done = {(r["run"], r["seed"], r["fold"]) for r in results}
+    write_published(cfg.name, stamp, tables, results,
+                    [x for x in runs if (x[0], x[1], x[2].data.fold if x[2].data.folds else None)
+                     in done], machine(), command or f"fedkd experiment --collect ({cfg.name})",
+                    out_dir)
+    return report_md
 
 
 def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dict]:

@@ -9,6 +9,7 @@ from common.cli import main
 from common.config import ConfigError, load_config
 from common.synthetic import write_dataset
 from conftest import tiny_sim_config
+from common.provenance import code_version, data_fingerprint, run_folders
 from simulations.experiment import method_configs
 
 
@@ -40,6 +41,14 @@ def test_grid_configs_are_validated_before_anything_runs(tmp_path):
         method_configs(load_config(bad))
     with pytest.raises(ConfigError, match="is not a key.path=value override"):
         load_config(tiny(tmp_path, {"x": ["output.run_dir=/elsewhere"]}))
+
+
+def stamp_runs(folder, stamp):
+    """Give every run report under ``folder`` the provenance ``stamp``."""
+    for p in folder.rglob("report.json"):
+        report = json.loads(p.read_text())
+        report["provenance"] = stamp
+        p.write_text(json.dumps(report))
 
 
 def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
@@ -129,14 +138,38 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     (exp / "montage.png").unlink()
     assert main(["experiment", "--config", str(path), "--report-only"]) == 0
     assert (exp / "report.md").read_text() == report and (exp / "montage.png").is_file()
-    # --collect rebuilds results.json from the finished runs' own reports, running nothing
+    # every run is stamped with the code and data that made it
+    stamps = {r["method"]: r["provenance"] for r in runs}
+    data = data_fingerprint(run_folders(load_config(path)))
+    assert all(st["data"] == data and st["commit"] == code_version()["commit"]
+               for st in stamps.values())
+    # --collect rebuilds results.json from the finished runs' own reports, running nothing, and
+    # publishes the table; runs of no committed version (this checkout may be dirty) are refused
+    stamp_runs(exp, {"commit": "a" * 40, "dirty": False, "data": data})
     (exp / "results.json").unlink()
     capsys.readouterr()
+    published = tmp_path / "published"
     assert main(["experiment", "--config", str(path), "--collect", "--only", "fedavg-ft",
-                 "local", "broken"]) == 0
+                 "local", "broken", "--publish-dir", str(published)]) == 0
     collected = json.loads((exp / "results.json").read_text())["runs"]
-    assert collected == [r for r in runs if r["method"] in ("fedavg-ft", "local")]
+    assert [r["method"] for r in collected] == ["fedavg-ft", "local"]
+    assert [r["dice_mean"] for r in collected] == [by["fedavg-ft"]["dice_mean"],
+                                                    by["local"]["dice_mean"]]
     assert "left out, not finished with these settings" in capsys.readouterr().out   # broken
+    doc = (published / f"{load_config(path).name}.md").read_text()
+    assert f"commit `{'a' * 40}`; data fingerprint `{data}`" in doc
+    assert "`fedavg-ft` fedavg 2 rounds x 1 local epoch(s)" in doc and "| local | 1 |" in doc
+    assert "--collect --only fedavg-ft local broken" in doc
+    # one run of another commit: the table is refused, each version named with its runs
+    stamp_runs(exp / "local", {"commit": "b" * 40, "dirty": False, "data": data})
+    with pytest.raises(SystemExit, match=r"(?s)refusing to put runs of different code.*"
+                       r"code aaaaaaa, data .*`fedavg-ft` seed 0.*code bbbbbbb.*`local` seed 0"):
+        main(["experiment", "--config", str(path), "--collect", "--only", "fedavg-ft",
+              "local", "--publish-dir", str(published)])
+    stamp_runs(exp / "local", {"commit": "a" * 40, "dirty": True, "data": data})
+    with pytest.raises(SystemExit, match="different code"):
+        main(["experiment", "--config", str(path), "--collect", "--only", "fedavg-ft",
+              "local", "--publish-dir", str(published)])
     with pytest.raises(SystemExit, match="no finished run"):   # other settings: not these runs
         main(["experiment", "--config", str(path), "--collect", "--only", "local",
               "--set", "train.epochs=3"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -125,9 +126,16 @@ def test_resume_after_a_crash_skips_completed_steps(fed, tmp_path):
         run_federation(grid, cfg, crash_in_distill)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["completed"] == ["train", "query_r1"]
+    before = state["elapsed"]   # the first process's work, up to its last finished step
+    assert before >= sum(state["timings"].values()) > 0
     cfg, grid = make(fed, tmp_path, short)  # a restarted server with the same run directory
     logs = []
+    t0 = time.perf_counter()
     report = run_federation(grid, cfg, logs.append)
+    second = time.perf_counter() - t0
+    # the report's wall time is both processes' work, not only the resumed one's
+    steps = sum(report["state"]["timings"][s] for s in ("distill_r1", "evaluate_r1"))
+    assert before + steps <= report["wall_seconds"] <= before + second + 1.0
     assert "[server] skipping step train (done)" in logs
     assert "[server] skipping step query_r1 (done)" in logs
     assert sent_types(grid) == [EVALUATE_STUDENT] * 3  # no teacher trained or queried again
