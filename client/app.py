@@ -26,8 +26,10 @@ cause; the node then answers the next message as usual. Paths come from the node
 
 from __future__ import annotations
 
+import json
 import traceback
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from flwr.app import (
@@ -67,6 +69,7 @@ from common.protocol import (
     STUDENT,
     STYLE,
     ProtocolError,
+    describe_message,
     config_from_text,
     reply_encoding,
 )
@@ -103,15 +106,16 @@ def _serve(msg: Message, context: Context,
            handler: Callable[[RunConfig, site_ops.Node, Message], RecordDict]) -> Message:
     """Resolve the node, parse the run config, call ``handler``; turn failures into error replies."""
     site = site_ops.site_label(context.node_config, context.node_id)
+    outbox = site_ops.declared_state_dir(context.node_config)
     try:
         cfg = _run_config(msg)
         node = site_ops.resolve_node(context.node_config, context.run_config, cfg)
-        site = node.site
+        site, outbox = node.site, node.state_dir
         torch.set_num_threads(node.threads or cfg.runtime.client_threads or cfg.runtime.threads)
         LOG.info(f"[{site}] {msg.metadata.message_type}")
         content = handler(cfg, node, msg)
         content[INFO] = ConfigRecord({**content.get(INFO, {}), "site": site})
-        return Message(content, reply_to=msg)
+        return _sent(Message(content, reply_to=msg), outbox)
     except ProtocolError as exc:
         code, reason = ERR_BAD_MESSAGE, str(exc)
     except DataError as exc:
@@ -123,7 +127,27 @@ def _serve(msg: Message, context: Context,
         LOG.error(traceback.format_exc())
     reason = f"site {site}: {reason}"
     LOG.error(f"[{site}] {msg.metadata.message_type} failed: {reason}")
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+    return _sent(Message(Error(code=code, reason=reason), reply_to=msg), outbox)
+
+
+OUTBOX = "outbox.jsonl"
+
+
+def _sent(reply: Message, state_dir: Optional[Path]) -> Message:
+    """Record ``reply`` in the node's outbox, ``STATE_DIR/outbox.jsonl`` (one JSON line per
+    reply: message type, every array's record, name, shape, dtype and bytes, every metric and
+    config value, an error's reason; never array contents), so that the hospital sees at the
+    hospital everything its node sent. A reply is sent even if the outbox cannot be written
+    (the node's log says so)."""
+    if state_dir is None:
+        return reply
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with (state_dir / OUTBOX).open("a") as fh:
+            fh.write(json.dumps(describe_message(reply, "from-site", values=True)) + "\n")
+    except OSError as exc:
+        LOG.error(f"outbox {state_dir / OUTBOX} not written: {exc}")
+    return reply
 
 
 def _train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:

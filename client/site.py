@@ -129,6 +129,13 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
                       "(a simulation)")
 
 
+def declared_state_dir(node_config: dict) -> Optional[Path]:
+    """The node config's ``state-dir`` (None if it names none), known before anything else
+    about the node is resolved: where even an early error reply is recorded."""
+    value = node_config.get("state-dir")
+    return Path(str(value)).expanduser() if value else None
+
+
 def site_label(node_config: dict, node_id: int) -> str:
     """A name for error messages before the node config is fully resolved."""
     if node_config.get("site"):

@@ -84,7 +84,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from common.codec import CodecError, decode_stream, encode_stream, quantize
+from common.codec import CodecError, decode_stream, encode_stream, quantize, read_header
 from common.config import ReplyConfig, RunConfig, from_dict, to_plain
 
 TRAIN_TEACHER = "train.teacher"
@@ -473,3 +473,61 @@ def decode_style(content, hw: tuple[int, int], beta: float) -> np.ndarray:
     if not np.isfinite(a).all() or (a < 0).any():
         raise ProtocolError("proxy reply: style.amplitude holds NaN, infinite or negative values")
     return a
+
+
+def describe_message(msg, direction: str, values: bool = False) -> dict:
+    """What an audit line says about a Flower ``msg`` (the coordinator's audit, server.audit,
+    and a node's outbox, client.app): direction (``to-site`` / ``from-site``), node, site (from
+    the reply's ``info`` record), message type, total array bytes, every array's record, name,
+    shape, dtype and bytes (for a coded stream of common.codec also the shape it decodes to, its
+    bits and codec), and the keys of metric and config records (``values``: their values too);
+    an error reply's reason. Never array contents."""
+    import time
+
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    md = msg.metadata
+    row = {"time": time.time(), "direction": direction, "message_type": md.message_type,
+           "node": md.dst_node_id if direction == "to-site" else md.src_node_id,
+           "arrays": [], "records": {}, "bytes": 0}
+    if msg.has_error():
+        row["error"] = msg.error.reason
+        return row
+    content = msg.content
+    info = content.get("info") if isinstance(content.get("info"), ConfigRecord) else None
+    if info is not None and "site" in info:
+        row["site"] = str(info["site"])
+    for name, rec in content.items():
+        if isinstance(rec, ArrayRecord):
+            for key, arr in rec.items():
+                entry = {"record": name, "name": key, "shape": list(arr.shape),
+                         "dtype": str(arr.dtype), "bytes": len(arr.data)}
+                head = stream_header(arr)
+                if head is not None:
+                    bits, codec, fixed, _, shape = head
+                    entry["stream"] = {"shape": list(shape), "bits": bits, "codec": codec,
+                                       "range": "[0, 1]" if fixed else "scaled"}
+                row["arrays"].append(entry)
+                row["bytes"] += len(arr.data)
+        elif isinstance(rec, (MetricRecord, ConfigRecord)):
+            row["records"][name] = ({k: _plain(rec[k]) for k in sorted(rec.keys())} if values
+                                    else sorted(rec.keys()))
+    return row
+
+
+def _plain(v: Any) -> Any:
+    """A record value as JSON can hold it (lists stay lists; bytes as their length)."""
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def stream_header(arr) -> Optional[tuple]:
+    """The header of a coded reply stream (common.codec.read_header: bits, codec, fixed range,
+    payload length, the shape it decodes to), or None if ``arr`` is not one."""
+    if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
+        return None
+    try:
+        return read_header(arr.numpy())
+    except CodecError:
+        return None

@@ -20,48 +20,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.codec import CodecError, decode_stream, read_header
-
-
-def describe(msg: Message, direction: str) -> dict:
-    """What an audit line says about ``msg``."""
-    md = msg.metadata
-    row = {"time": time.time(), "direction": direction, "message_type": md.message_type,
-           "node": md.dst_node_id if direction == "to-site" else md.src_node_id,
-           "arrays": [], "records": {}, "bytes": 0}
-    if msg.has_error():
-        row["error"] = msg.error.reason
-        return row
-    content = msg.content
-    info = content.get("info") if isinstance(content.get("info"), ConfigRecord) else None
-    if info is not None and "site" in info:
-        row["site"] = str(info["site"])
-    for name, rec in content.items():
-        if isinstance(rec, ArrayRecord):
-            for key, arr in rec.items():
-                entry = {"record": name, "name": key, "shape": list(arr.shape),
-                         "dtype": str(arr.dtype), "bytes": len(arr.data)}
-                head = _stream_header(arr)
-                if head is not None:
-                    bits, codec, fixed, _, shape = head
-                    entry["stream"] = {"shape": list(shape), "bits": bits, "codec": codec,
-                                       "range": "[0, 1]" if fixed else "scaled"}
-                row["arrays"].append(entry)
-                row["bytes"] += len(arr.data)
-        elif isinstance(rec, (MetricRecord, ConfigRecord)):
-            row["records"][name] = sorted(rec.keys())
-    return row
-
-
-def _stream_header(arr) -> Optional[tuple]:
-    """The header of a coded reply stream (common.codec.read_header: bits, codec, fixed range,
-    payload length, the shape it decodes to), or None if ``arr`` is not one."""
-    if str(arr.dtype) != "uint8" or len(arr.shape) != 1:
-        return None
-    try:
-        return read_header(arr.numpy())
-    except CodecError:
-        return None
+from common.codec import decode_stream
+from common.protocol import describe_message as describe, stream_header as _stream_header
 
 
 class AuditGrid(Grid):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,37 @@ torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("FEDKD_REAL_DATA", REPO.parent / "shared" / "data" / "real-prostate"))
+
+
+# Flower reports deprecated features through its logger ("DEPRECATED FEATURE: ..."), not as
+# DeprecationWarning, so pyproject's warning filters cannot see them. Every test fails on one,
+# except the deprecations kept on purpose (each with its reason where the call is made).
+KEPT_DEPRECATIONS = (
+    "The `run_simulation` function is deprecated",   # simulations/simulate.py says why
+)
+
+
+class _Deprecations(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "DEPRECATED FEATURE" in text and not any(k in text for k in KEPT_DEPRECATIONS):
+            self.seen.append(" ".join(text.split())[:300])
+
+
+@pytest.fixture(autouse=True)
+def no_flower_deprecations():
+    handler = _Deprecations()
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        flwr_logger.removeHandler(handler)
+    assert not handler.seen, f"Flower logged a deprecated feature: {handler.seen[0]}"
 
 
 @pytest.fixture(scope="session")

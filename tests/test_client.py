@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -488,3 +489,32 @@ def test_consensus_refines_a_copy_of_the_teacher_toward_the_consensus(fed, train
     del short[CONSENSUS]
     assert "missing record 'consensus'" in send(short, TRAIN_CONSENSUS, node).error.reason
     assert not send(query_request(cfg, ids[:2], [], "float32"), QUERY_PROXY, node).has_error()
+
+
+def test_the_node_keeps_a_record_of_every_reply_it_sent(fed, trained, tmp_path):
+    """STATE_DIR/outbox.jsonl: one line per reply, error replies included, with every array's
+    name, shape, dtype and bytes and every metric's value, so that a hospital can see at the
+    hospital what its node sent (never array contents)."""
+    root, cfg, node = fed
+    local = {**node, "state-dir": str(tmp_path / "state")}
+    shutil.copytree(node["state-dir"], tmp_path / "state",   # the trained teacher, not retrained
+                    ignore=shutil.ignore_patterns("outbox.jsonl"))
+    proxy = load_proxy_cases(cfg, resolve_node(local, {}))
+    ids = proxy_slice_ids(proxy)[:5]
+    replies = [send(train_request(cfg), TRAIN_TEACHER, local),
+               send(query_request(cfg, ids, ["enc1"], "float16", 3), QUERY_PROXY, local),
+               send(query_request(cfg, ["NOPE/Case99/0"], [], "float16", 3), QUERY_PROXY, local)]
+    lines = [json.loads(x) for x in (tmp_path / "state" / "outbox.jsonl").read_text().splitlines()]
+    assert [r["message_type"] for r in lines] == [TRAIN_TEACHER, QUERY_PROXY, QUERY_PROXY]
+    assert not replies[0].has_error() and not replies[1].has_error() and replies[2].has_error()
+    assert lines[0]["records"]["metrics"]["val_dice"] == replies[0].content["metrics"]["val_dice"]
+    assert lines[0]["arrays"] == [] and lines[0]["site"] == "SiteA"
+    sent = {(a["record"], a["name"]): a for a in lines[1]["arrays"]}
+    for rec, arrays in replies[1].content.array_records.items():
+        for key, arr in arrays.items():
+            assert sent.pop((rec, key))["shape"] == list(arr.shape)
+    assert sent == {}
+    assert lines[1]["bytes"] == sum(len(a.data) for r in replies[1].content.array_records.values()
+                                    for a in r.values())
+    assert lines[1]["records"]["stats"]["n_slices"] == 5
+    assert lines[2]["error"] == replies[2].error.reason and "NOPE" in lines[2]["error"]
