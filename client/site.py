@@ -59,6 +59,7 @@ from common.losses import kd_kl_loss
 from common.modelcard import write_model_dir
 from common.models import FeatureNet, build_teacher, input_channels
 from common.privacy import epsilon, release
+from common.provenance import data_fingerprint
 from common.protocol import (
     AFFINITY,
     ProtocolError,
@@ -235,9 +236,13 @@ def load_proxy_cases(cfg: RunConfig, node: Node) -> dict[str, CaseVolume]:
 # --------------------------------------------------------------------------------------------
 def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -> str:
     """Digest of everything that determines the teacher: architecture, training settings,
-    preprocessing, the split and the case ids. Same key = the checkpoint can be reused."""
+    preprocessing, the split and the case ids, and the content of the site's data files
+    (common.provenance: regenerated or edited data never reuses a stale teacher). Same key = the
+    checkpoint can be reused."""
     payload = {"spec": asdict(cfg.teacher_spec(node.site)), "train": tcfg.fingerprint(),
                "data": _preprocessing_key(cfg), "seed": cfg.runtime.seed,
+               "files": data_fingerprint([node.data_path if node.data_path.is_dir()
+                                          else node.data_path.parent]),
                "cases": {k: [c.case_id for c in getattr(data, k)] for k in ("train", "val", "test")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

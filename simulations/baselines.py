@@ -42,7 +42,7 @@ from client.site import (
 from common.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
 from common.data import CaseVolume, discover_sites
-from common.provenance import provenance
+from common.provenance import data_fingerprint, provenance
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.metrics import case_weighted_mean
 from common.training import evaluate_cases, summary_metrics, train_segmenter
@@ -91,6 +91,8 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     key = hashlib.sha256(json.dumps({
         "spec": asdict(spec), "train": tcfg.fingerprint(), "seed": cfg.runtime.seed,
         "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
+        "files": data_fingerprint([n.data_path if n.data_path.is_dir() else n.data_path.parent
+                                   for n in nodes]),
         "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
     res = train_segmenter(model, train, val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"central {kind}",

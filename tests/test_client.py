@@ -518,3 +518,23 @@ def test_the_node_keeps_a_record_of_every_reply_it_sent(fed, trained, tmp_path):
                                     for a in r.values())
     assert lines[1]["records"]["stats"]["n_slices"] == 5
     assert lines[2]["error"] == replies[2].error.reason and "NOPE" in lines[2]["error"]
+
+
+def test_a_teacher_is_not_reused_once_the_sites_files_change(fed, tmp_path):
+    """The teacher's key holds the content of the site's files: the same case ids with one
+    image rewritten (e.g. regenerated data) give another key, so the stale checkpoint is not
+    reused."""
+    from client.site import site_train_config, teacher_key
+
+    root, cfg, node = fed
+    site = tmp_path / "SiteA"
+    shutil.copytree(root / "SiteA", site)
+    local = {**node, "data-path": str(site)}
+    n = resolve_node(local, {})
+    first = teacher_key(cfg, n, site_train_config(cfg, n), load_private(cfg, n))
+    assert teacher_key(cfg, n, site_train_config(cfg, n), load_private(cfg, n)) == first
+    img = sorted(site.glob("Case*[0-9].nii.gz"))[0]
+    data = bytearray(img.read_bytes())
+    data[-1] ^= 1
+    img.write_bytes(bytes(data))
+    assert teacher_key(cfg, n, site_train_config(cfg, n), load_private(cfg, n)) != first
