@@ -45,6 +45,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client import site as site_ops
+from client.policy import PolicyError
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from common.logs import get_logger
@@ -54,6 +55,7 @@ from common.protocol import (
     ERR_CONFIG,
     ERR_DATA,
     ERR_INTERNAL,
+    ERR_POLICY,
     EVAL,
     FEATURES,
     FOREGROUND,
@@ -107,15 +109,18 @@ def _serve(msg: Message, context: Context,
     """Resolve the node, parse the run config, call ``handler``; turn failures into error replies."""
     site = site_ops.site_label(context.node_config, context.node_id)
     outbox = site_ops.declared_state_dir(context.node_config)
+    policy = site_ops.node_policy(context.node_config)
     try:
         cfg = _run_config(msg)
         node = site_ops.resolve_node(context.node_config, context.run_config, cfg)
-        site, outbox = node.site, node.state_dir
+        site, outbox, policy = node.site, node.state_dir, node.policy
         torch.set_num_threads(node.threads or cfg.runtime.client_threads or cfg.runtime.threads)
         LOG.info(f"[{site}] {msg.metadata.message_type}")
         content = handler(cfg, node, msg)
         content[INFO] = ConfigRecord({**content.get(INFO, {}), "site": site})
         return _sent(Message(content, reply_to=msg), outbox)
+    except PolicyError as exc:
+        code, reason = ERR_POLICY, str(exc)
     except ProtocolError as exc:
         code, reason = ERR_BAD_MESSAGE, str(exc)
     except DataError as exc:
@@ -125,8 +130,8 @@ def _serve(msg: Message, context: Context,
     except Exception as exc:  # a bug must not take the node down: report it
         code, reason = ERR_INTERNAL, f"{type(exc).__name__}: {exc}"
         LOG.error(traceback.format_exc())
-    reason = f"site {site}: {reason}"
-    LOG.error(f"[{site}] {msg.metadata.message_type} failed: {reason}")
+    LOG.error(f"[{site}] {msg.metadata.message_type} failed: site {site}: {reason}")
+    reason = policy.redact(f"site {site}: {reason}")   # the local log keeps the full paths
     return _sent(Message(Error(code=code, reason=reason), reply_to=msg), outbox)
 
 
@@ -214,8 +219,10 @@ def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
             raise ProtocolError(f"evaluate.split: expected 'test' or 'val', got {split!r}")
         with_val = bool(_field(msg, EVAL).get("with_val", False))
     weights = _weights(msg, STUDENT)
+    if split == "test":
+        node.policy.count_test_evaluation(node.state_dir, msg.metadata.run_id)
     val = site_ops.evaluate_student(cfg, node, weights, "val") if with_val else None
-    metrics = site_ops.evaluate_student(cfg, node, weights, split)
+    metrics = node.policy.filter_metrics(site_ops.evaluate_student(cfg, node, weights, split))
     if val is not None:
         metrics.update(val_dice_mean=val["dice_mean"], val_n_cases=val["n_cases"])
     LOG.info(f"[{node.site}] student: Dice {metrics['dice_mean']:.4f} "
@@ -224,7 +231,10 @@ def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
 
 
 def _adapt(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    node.policy.count_test_evaluation(node.state_dir, msg.metadata.run_id)  # test figures
     metrics = site_ops.adapt_student(cfg, node, _weights(msg, STUDENT), log=LOG.info)
+    for when in ("_before", "_after"):
+        metrics = node.policy.filter_metrics(metrics, suffix=when)
     test = (f"; test Dice {metrics['dice_mean_before']:.4f} -> {metrics['dice_mean_after']:.4f}"
             if "dice_mean_after" in metrics else "")
     LOG.info(f"[{node.site}] adapted student: val Dice {metrics['val_dice_before']:.4f} -> "
@@ -268,6 +278,7 @@ def _weights(msg: Message, record: str) -> dict[str, torch.Tensor]:
 
 
 def _fedavg_train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+    node.policy.check_weights()   # weights trained on private data: the hospital decides
     conf = _field(msg, FLWR_CONFIG)
     rnd = int(conf.get("server-round", 0))
     mu = float(conf.get("proximal-mu", 0.0))

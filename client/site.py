@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from client.policy import NodePolicy
 from common.affinity import AffinityReference, fit_temperature, slice_embedding
 from common.config import ConfigError, RunConfig, TrainConfig, proxy_set_paths
 from common.typedconfig import build_section
@@ -84,6 +85,7 @@ class Node:
     state_dir: Path
     threads: Optional[int]
     train_overrides: tuple[tuple[str, Any], ...] = ()
+    policy: NodePolicy = NodePolicy.from_node_config({}, simulation=True)
 
     @property
     def teacher_checkpoint(self) -> Path:
@@ -111,7 +113,8 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
         proxy = tuple(Path(p).expanduser() for p in str(nc.get("proxy-path") or "").split(
             os.pathsep) if p)
         state = Path(str(nc.get("state-dir") or Path.home() / ".fedkd" / "state" / site))
-        return Node(site, data_path, layout, proxy, state.expanduser(), threads, overrides)
+        return Node(site, data_path, layout, proxy, state.expanduser(), threads, overrides,
+                    NodePolicy.from_node_config(nc, simulation=False))
     if "partition-id" in nc:
         root = Path(str(run_config.get("data-root") or cfg.data.root))
         if not root.is_dir():
@@ -125,9 +128,19 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
                               f"site folders")
         state_root = Path(str(run_config.get("state-root") or cfg.output.state_root))
         return Node(sites[pid].name, sites[pid], "liu", tuple(proxy_set_paths(dcfg)),
-                    state_root / sites[pid].name, threads, overrides)
+                    state_root / sites[pid].name, threads, overrides,
+                    NodePolicy.from_node_config(nc, simulation=True))
     raise ConfigError("node config: needs data-path (a hospital node) or partition-id "
                       "(a simulation)")
+
+
+def node_policy(node_config: dict) -> NodePolicy:
+    """The node's policy before the rest of the node is resolved (for an early error reply):
+    the node config's, or the strict ``kd`` preset if that config is itself invalid."""
+    try:
+        return NodePolicy.from_node_config(node_config, simulation="data-path" not in node_config)
+    except ConfigError:
+        return NodePolicy.from_node_config({"policy": "kd"}, simulation=False)
 
 
 def declared_state_dir(node_config: dict) -> Optional[Path]:

@@ -188,7 +188,7 @@ def _deploy(args: argparse.Namespace) -> int:
                 "proxy-path": os.pathsep.join(str(Path(p).expanduser().resolve())
                                               for p in args.proxy_path),
                 "state-dir": str(Path(args.state_dir).expanduser().resolve())
-                if args.state_dir else None, "threads": args.threads}
+                if args.state_dir else None, "threads": args.threads, "policy": args.policy}
         return exec_command(supernode_command(args.superlink, args.ca, args.key, node, args.port,
                                        args.insecure), args.print)
     elif args.action == "bundle":
@@ -237,6 +237,11 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default ~/.fedkd/state/SITE)")
     p.add_argument("--site", default=None, help="site name in reports (default: folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--policy", default="kd", choices=["kd", "open"],
+                   help="what the node answers (client/policy.py): kd (default) refuses "
+                   "weight-sharing training, allows 2 test-split evaluations a run, sends no "
+                   "per-case statistics of splits under 5 cases and no local paths; open: "
+                   "everything")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local port")
     p.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
     p.add_argument("--print", action="store_true", help="print the command, do not start it")

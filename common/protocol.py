@@ -119,6 +119,7 @@ PRECISIONS = ("float32", "float16", "int8")
 ERR_BAD_MESSAGE = 4001   # missing or malformed field
 ERR_DATA = 4002          # a data file or folder is unusable
 ERR_CONFIG = 4003        # the run config or node config is invalid
+ERR_POLICY = 4030        # the node's policy refuses the request (client.policy)
 ERR_INTERNAL = 5000      # anything else (a bug): the reason carries the exception
 
 

@@ -117,7 +117,7 @@ def report_markdown(report: dict) -> str:
             lines += ["", f"| site | {who} Dice (mean +- std) | HD95 mm (mean) | test cases |",
                       "|---|---|---|---|"]
             for site, m in sorted(ev["sites"].items()):
-                lines.append(f"| {site} | {m['dice_mean']:.4f} +- {m['dice_std']:.4f} | "
+                lines.append(f"| {site} | {m['dice_mean']:.4f} +- {_f(m.get('dice_std'))} | "
                              f"{m['hd95_mean']:.1f} | {int(m['n_cases'])} |")
             lines.append(f"| **all** | **{_f(ev['dice_mean'])}** | | |")
         ad = r.get("adapt")

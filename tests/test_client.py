@@ -27,11 +27,12 @@ from common.training import evaluate_cases
 _ids = iter(range(10**6))
 
 
-def send(content: RecordDict, mtype: str, node_config: dict, run_config: dict | None = None) -> Message:
-    md = Metadata(run_id=1, message_id=f"m{next(_ids)}", src_node_id=0, dst_node_id=7,
+def send(content: RecordDict, mtype: str, node_config: dict, run_config: dict | None = None,
+         run_id: int = 1) -> Message:
+    md = Metadata(run_id=run_id, message_id=f"m{next(_ids)}", src_node_id=0, dst_node_id=7,
                   reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600,
                   message_type=mtype)
-    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+    ctx = Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(),
                   run_config=run_config or {})
     return app(Message(content, metadata=md), ctx)
 
@@ -49,7 +50,7 @@ def fed(tmp_path_factory):
         "reply.output=logits", "reply.features=full",    # the precisions; compact: own tests
     ])
     node = {"data-path": str(root / "SiteA"), "proxy-path": str(root / "PROXY"),
-            "state-dir": str(state / "SiteA")}
+            "state-dir": str(state / "SiteA"), "policy": "open"}   # kd: its own tests
     return root, cfg, node
 
 
@@ -538,3 +539,58 @@ def test_a_teacher_is_not_reused_once_the_sites_files_change(fed, tmp_path):
     data[-1] ^= 1
     img.write_bytes(bytes(data))
     assert teacher_key(cfg, n, site_train_config(cfg, n), load_private(cfg, n)) != first
+
+
+def fedavg_train_message(cfg):
+    """Flower's FedAvg ``train`` request: the student's weights and the run config."""
+    from common.protocol import FLWR_ARRAYS, FLWR_CONFIG, RUN_CONFIG_KEY, config_to_text
+    from flwr.app import ConfigRecord
+
+    net = FeatureNet(cfg.model.student).net
+    return RecordDict({FLWR_ARRAYS: ArrayRecord(net.state_dict()),
+                       FLWR_CONFIG: ConfigRecord({"server-round": 1,
+                                                  RUN_CONFIG_KEY: config_to_text(cfg)})})
+
+
+def test_a_hospital_nodes_kd_policy_refuses_weight_sharing_and_test_probing(fed, trained,
+                                                                            tmp_path):
+    """A node with data-path (a hospital) defaults to the kd policy: Flower's weight-sharing
+    ``train`` is refused; the test split answers 2 evaluations a run, then refuses; per-case
+    statistics of a split under 5 cases are not sent; error replies carry no local path. The
+    same node with policy open answers all of it."""
+    from common.protocol import ERR_POLICY
+
+    root, cfg, node = fed
+    kd = {k: v for k, v in node.items() if k != "policy"}
+    kd["state-dir"] = str(tmp_path / "kd")
+    shutil.copytree(node["state-dir"], tmp_path / "kd",
+                    ignore=shutil.ignore_patterns("outbox.jsonl", "policy.json"))
+    refused = send(fedavg_train_message(cfg), "train", kd)
+    assert refused.has_error() and refused.error.code == ERR_POLICY
+    assert "allow-weights false" in refused.error.reason
+    assert not send(fedavg_train_message(cfg), "train", {**kd, "policy": "open"}).has_error()
+    assert not send(fedavg_train_message(cfg), "train", {**kd, "allow-weights": True}).has_error()
+    student = FeatureNet(cfg.model.student).net.state_dict()
+    replies = [send(evaluate_request(cfg, student), EVALUATE_STUDENT, kd) for _ in range(3)]
+    assert [r.has_error() for r in replies] == [False, False, True]
+    assert replies[2].error.code == ERR_POLICY and "test-evaluations 2" in replies[2].error.reason
+    m = replies[0].content["metrics"]
+    n = int(m["n_cases"])
+    assert n < 5 and "dice_mean" in m and "hd95_mean" in m
+    assert not any(k in m for k in ("dice_min", "dice_max", "dice_std", "dice_median", "hd95_max"))
+    val = send(evaluate_request(cfg, student, split="val"), EVALUATE_STUDENT, kd)
+    assert not val.has_error()   # validation figures (selection) are not limited
+    other_run = send(evaluate_request(cfg, student), EVALUATE_STUDENT, kd, run_id=2)
+    assert not other_run.has_error()
+    # the open policy: the per-case statistics come too
+    m_open = send(evaluate_request(cfg, student), EVALUATE_STUDENT, node).content["metrics"]
+    assert "dice_min" in m_open and m_open["dice_mean"] == m["dice_mean"]
+    # error replies: the file's name, not the hospital's folders
+    broken = {**kd, "data-path": str(tmp_path / "nowhere" / "SiteA")}
+    err = send(train_request(cfg), TRAIN_TEACHER, broken)
+    assert err.has_error() and str(tmp_path) not in err.error.reason
+    assert ".../SiteA" in err.error.reason
+    err_open = send(train_request(cfg), TRAIN_TEACHER, {**broken, "policy": "open"})
+    assert str(tmp_path / "nowhere") in err_open.error.reason
+    bad = send(train_request(cfg), TRAIN_TEACHER, {**kd, "test-evaluations": -1})
+    assert bad.error.code == ERR_CONFIG and "node config test-evaluations" in bad.error.reason
