@@ -45,6 +45,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client import site as site_ops
+from client.egress import EgressError, check_reply
 from client.policy import PolicyError
 from common.config import ConfigError, RunConfig
 from common.data import DataError
@@ -117,9 +118,11 @@ def _serve(msg: Message, context: Context,
         torch.set_num_threads(node.threads or cfg.runtime.client_threads or cfg.runtime.threads)
         LOG.info(f"[{site}] {msg.metadata.message_type}")
         content = handler(cfg, node, msg)
+        if content.array_records:   # no private image leaves, whatever asked for it
+            check_reply(content.array_records, site_ops.egress_signatures(cfg, node))
         content[INFO] = ConfigRecord({**content.get(INFO, {}), "site": site})
         return _sent(Message(content, reply_to=msg), outbox)
-    except PolicyError as exc:
+    except (PolicyError, EgressError) as exc:
         code, reason = ERR_POLICY, str(exc)
     except ProtocolError as exc:
         code, reason = ERR_BAD_MESSAGE, str(exc)

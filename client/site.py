@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from client.egress import private_signatures
 from client.policy import NodePolicy
 from common.affinity import AffinityReference, fit_temperature, slice_embedding
 from common.config import ConfigError, RunConfig, TrainConfig, proxy_set_paths
@@ -132,6 +133,18 @@ def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] =
                     NodePolicy.from_node_config(nc, simulation=True))
     raise ConfigError("node config: needs data-path (a hospital node) or partition-id "
                       "(a simulation)")
+
+
+def egress_signatures(cfg: RunConfig, node: Node) -> np.ndarray:
+    """The site's private slices (every split; the centre channel as preprocessed), centred and
+    of unit norm for the egress check (client.egress); cached per split."""
+    data = load_private(cfg, node)
+    key = json.dumps(["egress", str(node.data_path), _preprocessing_key(cfg),
+                      [c.case_id for c in data.train + data.val + data.test]])
+    if key not in _CACHE:
+        _CACHE[key] = private_signatures(c.image[z] for c in data.train + data.val + data.test
+                                         for z in range(c.num_slices))
+    return _CACHE[key]
 
 
 def node_policy(node_config: dict) -> NodePolicy:

@@ -594,3 +594,57 @@ def test_a_hospital_nodes_kd_policy_refuses_weight_sharing_and_test_probing(fed,
     assert str(tmp_path / "nowhere") in err_open.error.reason
     bad = send(train_request(cfg), TRAIN_TEACHER, {**kd, "test-evaluations": -1})
     assert bad.error.code == ERR_CONFIG and "node config test-evaluations" in bad.error.reason
+
+
+@pytest.mark.parametrize("disguise", ["raw", "reshaped-float16", "int8", "coded-4bit",
+                                      "among-real-replies"])
+def test_the_egress_check_stops_a_reply_that_carries_private_slices(fed, trained, tmp_path,
+                                                                     monkeypatch, disguise):
+    """A node whose query code was altered to slip preprocessed private slices into its reply,
+    plain or disguised (cast, reshaped, int8 with per-slice scales, a 4-bit coded stream, or
+    hidden as extra rows of the real foreground map), sends an error instead, and its outbox
+    records the refusal. Public proxy slices in a reply are not flagged (no false alarm on
+    images as such)."""
+    import client.site as site_ops
+    from common.codec import encode_stream, quantize
+    from common.protocol import ERR_POLICY, quantize_int8
+
+    root, cfg, node = fed
+    local = {**node, "state-dir": str(tmp_path / "s")}
+    shutil.copytree(node["state-dir"], tmp_path / "s", ignore=shutil.ignore_patterns("*.jsonl"))
+    n = resolve_node(local, {})
+    data = load_private(cfg, n)
+    private = np.stack([c.image[z] for c in data.test for z in range(c.num_slices)
+                        if c.image[z].std() > 0.05][:3])[:, None]        # (3, 1, 64, 64)
+    honest = site_ops.answer_proxy_query
+
+    def leak(*args, **kwargs):
+        logits, feats, stats = honest(*args, **kwargs)
+        if disguise == "raw":
+            logits["extra"] = private.astype(np.float32)
+        elif disguise == "reshaped-float16":
+            feats["enc1"] = private.reshape(-1, 64).astype(np.float16)
+        elif disguise == "int8":
+            q, scale = quantize_int8(private - private.min())
+            logits["extra"], logits["extra.scale"] = q, scale
+        elif disguise == "coded-4bit":
+            codes, scale = quantize(private, 4, fixed_range=False)
+            logits["extra"] = encode_stream(codes, scale, 4, "zlib", False)
+        else:   # three private slices appended to the honest (N, 2, H, W) logits
+            logits["logits"] = np.concatenate(
+                [logits["logits"], np.repeat(private, 2, axis=1).astype(logits["logits"].dtype)])
+        return logits, feats, stats
+
+    ids = proxy_slice_ids(load_proxy_cases(cfg, n))[:4]
+    monkeypatch.setattr(site_ops, "answer_proxy_query", leak)
+    reply = send(query_request(cfg, ids, ["enc1"], "float16", 2), QUERY_PROXY, local)
+    assert reply.has_error() and reply.error.code == ERR_POLICY
+    assert "egress check" in reply.error.reason and "carries a private image" in reply.error.reason
+    outbox = [json.loads(x) for x in (tmp_path / "s" / "outbox.jsonl").read_text().splitlines()]
+    assert outbox[-1]["error"] == reply.error.reason and outbox[-1]["arrays"] == []
+    # the same reply with public slices in the leak's place goes out
+    proxy = load_proxy_cases(cfg, n)
+    public = np.stack([c.image[z] for c in proxy.values() for z in range(c.num_slices)
+                       if c.image[z].std() > 0.05][:3])[:, None]
+    private[:] = public
+    assert not send(query_request(cfg, ids, ["enc1"], "float16", 2), QUERY_PROXY, local).has_error()
