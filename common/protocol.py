@@ -532,3 +532,14 @@ def stream_header(arr) -> Optional[tuple]:
         return read_header(arr.numpy())
     except CodecError:
         return None
+
+
+def read_teacher_reply(content, cfg: RunConfig, n: int, hw: tuple[int, int],
+                       features: list[str]) -> tuple:
+    """Everything the server reads from one site's ``query.proxy`` reply: ``(probs (N, 2, H, W),
+    {feature: map}, affinity (N,) or None, style (k, k) or None)`` (:func:`read_proxy_reply`,
+    :func:`decode_affinity`, :func:`decode_style` with ``reply.share_style``). ProtocolError
+    names what is malformed."""
+    probs, feats = read_proxy_reply(content, cfg, n, hw, features)
+    style = decode_style(content, hw, cfg.reply.style_beta) if cfg.reply.share_style else None
+    return probs, feats, decode_affinity(content, n), style

@@ -224,6 +224,22 @@ def distill_student(student: FeatureNet, images: np.ndarray, targets: Targets, c
     return history
 
 
+def distill_on_proxy(student: FeatureNet, proxy, targets: Targets, cfg: RunConfig,
+                     log: Callable[[str], None] = print, tag: str = "distill",
+                     on_epoch: Optional[Callable[[int, FeatureNet], None]] = None) -> list[dict]:
+    """:func:`distill_student` on a server's public proxy set (server.proxy.ProxySet) as the run
+    config says: the public masks mixed in (``distill.proxy_label_weight``), each set's share
+    of the draws, the sites' styles. What every distillation of the project calls (the
+    coordinator's rounds, self-training, the FedKD strategy, central-kd)."""
+    if cfg.distill.proxy_label_weight > 0:
+        targets = mix_labels(targets, proxy.labels, cfg.distill.proxy_label_weight,
+                             proxy.labelled)
+    return distill_student(student, proxy.images, targets, cfg.distill, cfg.student,
+                           cfg.runtime.seed, log, tag=tag, on_epoch=on_epoch,
+                           set_index=proxy.set_index, set_names=proxy.set_names,
+                           styles=targets.styles)
+
+
 @torch.no_grad()
 def model_probs(model: FeatureNet, images: np.ndarray, folder: Optional[Path] = None,
                 batch: int = 64) -> np.ndarray:

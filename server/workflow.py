@@ -57,18 +57,16 @@ from common.protocol import (
     config_to_text,
     consensus_id,
     consensus_request,
-    decode_affinity,
-    decode_style,
     encode_consensus,
     evaluate_request,
     query_request,
-    read_proxy_reply,
+    read_teacher_reply,
     reply_encoding,
     train_request,
 )
 from server import capacity
 from server.audit import AuditGrid
-from server.distill import distill_student, mix_labels, model_probs, pretrain_on_proxy
+from server.distill import distill_on_proxy, model_probs, pretrain_on_proxy
 from server.messaging import exchange, wait_for_nodes
 from server.proxy import ProxySet, load_proxy_set
 from server.state import FederationError, RunState, config_digest
@@ -297,15 +295,13 @@ class Coordinator:
 
         def on_reply(site: str, reply: Message) -> None:
             try:
-                probs, feats = read_proxy_reply(reply.content, self.cfg, len(ids),
-                                                images.shape[-2:], features)
-                affinity = decode_affinity(reply.content, len(ids))
-                if self.cfg.reply.share_style:
-                    styles[site] = decode_style(reply.content, images.shape[-2:],
-                                                self.cfg.reply.style_beta)
+                probs, feats, affinity, style = read_teacher_reply(
+                    reply.content, self.cfg, len(ids), images.shape[-2:], features)
             except (ProtocolError, ValueError, TypeError) as exc:
                 self._exclude(f"query_{tag}", site, f"malformed reply: {exc}")
                 return
+            if style is not None:
+                styles[site] = style
             stats = dict(reply.content["stats"])
             agg.add(site, probs, stats["val_dice"], feats, affinity)
             figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
@@ -417,14 +413,8 @@ class Coordinator:
             if every and (epoch % every == 0 or epoch == epochs):
                 candidates[epoch] = {k: v.clone() for k, v in net.net.state_dict().items()}
 
-        if self.cfg.distill.proxy_label_weight > 0:
-            targets = mix_labels(targets, proxy.labels, self.cfg.distill.proxy_label_weight,
-                                 proxy.labelled)
-        history = distill_student(student, proxy.images, targets, self.cfg.distill,
-                                  self.cfg.student, self.cfg.runtime.seed, self.log,
-                                  tag=f"distill r{rnd}", on_epoch=keep,
-                                  set_index=proxy.set_index, set_names=proxy.set_names,
-                                  styles=targets.styles)
+        history = distill_on_proxy(student, proxy, targets, self.cfg, self.log,
+                                   tag=f"distill r{rnd}", on_epoch=keep)
         record: dict = {"history": history}
         weights = student.net.state_dict()
         if candidates:

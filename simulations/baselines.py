@@ -162,7 +162,7 @@ def _save(run_dir: Path, model: FeatureNet, arch: str) -> None:
 
 def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """Run the pooled-data baseline ``federation.strategy``; returns the run report."""
-    from server.distill import distill_student
+    from server.distill import distill_on_proxy
     from server.report import write_report
     from server.workflow import Coordinator
 
@@ -222,9 +222,7 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
             if proxy.labels is not None:
                 query["target_dice"] = proxy.target_dice(targets.probs)
             model = coord.new_student()
-            history = distill_student(model, proxy.images, targets, cfg.distill, cfg.student,
-                                      cfg.runtime.seed, log, tag="central-kd distill",
-                                      set_index=proxy.set_index, set_names=proxy.set_names)
+            history = distill_on_proxy(model, proxy, targets, cfg, log, tag="central-kd distill")
             rnd.update(query=query, distill={"history": history})
         params = count_parameters(model)
         sites = _per_site(cfg, model, nodes)
