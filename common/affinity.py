@@ -11,7 +11,7 @@ by the median score of the site's private *validation* slices, so that
     d_k(n) >> 1  for a slice that site k has never seen anything like.
 
 The normalisation makes the distances of different sites comparable at the server, which turns
-them into per-slice teacher weights (``common.aggregation``, method ``affinity``).
+them into per-slice teacher weights (``server.aggregation``, method ``affinity``).
 
 **Calibration.** Temperature scaling (Guo et al., 2017): the scalar T that minimises the pixel
 negative log-likelihood of softmax(logits / T) on the private validation split, searched on a

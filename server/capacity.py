@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from common.aggregation import Targets
+from server.aggregation import Targets
 from common.config import ModelSpec, RunConfig
 from common.typedconfig import build_section
 from common.models import FeatureNet, build_network, build_teacher, count_parameters, input_channels

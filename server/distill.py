@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from common.aggregation import Targets
+from server.aggregation import Targets
 from common.augment import augment_batch
 from common.config import ConfigError, DistillConfig, RunConfig, StudentConfig
 from common.losses import (

@@ -33,7 +33,7 @@ What a round is (``federation.requery_teachers`` aside):
 The ClientApp is the project's (``client/app.py``), unchanged. The coordinator
 (server.workflow) runs the same steps with the project's extras (resumable run state,
 consensus rounds, capacity search, reports); both call the same aggregation
-(common.aggregation) and distillation (server.distill.distill_on_proxy), so with the same run
+(server.aggregation) and distillation (server.distill.distill_on_proxy), so with the same run
 config they distil the same student.
 """
 
@@ -52,7 +52,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from common.aggregation import make_aggregator
+from server.aggregation import make_aggregator
 from common.config import RunConfig
 from common.metrics import case_weighted_mean
 from common.models import FeatureNet, build_student, input_channels

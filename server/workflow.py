@@ -38,7 +38,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.aggregation import Targets, make_aggregator
+from server.aggregation import Targets, make_aggregator
 from common.config import SIMULATION_ONLY, ConfigError, RunConfig, dump_config
 from common.logs import get_logger
 from common.metrics import case_weighted_mean

@@ -39,7 +39,7 @@ from client.site import (
     resolve_node,
     train_teacher,
 )
-from common.aggregation import StreamingAggregator
+from server.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
 from common.data import CaseVolume, discover_sites
 from common.provenance import data_fingerprint, provenance

@@ -256,7 +256,7 @@ def aggregation_cost(cfg: RunConfig, sites: int, slices: int) -> dict:
     made before the clock starts, after one untimed warm-up decode) and the tracemalloc peak (MB)
     of the server's part: each reply held, decoded and folded in (making it is the site's work
     and is not counted; cyclic garbage is collected before each reply is measured)."""
-    from common.aggregation import make_aggregator
+    from server.aggregation import make_aggregator
     from common.metrics import dice_score
     from common.protocol import read_proxy_reply
 

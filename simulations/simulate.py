@@ -17,7 +17,7 @@ from pathlib import Path
 from common.config import SIMULATION_ONLY, RunConfig
 from common.data import discover_sites
 from common.logs import get_logger
-from common.synthetic import existing_matches, write_dataset
+from simulations.synthetic import existing_matches, write_dataset
 from server.workflow import final_round
 
 LOG = get_logger("fedkd.server")

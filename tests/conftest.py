@@ -49,7 +49,7 @@ def no_flower_deprecations():
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> Path:
     """2 sites x 5 cases + 3 proxy cases, seed 0."""
-    from common.synthetic import write_dataset
+    from simulations.synthetic import write_dataset
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, n_sites=2, n_cases=5, n_proxy=3, seed=0, log=lambda s: None)

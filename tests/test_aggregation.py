@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from common.aggregation import (StreamingAggregator, aggregate, entropy, pixel_weights, sharpen,
+from server.aggregation import (StreamingAggregator, aggregate, entropy, pixel_weights, sharpen,
                                 softmax)
 from common.config import AggregationConfig
 
@@ -199,7 +199,7 @@ def test_affinity_margin_averages_the_sites_that_claim_a_slice():
 
 
 def test_auto_aggregator_keeps_the_best_scored_candidate_and_the_claim():
-    from common.aggregation import AutoAggregator
+    from server.aggregation import AutoAggregator
 
     a, b = random_probs(0, n=2, sharp=3.0), random_probs(1, n=2, sharp=3.0)
     aff = {"A": np.array([1.0, 5.0], np.float32), "B": np.array([5.0, 1.0], np.float32)}
@@ -231,7 +231,7 @@ def test_auto_aggregator_shares_the_mean_sums_with_era_and_releases_them():
     """era reads the sums of mean (one set of sums fewer) and gives exactly the targets of its
     own aggregator; every candidate's targets equal its standalone aggregation bit for bit; the
     sums are dropped once finalised."""
-    from common.aggregation import AutoAggregator
+    from server.aggregation import AutoAggregator
 
     probs = {s: random_probs(k, n=3, sharp=2.0) for k, s in enumerate("ABC")}
     aff = {s: np.array([0.8, 1.5, 3.0], np.float32) * (k + 1) for k, s in enumerate("ABC")}

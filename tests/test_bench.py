@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common.cli import main
+from simulations.cli import main
 from conftest import tiny_sim_config
 
 

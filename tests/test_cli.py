@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 
-from common.cli import main
+from simulations.cli import main
 
 
 def test_synth_writes_and_reuses(tmp_path, capsys):

@@ -21,7 +21,7 @@ from common.models import FeatureNet
 from common.protocol import (ERR_BAD_MESSAGE, ERR_CONFIG, ERR_DATA, EVALUATE_STUDENT, QUERY_PROXY,
                              TRAIN_TEACHER, decode_proxy_reply, evaluate_request, query_request,
                              train_request)
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 from common.training import evaluate_cases
 
 _ids = iter(range(10**6))

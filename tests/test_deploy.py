@@ -26,7 +26,7 @@ import yaml
 
 from client.deploy import make_node_key, supernode_command
 from server.deploy import add_connection, make_certificates, superlink_command
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
-from common.cli import main
+from simulations.cli import main
 from client.deploy import make_node_key, node_config_text, supernode_command
 from common.tooling import DeployError
 from server.deploy import add_connection, bundle, make_certificates, superlink_command

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.aggregation import Targets
+from server.aggregation import Targets
 from common.config import DistillConfig, ModelSpec, StudentConfig
 from common.losses import kd_kl_loss
 from common.metrics import dice_score

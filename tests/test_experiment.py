@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from common.cli import main
+from simulations.cli import main
 from common.config import ConfigError, load_config
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 from conftest import tiny_sim_config
 from common.provenance import code_version, data_fingerprint, run_folders
 from simulations.experiment import method_configs

@@ -13,7 +13,7 @@ import common.training as training
 from client.app import app
 from common.config import RunConfig, load_config
 from common.protocol import EVALUATE_STUDENT
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 from server.workflow import run_federation
 from simulations.local_grid import LocalGrid
 

@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 def test_flwr_run_starts_a_local_simulation(tmp_path):
-    from common.synthetic import write_dataset
+    from simulations.synthetic import write_dataset
 
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "flwr").is_file():

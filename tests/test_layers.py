@@ -1,6 +1,6 @@
-"""Dependencies flow one way: common <- client, server <- simulations (the command-line entry
-point, the one module allowed to import every layer, excepted), without cycles inside a layer,
-and the project's own code raises no DeprecationWarning."""
+"""Dependencies flow one way: common <- client, server <- simulations, with the command line
+(simulations/cli.py) on top and imported by nothing, without cycles inside a layer, and the
+project's own code raises no DeprecationWarning."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import REPO
 PACKAGES = ("common", "client", "server", "simulations")
 ALLOWED = {"common": {"common"}, "client": {"common", "client"},
            "server": {"common", "server"}, "simulations": set(PACKAGES)}
-ENTRY_POINTS = {"cli.py"}
+CLI = "simulations.cli"
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -52,8 +52,6 @@ def modules() -> dict[str, Path]:
 def test_imports_follow_the_layers():
     bad = []
     for name, path in modules().items():
-        if path.name in ENTRY_POINTS:
-            continue
         pkg = name.split(".")[0]
         for line, mod in project_imports(path):
             if mod.split(".")[0] not in ALLOWED[pkg]:
@@ -61,10 +59,17 @@ def test_imports_follow_the_layers():
     assert not bad, "imports against common <- client/server <- simulations:\n" + "\n".join(bad)
 
 
+def test_the_command_line_is_imported_by_nothing():
+    users = [f"{p.relative_to(REPO)}:{line}" for name, p in modules().items()
+             for line, mod in project_imports(p) if mod == CLI]
+    assert not users, f"{CLI} is the top of the stack; imported by: {', '.join(users)}"
+    assert "simulations.cli:main" in (REPO / "pyproject.toml").read_text()
+
+
 def test_no_import_cycle_between_modules():
     mods = modules()
     graph = {m: {i for _, i in project_imports(p) if i in mods and i != m}
-             for m, p in mods.items() if p.name not in ENTRY_POINTS}
+             for m, p in mods.items()}
     cycles = []
 
     def visit(m, stack):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.aggregation import Targets
+from server.aggregation import Targets
 from common.config import (ConfigError, DistillConfig, ModelSpec, RunConfig, StudentConfig,
                            load_config, with_overrides)
 from common.models import FeatureNet
@@ -219,7 +219,7 @@ def test_aggregating_a_10000_slice_proxy_keeps_server_memory_bounded(tmp_path):
     40 MB (measured: 17-23 MB; 830 MB without the spill directory)."""
     import tracemalloc
 
-    from common.aggregation import make_aggregator
+    from server.aggregation import make_aggregator
     from common.config import AggregationConfig
 
     n, hw = 10_000, 32

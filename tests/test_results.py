@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from common.cli import main
+from simulations.cli import main
 from common.provenance import code_version, data_fingerprint, version_label
 from simulations.results import MixedVersions, check_one_version, sync
 

@@ -16,7 +16,7 @@ from client.app import app
 from common.config import ConfigError, RunConfig, load_config
 from common.models import FeatureNet
 from common.protocol import ADAPT_STUDENT, EVALUATE_STUDENT, QUERY_PROXY, TRAIN_TEACHER
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 from common.modelcard import load_model_dir
 from server.predict import predict_file
 from server.proxy import load_proxy_set
@@ -334,7 +334,7 @@ def test_predict_maps_back_to_the_input_grid(tmp_path, adaptive_run):
 
 
 def test_predict_keeps_shape_and_affine_on_the_real_promise12_case(real_data, adaptive_run, tmp_path):
-    from common.cli import main
+    from simulations.cli import main
 
     run_dir = adaptive_run[4]
     src = real_data / "PROMISE12" / "Case00.nii.gz"

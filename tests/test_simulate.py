@@ -2,7 +2,7 @@
 
 import json
 
-from common.cli import main
+from simulations.cli import main
 from conftest import tiny_sim_config
 
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from common.config import load_config
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 
 SETTINGS = {"data": {"size": [64, 64], "spacing": [2.0, 2.0]},
             "model": {"teacher": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],

@@ -9,7 +9,7 @@ import pytest
 from common.config import DataConfig
 from common.data import discover_liu_site, load_case
 from common.metrics import gland_ring_ratio
-from common.synthetic import (FAMILIES, existing_matches, make_anatomy, proxy_profiles,
+from simulations.synthetic import (FAMILIES, existing_matches, make_anatomy, proxy_profiles,
                               render_case, site_names, site_profiles, write_dataset)
 from conftest import REPO
 

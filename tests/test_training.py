@@ -6,7 +6,7 @@ from common.config import DataConfig, ModelSpec, TrainConfig
 from common.data import discover_sites
 from common.splits import load_site
 from common.models import build_teacher
-from common.synthetic import write_dataset
+from simulations.synthetic import write_dataset
 from common.training import evaluate_cases, predict_volume, train_segmenter
 
 

@@ -29,7 +29,7 @@ def _config(args: argparse.Namespace, extra: list[str] = ()) -> RunConfig:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from common.synthetic import write_dataset
+    from simulations.synthetic import write_dataset
 
     extra = [f"synth.{k}={v}" for k, v in (("out", args.out), ("sites", args.sites),
                                            ("cases", args.cases), ("seed", args.seed),
@@ -37,7 +37,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = _config(args, extra)
     s = cfg.synth
     if args.if_missing:
-        from common.synthetic import existing_matches
+        from simulations.synthetic import existing_matches
 
         if existing_matches(s.out, s.sites, s.cases, s.proxy_cases, s.seed):
             print(f"[synth] {s.out} already holds this dataset (seed {s.seed}); reusing it")
