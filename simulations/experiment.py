@@ -357,11 +357,12 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
     settings other than the grid's now, or lost a site on the way, is left out and named; runs
     of several code or data versions are refused (SystemExit naming each version's runs)."""
     from server.state import config_digest, stored_config
+    from common.provenance import data_fingerprint, run_folders
     from simulations.results import check_one_version, write_published
 
     root = Path(cfg.output.run_dir)
     runs = selected_runs(cfg, only)
-    results, missing = [], []
+    results, missing, folders = [], [], set()
     for method, seed, run_cfg in runs:
         path = Path(run_cfg.output.run_dir) / "report.json"
         report = json.loads(path.read_text()) if path.is_file() else None
@@ -374,11 +375,14 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
                 f"{k}: {v}" for k, v in sorted(report["state"]["excluded"].items())) + ")")
             continue
         results.append(result_row(method, seed, run_cfg, report))
+        results[-1]["data_now"] = data_fingerprint(run_folders(run_cfg))
+        folders.update(run_folders(run_cfg))
     for m in missing:
         print(f"[experiment] left out, not finished with these settings: {m}")
     if not results:
         raise SystemExit(f"[experiment] {root}: no finished run of these methods to collect")
     stamp = check_one_version(results, run_label)
+    stamp["data"] = data_fingerprint(folders)   # every folder any run of the table read
     models = profile_models(cfg)
     wall = float(sum(r["wall_seconds"] for r in results))
     _write(root, cfg, results, models, wall)

@@ -45,21 +45,27 @@ def test_the_data_fingerprint_follows_content_names_and_missing_folders(tmp_path
     assert data_fingerprint([a, tmp_path / "absent"]) != data_fingerprint([a])
 
 
-def rows(*stamps):
-    return [{"run": f"m{i}", "provenance": s} for i, s in enumerate(stamps)]
+def rows(*stamps, now=("d" * 16, "d" * 16)):
+    return [{"run": f"m{i}", "provenance": s, "data_now": n}
+            for i, (s, n) in enumerate(zip(stamps, now))]
 
 
-def test_one_table_takes_one_committed_version():
+def test_one_table_takes_one_committed_version_on_todays_data():
     good = {"commit": "c" * 40, "dirty": False, "data": "d" * 16}
     assert check_one_version(rows(good, dict(good)), lambda r: r["run"]) == good
-    with pytest.raises(MixedVersions, match=r"code ccccccc, data d+: m0\n  code eeeeeee.*: m1"):
+    # runs that read other folders (another fingerprint) are one version if each read today's
+    other = {**good, "data": "o" * 16}
+    assert check_one_version(rows(good, other, now=("d" * 16, "o" * 16)), lambda r: r["run"])
+    with pytest.raises(MixedVersions, match=r"code ccccccc, data as here now: m0\n  code eeeeeee"):
         check_one_version(rows(good, {**good, "commit": "e" * 40}), lambda r: r["run"])
-    with pytest.raises(MixedVersions, match="data ffff.*: m1"):
+    with pytest.raises(MixedVersions, match=r"data ffff+ \(not the data here now\): m1"):
         check_one_version(rows(good, {**good, "data": "f" * 16}), lambda r: r["run"])
     with pytest.raises(MixedVersions, match="code unknown, data unknown: m1"):   # made before stamps
         check_one_version(rows(good, None), lambda r: r["run"])
     with pytest.raises(MixedVersions, match="no committed version .*ccccccc\\+dirty"):
         check_one_version(rows({**good, "dirty": True}), lambda r: r["run"])
+    with pytest.raises(MixedVersions, match="no committed version on today's data"):
+        check_one_version(rows({**good, "data": "f" * 16}), lambda r: r["run"])
 
 
 def test_results_blocks_are_copied_from_the_published_tables(tmp_path, monkeypatch):
@@ -77,3 +83,12 @@ def test_results_blocks_are_copied_from_the_published_tables(tmp_path, monkeypat
     readme.write_text("<!-- results: nothing -->\n<!-- /results -->\n")
     with pytest.raises(SystemExit, match="README.md: block 'results: nothing' but .*nothing.md"):
         sync([readme])
+
+
+def test_the_readmes_tables_are_the_published_ones():
+    """Every results block of the README is the published table, unedited."""
+    from conftest import REPO
+
+    readme = REPO / "README.md"
+    assert "<!-- results: " in readme.read_text()
+    assert sync([readme], check=True, results_dir=REPO / "docs" / "results") == 0
