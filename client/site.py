@@ -89,6 +89,11 @@ class Node:
     policy: NodePolicy = NodePolicy.from_node_config({}, simulation=True)
 
     @property
+    def data_folder(self) -> Path:
+        """The folder of the site's data files (a manifest's folder for the manifest layout)."""
+        return self.data_path if self.data_path.is_dir() else self.data_path.parent
+
+    @property
     def teacher_checkpoint(self) -> Path:
         return self.state_dir / "teacher.pt"
 
@@ -267,8 +272,7 @@ def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -
     checkpoint can be reused."""
     payload = {"spec": asdict(cfg.teacher_spec(node.site)), "train": tcfg.fingerprint(),
                "data": _preprocessing_key(cfg), "seed": cfg.runtime.seed,
-               "files": data_fingerprint([node.data_path if node.data_path.is_dir()
-                                          else node.data_path.parent]),
+               "files": data_fingerprint([node.data_folder]),
                "cases": {k: [c.case_id for c in getattr(data, k)] for k in ("train", "val", "test")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -44,12 +44,9 @@ def version_label(stamp: dict) -> str:
     return commit[:7] + ("+dirty" if stamp.get("dirty") else "")
 
 
-def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
-    return _cached_digest(str(path), size, mtime_ns)
-
-
 @functools.lru_cache(maxsize=100_000)
-def _cached_digest(path: str, size: int, mtime_ns: int) -> str:
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's content, cached per (path, size, mtime) for the process."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -72,7 +69,7 @@ def data_fingerprint(folders: Iterable[Path]) -> str:
             if not p.is_file() or any(part.startswith(".") for part in rel.parts):
                 continue
             st = p.stat()
-            h.update(f"{rel}:{st.st_size}:{_file_digest(p, st.st_size, st.st_mtime_ns)}\n"
+            h.update(f"{rel}:{st.st_size}:{_file_digest(str(p), st.st_size, st.st_mtime_ns)}\n"
                      .encode())
     return h.hexdigest()[:16]
 

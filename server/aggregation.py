@@ -144,6 +144,7 @@ class StreamingAggregator:
         self.feat_den: dict[str, np.ndarray] = {}   # (N,) per group
         self.claim: Optional[np.ndarray] = None      # affinity: min_k d_k(n)
         self.reliability: dict[str, float] = {}
+        self.styles: dict[str, np.ndarray] = {}     # reply.share_style: each site's (k, k)
         self.spill_dir = spill_dir
         self.spilled: dict[str, Path] = {}
         if self.method == "adaptive" and cfg.use_agreement and spill_dir is None:
@@ -156,9 +157,10 @@ class StreamingAggregator:
 
     def add(self, site: str, probs: np.ndarray, reliability: float,
             features: Optional[dict[str, np.ndarray]] = None,
-            affinity: Optional[np.ndarray] = None) -> None:
+            affinity: Optional[np.ndarray] = None, style: Optional[np.ndarray] = None) -> None:
         """Fold in one teacher: probs (N, 2, H, W) float; features {name: (N, C, h, w)};
-        affinity (N,) the site's distance of each slice to its own data (``affinity``)."""
+        affinity (N,) the site's distance of each slice to its own data (``affinity``); style
+        (k, k) the site's shared style (kept for the targets, in site order)."""
         if self.method == "single" and self.reliability:
             raise ValueError(f"aggregation 'single' takes one teacher; got {site} after "
                              f"{self.sites[0]}")
@@ -166,6 +168,8 @@ class StreamingAggregator:
             raise ValueError(f"{site}: probabilities of shape {probs.shape}, expected "
                              f"{self.num.shape}")
         self.reliability[site] = float(reliability)
+        if style is not None:
+            self.styles[site] = style
         slice_d = None
         if self.method == "affinity":
             d = np.ones(len(probs), np.float32) if affinity is None else affinity
@@ -274,7 +278,9 @@ class StreamingAggregator:
             for start in range(0, len(v), CHUNK):
                 rows = slice(start, start + CHUNK)
                 out[rows] = v[rows] / np.maximum(self.feat_den[k][rows], EPS)[:, None, None, None]
-        return Targets(probs, feats, weights, agreement, self.claim)
+        styles = np.stack([self.styles[s] for s in self.sites if s in self.styles]) \
+            if self.styles else None
+        return Targets(probs, feats, weights, agreement, self.claim, styles)
 
 
 class AutoAggregator:
@@ -308,9 +314,9 @@ class AutoAggregator:
 
     def add(self, site: str, probs: np.ndarray, reliability: float,
             features: Optional[dict[str, np.ndarray]] = None,
-            affinity: Optional[np.ndarray] = None) -> None:
+            affinity: Optional[np.ndarray] = None, style: Optional[np.ndarray] = None) -> None:
         for agg in self.members.values():
-            agg.add(site, probs, reliability, features, affinity)
+            agg.add(site, probs, reliability, features, affinity, style)
 
     def finalize(self, score: Optional[Callable[[np.ndarray], float]] = None) -> Targets:
         """The chosen targets; ``score(probs (N, 2, H, W))`` rates each candidate's targets

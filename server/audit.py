@@ -12,12 +12,11 @@ written. ``inspect`` (tests) additionally sees every raw array.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.codec import decode_stream

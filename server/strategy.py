@@ -45,7 +45,6 @@ from logging import INFO
 from pathlib import Path
 from typing import Iterable, Optional
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -155,7 +154,7 @@ class FedKD(Strategy):
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         proxy, features = self.proxy, self._features()
         agg = make_aggregator(self.cfg.aggregation, self.work_dir / f"spill_r{server_round}")
-        styles, reply_bytes = {}, 0
+        reply_bytes = 0
         for reply in replies:
             if reply.has_error():
                 log(INFO, "a site is left out: %s", reply.error.reason)
@@ -169,15 +168,11 @@ class FedKD(Strategy):
                 continue
             stats = reply.content["stats"]
             reply_bytes += int(stats["reply_bytes"])
-            if style is not None:
-                styles[site] = style
-            agg.add(site, probs, float(stats["val_dice"]), feats, affinity)
+            agg.add(site, probs, float(stats["val_dice"]), feats, affinity, style)
         if not agg.sites:
             return None, None
         auto = self.cfg.aggregation.method == "auto" and proxy.labels is not None
         targets = agg.finalize(proxy.target_dice) if auto else agg.finalize()
-        if styles:
-            targets.styles = np.stack([styles[s] for s in agg.sites if s in styles])
         student = FeatureNet(self.cfg.model.student, input_channels(self.cfg.data))
         student.net.load_state_dict(self._arrays.to_torch_state_dict())
         t0 = time.perf_counter()

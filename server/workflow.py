@@ -291,7 +291,6 @@ class Coordinator:
         agg = make_aggregator(self.cfg.aggregation, spill)
         content = query_request(self.cfg, ids, features, precision, teacher=teacher)
         figures: dict[str, dict] = {}
-        styles: dict[str, np.ndarray] = {}
 
         def on_reply(site: str, reply: Message) -> None:
             try:
@@ -300,10 +299,8 @@ class Coordinator:
             except (ProtocolError, ValueError, TypeError) as exc:
                 self._exclude(f"query_{tag}", site, f"malformed reply: {exc}")
                 return
-            if style is not None:
-                styles[site] = style
             stats = dict(reply.content["stats"])
-            agg.add(site, probs, stats["val_dice"], feats, affinity)
+            agg.add(site, probs, stats["val_dice"], feats, affinity, style)
             figures[site] = {"reply_bytes": stats["reply_bytes"], "val_dice": stats["val_dice"],
                              "proxy_entropy": stats["proxy_entropy"],
                              "temperature": stats.get("temperature", 1.0),
@@ -332,8 +329,6 @@ class Coordinator:
                 f"{m} {d:.4f}" for m, d in agg.scores.items()) + f"; using {agg.chosen}")
         else:
             targets = agg.finalize()
-        if styles:
-            targets.styles = np.stack([styles[s] for s in agg.sites if s in styles])
         query = {"sites": figures, "site_weights": targets.site_weights,
                  "agreement": targets.agreement, "n_slices": len(ids),
                  "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,

@@ -91,8 +91,7 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     key = hashlib.sha256(json.dumps({
         "spec": asdict(spec), "train": tcfg.fingerprint(), "seed": cfg.runtime.seed,
         "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
-        "files": data_fingerprint([n.data_path if n.data_path.is_dir() else n.data_path.parent
-                                   for n in nodes]),
+        "files": data_fingerprint([n.data_folder for n in nodes]),
         "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
     res = train_segmenter(model, train, val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"central {kind}",
