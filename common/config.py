@@ -23,6 +23,8 @@ import yaml
 from common.architectures import feature_names
 from common.typedconfig import ConfigError, build, field_, parse_override, set_path
 
+CATALOGUE = "methods.yaml"   # the method catalogue, beside the grid configs
+
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -206,8 +208,9 @@ class DistillConfig:
                                   "set's size; 0: one pass over the epoch's slices")
     set_weights: dict[str, float] = field_(
         factory=dict, lo=0.0, doc="with steps_per_epoch: each public set's share of the drawn "
-        "slices, by folder name (e.g. {RUNMC: 0.5, public-pool: 0.5}); empty: every slice "
-        "equally likely, so a set's share is its share of the slices")
+        "slices, by folder name (e.g. {RUNMC: 0.5, public-pool: 0.5}; the key '*' gives every "
+        "set not named that share); empty: every slice equally likely, so a set's share is its "
+        "share of the slices")
     style_augment: float = field_(0.0, lo=0.0, hi=1.0, doc="share of the drawn proxy slices "
                                   "restyled into a random site's look (its shared style, "
                                   "reply.share_style; strength uniform in [0, 1]) before the "
@@ -323,9 +326,13 @@ class OutputConfig:
 @dataclass
 class ExperimentConfig:
     """``fedkd experiment``: methods (name -> ``key.path=value`` overrides of this config) x
-    seeds, each run in the Simulation Engine on the same data and splits."""
+    seeds, each run in the Simulation Engine on the same data and splits. In a config file, an
+    item without ``=`` names an entry of the method catalogue (``experiment.catalogue``), which
+    stands for that entry's overrides (:func:`expand_methods`)."""
 
     methods: dict[str, list[str]] = field_(factory=lambda: {"kd": []})
+    catalogue: str = field_(CATALOGUE, doc="the method catalogue the grid's rows name, relative "
+                            "to the config file's folder (configs/methods.yaml)")
     seeds: list[int] = field_(factory=lambda: [0])
     folds: int = field_(0, lo=0, hi=100, doc="k >= 2: every method and seed runs k times, once per "
                     "test fold (data.folds = k, data.fold = 0..k-1), so every case is tested "
@@ -633,10 +640,22 @@ def from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from plain data; errors are prefixed with ``source``."""
     try:
         cfg = build(RunConfig, data or {}, "", {})
+        _resolve_set_weights(cfg)
         _check_consistency(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
+
+
+def _resolve_set_weights(cfg: RunConfig) -> None:
+    """``distill.set_weights`` with its ``'*'`` share given to every public set not named, so
+    that a run's config (and digest) names each set's share."""
+    w = cfg.distill.set_weights
+    if "*" in w:
+        rest = w["*"]
+        names = [p.name for p in proxy_set_paths(cfg.data)]
+        cfg.distill.set_weights = {**{n: rest for n in names if n not in w},
+                                   **{k: v for k, v in w.items() if k != "*"}}
 
 
 def to_plain(cfg: RunConfig) -> dict[str, Any]:
@@ -668,7 +687,64 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source_note = " (with --set overrides)"
         if not source.endswith(source_note):
             source += source_note
+    folder = Path(path).parent if path is not None else Path("configs")
+    try:
+        expand_methods(data, folder)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return from_dict(data, source)
+
+
+def read_catalogue(path: Path) -> dict[str, list[str]]:
+    """The method catalogue at ``path``: entry name -> ``key.path=value`` overrides."""
+    if not path.is_file():
+        raise ConfigError(f"experiment.catalogue: {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"experiment.catalogue: {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"experiment.catalogue: {path}: expected a mapping of name -> list of "
+                          f"key.path=value overrides")
+    for name, items in data.items():
+        if not isinstance(items, list) or not all(isinstance(i, str) and "=" in i
+                                                  for i in items):
+            raise ConfigError(f"{path}: entry {name!r}: expected a list of key.path=value "
+                              f"overrides, got {items!r}")
+    return data
+
+
+def expand_methods(data: dict[str, Any], folder: Path) -> None:
+    """Replace, in ``data['experiment']['methods']``, every item without ``=`` by the overrides
+    of that entry of the method catalogue (``experiment.catalogue``, relative to ``folder``).
+    ``methods`` may also be a list of catalogue names (each row named after its entry)."""
+    exp = data.get("experiment")
+    if not isinstance(exp, dict) or "methods" not in exp:
+        return
+    methods = exp["methods"]
+    if isinstance(methods, list) and all(isinstance(m, str) for m in methods):
+        methods = {m: [m] for m in methods}
+    if not isinstance(methods, dict):
+        return                              # the schema check names the problem
+    catalogue: Optional[dict[str, list[str]]] = None
+    path = folder / str(exp.get("catalogue", CATALOGUE))
+    rows = {}
+    for name, items in methods.items():
+        if not isinstance(items, list):
+            rows[name] = items
+            continue
+        rows[name] = []
+        for item in items:
+            if isinstance(item, str) and "=" not in item:
+                catalogue = read_catalogue(path) if catalogue is None else catalogue
+                if item not in catalogue:
+                    raise ConfigError(f"experiment.methods.{name}: {item!r} is neither a "
+                                      f"key.path=value override nor an entry of {path} "
+                                      f"(entries: {', '.join(catalogue)})")
+                rows[name] += catalogue[item]
+            else:
+                rows[name].append(item)
+    exp["methods"] = rows
 
 
 def with_overrides(cfg: RunConfig, items: list, source: str = "overrides") -> RunConfig:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ConfigError, RunConfig, dump_config, load_config
+from common.config import CATALOGUE, ConfigError, RunConfig, dump_config, load_config, read_catalogue
 from common.typedconfig import parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def write(tmp_path, data) -> Path:
 def test_defaults_and_every_shipped_config_load():
     cfg = load_config(None)
     assert cfg.data.size == [128, 128] and cfg.model.teacher.channels == [16, 32, 64, 128, 256]
-    shipped = sorted((REPO / "configs").glob("*.yaml"))
+    shipped = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != CATALOGUE)
     assert shipped, "configs/ has no YAML files"
     for path in shipped:
         assert isinstance(load_config(path), RunConfig)
@@ -114,3 +114,60 @@ def test_unseen_sites_must_stay_out_of_the_federation(tmp_path):
         load_config(None, ["federation.strategy=fedsgd"])
     cfg = load_config(None, ["experiment.unseen_sites=[SiteF]", "data.sites=[SiteA,SiteB]"])
     assert cfg.experiment.unseen_sites == ["SiteF"]
+
+
+def grid(tmp_path, methods, entries=None, **experiment):
+    if entries is not None:
+        (tmp_path / CATALOGUE).write_text(yaml.safe_dump(entries))
+    return write(tmp_path, {"data": {"proxy": ["RUNMC", "public-pool"]},
+                            "distill": {"steps_per_epoch": 10},
+                            "experiment": {"methods": methods, **experiment}})
+
+
+def test_grid_rows_name_catalogue_entries_that_expand_in_order(tmp_path):
+    cat = {"fedavg-30": ["federation.strategy=fedavg", "federation.rounds=30"],
+           "half": ['distill.set_weights={public-pool: 0.5, "*": 0.5}'], "kd": []}
+    cfg = load_config(grid(tmp_path, {"a": ["fedavg-30", "half", "federation.rounds=60"],
+                                      "b": ["kd"]}, cat))
+    assert cfg.experiment.methods == {"a": cat["fedavg-30"] + cat["half"] + ["federation.rounds=60"],
+                                      "b": []}
+    # a list of names: each row is named after its entry
+    cfg = load_config(grid(tmp_path, ["kd", "fedavg-30"], cat))
+    assert cfg.experiment.methods == {"kd": [], "fedavg-30": cat["fedavg-30"]}
+    with pytest.raises(ConfigError, match=r"experiment.methods.c: 'fedprox' is neither a "
+                       r"key.path=value override nor an entry of .*methods.yaml"):
+        load_config(grid(tmp_path, {"c": ["fedprox"]}, cat))
+    (tmp_path / CATALOGUE).write_text(yaml.safe_dump({"kd": ["kd"]}))
+    with pytest.raises(ConfigError, match="entry 'kd': expected a list of key.path=value"):
+        load_config(grid(tmp_path, {"c": ["kd"]}))
+    with pytest.raises(ConfigError, match="other.yaml: file not found"):
+        load_config(grid(tmp_path, {"c": ["kd"]}, catalogue="other.yaml"))
+
+
+def test_a_star_share_goes_to_every_public_set_not_named(tmp_path):
+    cfg = load_config(write(tmp_path, {
+        "data": {"proxy": ["RUNMC", "ucl", "public-pool"]},
+        "distill": {"steps_per_epoch": 10, "set_weights": {"public-pool": 0.5, "*": 0.25}}}))
+    assert cfg.distill.set_weights == {"RUNMC": 0.25, "ucl": 0.25, "public-pool": 0.5}
+    explicit = load_config(write(tmp_path, {
+        "data": {"proxy": ["RUNMC", "ucl", "public-pool"]},
+        "distill": {"steps_per_epoch": 10, "set_weights": {"RUNMC": 0.25, "ucl": 0.25,
+                                                           "public-pool": 0.5}}}))
+    assert explicit == cfg          # the same run, so the same digest
+
+
+def test_shipped_grids_take_methods_from_the_catalogue_and_set_only_data(tmp_path):
+    """Every row of every grid in configs/ is catalogue entries plus data.* overrides: a method
+    is defined once (configs/methods.yaml), a benchmark config sets only data and budgets."""
+    catalogue = read_catalogue(REPO / "configs" / CATALOGUE)
+    used = set()
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name == CATALOGUE:
+            continue
+        methods = (yaml.safe_load(path.read_text()).get("experiment") or {}).get("methods", {})
+        for name, items in (methods.items() if isinstance(methods, dict) else []):
+            for item in items:
+                assert item in catalogue or item.startswith("data."), \
+                    f"{path.name}: experiment.methods.{name}: {item!r} is not a catalogue entry"
+                used.add(item)
+    assert not set(catalogue) - used, f"catalogue entries no grid runs: {set(catalogue) - used}"
