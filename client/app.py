@@ -21,7 +21,7 @@ baseline ``federation.strategy: fedavg | fedprox``):
 
 Any failure becomes a Flower error reply whose reason names the site, the file or field and the
 cause; the node then answers the next message as usual. Paths come from the node config
-(see :mod:`client.site`).
+(see :mod:`client.node`, :mod:`client.teacher`, :mod:`client.student`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client import site as site_ops
+from client import node as node_ops
+from client import student as student_ops
+from client import teacher as teacher_ops
 from client.egress import EgressError, check_reply
 from client.policy import PolicyError
 from common.config import ConfigError, RunConfig
@@ -106,20 +108,20 @@ def _run_config(msg: Message) -> RunConfig:
 
 
 def _serve(msg: Message, context: Context,
-           handler: Callable[[RunConfig, site_ops.Node, Message], RecordDict]) -> Message:
+           handler: Callable[[RunConfig, node_ops.Node, Message], RecordDict]) -> Message:
     """Resolve the node, parse the run config, call ``handler``; turn failures into error replies."""
-    site = site_ops.site_label(context.node_config, context.node_id)
-    outbox = site_ops.declared_state_dir(context.node_config)
-    policy = site_ops.node_policy(context.node_config)
+    site = node_ops.site_label(context.node_config, context.node_id)
+    outbox = node_ops.declared_state_dir(context.node_config)
+    policy = node_ops.node_policy(context.node_config)
     try:
         cfg = _run_config(msg)
-        node = site_ops.resolve_node(context.node_config, context.run_config, cfg)
+        node = node_ops.resolve_node(context.node_config, context.run_config, cfg)
         site, outbox, policy = node.site, node.state_dir, node.policy
         torch.set_num_threads(node.threads or cfg.runtime.client_threads or cfg.runtime.threads)
         LOG.info(f"[{site}] {msg.metadata.message_type}")
         content = handler(cfg, node, msg)
         if content.array_records:   # no private image leaves, whatever asked for it
-            check_reply(content.array_records, site_ops.egress_signatures(cfg, node))
+            check_reply(content.array_records, node_ops.egress_signatures(cfg, node))
         content[INFO] = ConfigRecord({**content.get(INFO, {}), "site": site})
         return _sent(Message(content, reply_to=msg), outbox)
     except (PolicyError, EgressError) as exc:
@@ -158,16 +160,17 @@ def _sent(reply: Message, state_dir: Optional[Path]) -> Message:
     return reply
 
 
-def _train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
-    metrics = site_ops.train_teacher(cfg, node, log=LOG.info)
+def _train(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
+    metrics = teacher_ops.train_teacher(cfg, node, log=LOG.info)
     how = "reused checkpoint" if metrics["reused"] else f"{metrics['epochs_run']} epochs"
-    LOG.info(f"[{node.site}] teacher ready: val Dice {metrics['val_dice']:.4f} ({how}, "
-             f"{metrics['seconds']:.1f}s)")
+    quality = (f"val Dice {metrics['val_dice']:.4f}" if "val_dice" in metrics else
+               f"DP-SGD epsilon {metrics['dp_epsilon']:.2f} (validation Dice withheld)")
+    LOG.info(f"[{node.site}] teacher ready: {quality} ({how}, {metrics['seconds']:.1f}s)")
     return RecordDict({METRICS: MetricRecord(metrics),
                        INFO: ConfigRecord({"teacher_arch": cfg.teacher_spec(node.site).arch})})
 
 
-def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+def _query(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     q = _field(msg, QUERY)
     for key in ("slice_ids", "features", "precision"):
         if key not in q:
@@ -183,7 +186,7 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     teacher = q.get("teacher", "")
     if not isinstance(teacher, str):
         raise ProtocolError(f"query.teacher: expected a string, got {teacher!r}")
-    logits, features, stats = site_ops.answer_proxy_query(cfg, node, ids, feats,
+    logits, features, stats = teacher_ops.answer_proxy_query(cfg, node, ids, feats,
                                                           str(q["precision"]), batch, teacher)
     LOG.info(f"[{node.site}] proxy reply: {stats['n_slices']} slices, "
              f"{stats['reply_bytes'] / 1e6:.2f} MB ({reply_encoding(cfg, str(q['precision']), bool(feats))}), "
@@ -199,14 +202,14 @@ def _query(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     return content
 
 
-def _consensus(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+def _consensus(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     ids = _field(msg, QUERY, "slice_ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ProtocolError("query.slice_ids: expected a list of strings")
     record = _field(msg, CONSENSUS, kind=ArrayRecord)
     if FOREGROUND not in record:
         raise ProtocolError(f"consensus: missing array {FOREGROUND!r}")
-    metrics = site_ops.refine_teacher(cfg, node, ids, record[FOREGROUND].numpy(), log=LOG.info)
+    metrics = teacher_ops.refine_teacher(cfg, node, ids, record[FOREGROUND].numpy(), log=LOG.info)
     how = "reused" if metrics["reused"] else f"epoch {metrics['best_epoch']}"
     LOG.info(f"[{node.site}] teacher refined on the consensus: val Dice "
              f"{metrics['val_dice_before']:.4f} -> {metrics['val_dice_after']:.4f} ({how}, "
@@ -214,7 +217,7 @@ def _consensus(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
-def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+def _evaluate(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     split, with_val = "test", False
     if msg.content.get(EVAL) is not None:
         split = _field(msg, EVAL, "split")
@@ -224,8 +227,8 @@ def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     weights = _weights(msg, STUDENT)
     if split == "test":
         node.policy.count_test_evaluation(node.state_dir, msg.metadata.run_id)
-    val = site_ops.evaluate_student(cfg, node, weights, "val") if with_val else None
-    metrics = node.policy.filter_metrics(site_ops.evaluate_student(cfg, node, weights, split))
+    val = student_ops.evaluate_student(cfg, node, weights, "val") if with_val else None
+    metrics = node.policy.filter_metrics(student_ops.evaluate_student(cfg, node, weights, split))
     if val is not None:
         metrics.update(val_dice_mean=val["dice_mean"], val_n_cases=val["n_cases"])
     LOG.info(f"[{node.site}] student: Dice {metrics['dice_mean']:.4f} "
@@ -233,16 +236,16 @@ def _evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
-def _adapt(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+def _adapt(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     node.policy.count_test_evaluation(node.state_dir, msg.metadata.run_id)  # test figures
-    metrics = site_ops.adapt_student(cfg, node, _weights(msg, STUDENT), log=LOG.info)
+    metrics = student_ops.adapt_student(cfg, node, _weights(msg, STUDENT), log=LOG.info)
     for when in ("_before", "_after"):
         metrics = node.policy.filter_metrics(metrics, suffix=when)
     test = (f"; test Dice {metrics['dice_mean_before']:.4f} -> {metrics['dice_mean_after']:.4f}"
             if "dice_mean_after" in metrics else "")
     LOG.info(f"[{node.site}] adapted student: val Dice {metrics['val_dice_before']:.4f} -> "
              f"{metrics['val_dice_after']:.4f} (epoch {metrics['best_epoch']}){test}; kept in "
-             f"{site_ops.adapted_dir(node)}")
+             f"{student_ops.adapted_dir(node)}")
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
@@ -280,21 +283,23 @@ def _weights(msg: Message, record: str) -> dict[str, torch.Tensor]:
         raise ProtocolError(f"{record}: cannot decode the weights ({exc})") from None
 
 
-def _fedavg_train(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+def _fedavg_train(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     node.policy.check_weights()   # weights trained on private data: the hospital decides
     conf = _field(msg, FLWR_CONFIG)
     rnd = int(conf.get("server-round", 0))
     mu = float(conf.get("proximal-mu", 0.0))
-    state, metrics = site_ops.train_student_local(cfg, node, _weights(msg, FLWR_ARRAYS), rnd, mu)
+    state, metrics = student_ops.train_student_local(cfg, node, _weights(msg, FLWR_ARRAYS), rnd, mu)
     LOG.info(f"[{node.site}] student round {rnd}: loss {metrics['loss']:.4f} "
              f"({metrics['seconds']:.1f}s{f', proximal mu {mu}' if mu else ''})")
     return RecordDict({FLWR_ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
 
 
-def _fedavg_evaluate(cfg: RunConfig, node: site_ops.Node, msg: Message) -> RecordDict:
+def _fedavg_evaluate(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     # per-round figures of Flower's strategies: the validation split (the test split is read
     # once, by fedkd's evaluate.student of the final model)
-    m = site_ops.evaluate_student(cfg, node, _weights(msg, FLWR_ARRAYS), "val")
+    if cfg.privacy.dp_sgd_epsilon > 0:   # a statistic the DP-SGD guarantee does not cover
+        return RecordDict({METRICS: MetricRecord({"num-examples": 1})})   # weight only
+    m = student_ops.evaluate_student(cfg, node, _weights(msg, FLWR_ARRAYS), "val")
     return RecordDict({METRICS: MetricRecord({"dice": m["dice_mean"], "hd95": m["hd95_mean"],
                                               "num-examples": int(m["n_cases"])})})
 

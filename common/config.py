@@ -393,6 +393,15 @@ class PrivacyConfig:
     feature_clip_norm: float = field_(50.0, lo=1e-6, doc="per-slice L2 bound of the released "
                                   "feature maps (all requested maps of a slice together)")
     delta: float = field_(1e-5, lo=1e-12, hi=0.1, doc="delta of the reported (epsilon, delta)")
+    dp_sgd_epsilon: float = field_(0.0, lo=0.0, hi=1000.0, doc="> 0: every model a site trains "
+                                   "on its private cases (a kd teacher; fedavg's local rounds) "
+                                   "is trained with DP-SGD (common.dp, Opacus) spending this "
+                                   "epsilon at privacy.delta over the whole run, per training "
+                                   "slice; 0: off")
+    dp_sgd_max_grad_norm: float = field_(1.0, lo=1e-6, doc="DP-SGD: each slice's gradient "
+                                         "clipped to this L2 norm")
+    dp_sgd_batch_size: int = field_(32, lo=1, hi=4096, doc="DP-SGD: the expected batch (Poisson "
+                                    "sampling at rate batch / training slices)")
 
 
 @dataclass
@@ -546,6 +555,7 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"federation.self_train: follows a federation's rounds, not "
                           f"federation.strategy {cfg.federation.strategy!r}"
                           + (" with capacity.enabled" if cfg.capacity.enabled else ""))
+    _check_dp_sgd(cfg)
     if cfg.adapt.enabled and cfg.federation.strategy in SIMULATION_ONLY:
         raise ConfigError(f"adapt.enabled: site adaptation follows a federation, not the pooled "
                           f"baseline federation.strategy {cfg.federation.strategy!r}")
@@ -581,6 +591,37 @@ def _check_consistency(cfg: RunConfig) -> None:
     specs += [(f"model.site_teachers.{k}", v) for k, v in cfg.model.site_teachers.items()]
     for key, spec in specs:
         check_model_spec(spec, key)
+
+
+def _check_dp_sgd(cfg: RunConfig) -> None:
+    """DP-SGD (privacy.dp_sgd_epsilon) covers a kd site's teacher or a fedavg site's local
+    rounds; every setting that would train on private data outside it, or send a statistic
+    the guarantee does not cover, is refused."""
+    p, strategy = cfg.privacy, cfg.federation.strategy
+    if p.dp_sgd_epsilon <= 0:
+        return
+    if strategy not in ("kd", "fedavg"):
+        raise ConfigError(f"privacy.dp_sgd_epsilon: DP-SGD covers federation.strategy kd (the "
+                          f"teachers) or fedavg (the local rounds), not {strategy!r}")
+    if p.noise_multiplier > 0:
+        raise ConfigError("privacy.dp_sgd_epsilon: with privacy.noise_multiplier too; choose "
+                          "one mechanism (DP-SGD training, or noise on the replies)")
+    kd = strategy == "kd"
+    refused = [("reply.calibrate", kd and cfg.reply.calibrate, "fits a temperature on the "
+                "site's validation split"),
+               ("consensus.rounds", kd and cfg.consensus.rounds, "refines the teacher without "
+                "DP-SGD"),
+               ("adapt.enabled", cfg.adapt.enabled, "fine-tunes on private cases without DP-SGD"),
+               ("capacity.enabled", kd and cfg.capacity.enabled, "needs the teachers' "
+                "validation Dice"),
+               ("federation.select_round", cfg.federation.select_round, "needs the sites' "
+                "per-round validation Dice"),
+               ("aggregation.method: single", kd and cfg.aggregation.method == "single" and
+                not cfg.aggregation.single_site, "picks by validation Dice")]
+    for key, on, why in refused:
+        if on:
+            raise ConfigError(f"privacy.dp_sgd_epsilon: {key} {why}, outside the DP-SGD "
+                              f"guarantee; turn it off")
 
 
 def proxy_set_paths(data: DataConfig) -> list[Path]:

@@ -1,7 +1,7 @@
 """A student on disk that ``fedkd predict --model DIR`` can run: ``DIR/student.pt`` (the state
 dict) and ``DIR/model_card.json`` (name, formats, parameters, input, sites, metrics and the run
 config). Written by the server's export (:mod:`server.export`) and by a site for the student it
-adapted to its own data (:func:`client.site.adapt_student`)."""
+adapted to its own data (:func:`client.student.adapt_student`)."""
 
 from __future__ import annotations
 

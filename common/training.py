@@ -83,7 +83,7 @@ def summary_metrics(ev: dict) -> dict[str, float]:
     return out
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -210,7 +210,7 @@ def train_segmenter(model: FeatureNet, train_cases: list[CaseVolume],
         stop = bool(val_cases) and epoch - best_epoch >= cfg.patience
         done = stop or epoch == cfg.epochs
         if checkpoint:
-            _save_checkpoint(checkpoint, {
+            save_checkpoint(checkpoint, {
                 "key": checkpoint_key, "done": done, "epoch": epoch, "model": model.state_dict(),
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "best": best,
                 "best_epoch": best_epoch, "best_state": best_state, "history": history,

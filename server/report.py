@@ -66,11 +66,12 @@ def report_markdown(report: dict) -> str:
              f"{report['wall_seconds']:.0f} s."]
     if st["teachers"]:  # FedAvg / FedProx train none
         lines += ["", "## Teachers (local training)", "",
-                  "| site | val Dice | train cases | epochs | seconds | reused |",
-                  "|---|---|---|---|---|---|"]
+                  "| site | val Dice | train cases | epochs | seconds | reused | DP-SGD epsilon (per slice) |",
+                  "|---|---|---|---|---|---|---|"]
     for site, m in sorted(st["teachers"].items()):
-        lines.append(f"| {site} | {_f(m['val_dice'])} | {int(m['train_cases'])} | "
-                     f"{int(m['epochs_run'])} | {m['seconds']:.0f} | {'yes' if m['reused'] else 'no'} |")
+        lines.append(f"| {site} | {_f(m.get('val_dice'))} | {int(m['train_cases'])} | "
+                     f"{int(m['epochs_run'])} | {m['seconds']:.0f} | "
+                     f"{'yes' if m['reused'] else 'no'} | {_f(m.get('dp_epsilon'), 2)} |")
     for rnd, r in sorted(st["rounds"].items(), key=lambda kv: int(kv[0])):
         lines += ["", f"## Round {rnd}", ""]
         pre = r.get("pretrain")

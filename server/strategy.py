@@ -131,7 +131,7 @@ class FedKD(Strategy):
             site = str(reply.content["info"]["site"])
             self.teachers[site] = dict(reply.content["metrics"])
             log(INFO, "\t├──> teacher of %s: val Dice %.4f", site,
-                self.teachers[site]["val_dice"])
+                self.teachers[site].get("val_dice", float("nan")))
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1,
               timeout: float = 3600, train_config: Optional[ConfigRecord] = None,
@@ -168,7 +168,7 @@ class FedKD(Strategy):
                 continue
             stats = reply.content["stats"]
             reply_bytes += int(stats["reply_bytes"])
-            agg.add(site, probs, float(stats["val_dice"]), feats, affinity, style)
+            agg.add(site, probs, float(stats.get("val_dice", 1.0)), feats, affinity, style)
         if not agg.sites:
             return None, None
         auto = self.cfg.aggregation.method == "auto" and proxy.labels is not None

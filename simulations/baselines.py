@@ -31,14 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from client.site import (
-    Node,
-    load_private,
-    load_teacher,
-    load_unsplit_cases,
-    resolve_node,
-    train_teacher,
-)
+from client.node import Node, load_private, load_unsplit_cases, resolve_node
+from client.teacher import load_teacher, train_teacher
 from server.aggregation import StreamingAggregator
 from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
 from common.data import CaseVolume, discover_sites
@@ -163,7 +157,7 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """Run the pooled-data baseline ``federation.strategy``; returns the run report."""
     from server.distill import distill_on_proxy
     from server.report import write_report
-    from server.workflow import Coordinator
+    from server.proxy import load_proxy_set
 
     t0 = time.perf_counter()
     strategy = cfg.federation.strategy
@@ -205,8 +199,7 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         teachers["central"] = {k: v for k, v in info.items() if k != "history"}
         rnd["central"] = {"history": info["history"]}
         if strategy == "central-kd":
-            coord = Coordinator(None, cfg, log)
-            proxy = coord.proxy()
+            proxy = load_proxy_set(cfg.data, run_dir / "proxy_cache")
             probs, feats = proxy_outputs(model, proxy.images)
             # one teacher: nothing to weigh (every method gives its probabilities)
             agg = StreamingAggregator(dataclasses.replace(cfg.aggregation, method="mean"))
@@ -220,7 +213,9 @@ def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
                      "precision": "float32"}
             if proxy.labels is not None:
                 query["target_dice"] = proxy.target_dice(targets.probs)
-            model = coord.new_student()
+            torch.manual_seed(cfg.runtime.seed)   # the coordinator's student, as in kd
+            model = build_student(cfg.model.student, cfg.model.teacher, input_channels(cfg.data),
+                                  cfg.model.max_student_fraction)
             history = distill_on_proxy(model, proxy, targets, cfg, log, tag="central-kd distill")
             rnd.update(query=query, distill={"history": history})
         params = count_parameters(model)

@@ -121,6 +121,22 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mia(args: argparse.Namespace) -> int:
+    from simulations.experiment import selected_runs
+    from simulations.mia import run_mia, write_mia
+
+    cfg = _config(args)
+    rows = run_mia(selected_runs(cfg, args.only), shadows=args.shadows, bootstrap=args.bootstrap)
+    if not rows:
+        print(f"error: no finished run of {cfg.output.run_dir} to audit (run fedkd experiment "
+              f"first)", file=sys.stderr)
+        return 1
+    path = write_mia(Path(cfg.output.run_dir), rows, args.shadows)
+    print(path.read_text())
+    print(f"[mia] {path}")
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from simulations.results import sync
 
@@ -269,6 +285,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "simulate": ("run a federation of the synthetic sites in Flower's Simulation Engine",
                  cmd_simulate),
     "experiment": ("run experiment.methods x seeds (x folds) and tabulate them", cmd_experiment),
+    "mia": ("membership-inference audit of the released models of a finished experiment grid "
+            "(loss attack, LiRA with shadow models)", cmd_mia),
     "results": ("copy the published tables (docs/results) into the results blocks of "
                 "markdown files; --check: fail if one differs", cmd_results),
     "bench": ("benchmarks: comm (bytes vs Dice), compress (teacher vs student speed), scale "
@@ -302,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=Path, default=None, help="a KD run directory: show what "
                    "its student was distilled toward (proxy slices of each public set with the "
                    "aggregated targets) instead of the sites")
+    parsers["mia"].add_argument("--only", nargs="+", default=None, help="methods to audit")
+    parsers["mia"].add_argument("--shadows", type=int, default=4, help="shadow models per fold "
+                                "for LiRA (0: the loss attack only)")
+    parsers["mia"].add_argument("--bootstrap", type=int, default=1000,
+                                help="bootstrap resamples of the intervals")
     parsers["experiment"].add_argument("--only", nargs="+", default=None,
                                        help="run only these methods of the grid")
     parsers["experiment"].add_argument("--report-only", action="store_true",

@@ -162,7 +162,7 @@ def learning_curves_plot(results: list[dict], out: Path) -> Path:
     plt = pyplot()
     first = {}
     for r in results:
-        if r["curve"] and r["method"] not in first:
+        if r["curve"] and r["curve"].get("points") and r["method"] not in first:
             first[r["method"]] = r["curve"]
     kinds = list(dict.fromkeys((c["x"], c["y"]) for c in first.values())) or [("", "")]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.5), squeeze=False)
@@ -182,7 +182,7 @@ def prediction_montage(cfg, model, out: Path, title: str) -> Path:
     truth outlined in green and the model's prediction in red, with the case's Dice."""
     from common.metrics import dice_score
     from common.training import predict_volume
-    from client.site import load_private, load_unsplit_cases
+    from client.node import load_private, load_unsplit_cases
     from simulations.baselines import site_nodes, unseen_nodes
 
     plt = pyplot()

@@ -65,7 +65,7 @@ def test_malformed_affinity_is_refused(bad, why):
 
 
 def test_proxy_coverage_warns_when_no_site_recognises_the_proxy():
-    from server.workflow import proxy_coverage
+    from server.steps import proxy_coverage
 
     near = proxy_coverage(np.array([0.9, 1.0, 1.1, 1.15, 2.5], np.float32))
     assert near["claimed"] == 0.8 and "warning" not in near

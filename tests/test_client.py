@@ -14,7 +14,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, Metadata, RecordDict
 
 from client.app import app
-from client.site import load_private, load_proxy_cases, resolve_node, train_student_local
+from client.node import load_private, load_proxy_cases, resolve_node
+from client.student import train_student_local
 from common.slices import proxy_slice_ids
 from common.config import ConfigError, load_config
 from common.models import FeatureNet
@@ -391,7 +392,7 @@ def test_adaptation_keeps_the_student_at_the_site_and_returns_metrics_only(fed, 
     +0.06; a fine-tuning that cannot move, lr 1e-7, gains nothing), the adapted weights
     are kept in the node's state directory, where `fedkd predict --model` reads them, and the
     reply carries metrics only."""
-    from client.site import adapted_dir
+    from client.student import adapted_dir
     from common.config import with_overrides
     from common.modelcard import load_model_dir, read_card
     from common.protocol import ADAPT_STUDENT, adapt_request
@@ -525,7 +526,8 @@ def test_a_teacher_is_not_reused_once_the_sites_files_change(fed, tmp_path):
     """The teacher's key holds the content of the site's files: the same case ids with one
     image rewritten (e.g. regenerated data) give another key, so the stale checkpoint is not
     reused."""
-    from client.site import site_train_config, teacher_key
+    from client.node import site_train_config
+    from client.teacher import teacher_key
 
     root, cfg, node = fed
     site = tmp_path / "SiteA"
@@ -605,7 +607,7 @@ def test_the_egress_check_stops_a_reply_that_carries_private_slices(fed, trained
     hidden as extra rows of the real foreground map), sends an error instead, and its outbox
     records the refusal. Public proxy slices in a reply are not flagged (no false alarm on
     images as such)."""
-    import client.site as site_ops
+    import client.teacher as teacher_ops
     from common.codec import encode_stream, quantize
     from common.protocol import ERR_POLICY, quantize_int8
 
@@ -616,7 +618,7 @@ def test_the_egress_check_stops_a_reply_that_carries_private_slices(fed, trained
     data = load_private(cfg, n)
     private = np.stack([c.image[z] for c in data.test for z in range(c.num_slices)
                         if c.image[z].std() > 0.05][:3])[:, None]        # (3, 1, 64, 64)
-    honest = site_ops.answer_proxy_query
+    honest = teacher_ops.answer_proxy_query
 
     def leak(*args, **kwargs):
         logits, feats, stats = honest(*args, **kwargs)
@@ -636,7 +638,7 @@ def test_the_egress_check_stops_a_reply_that_carries_private_slices(fed, trained
         return logits, feats, stats
 
     ids = proxy_slice_ids(load_proxy_cases(cfg, n))[:4]
-    monkeypatch.setattr(site_ops, "answer_proxy_query", leak)
+    monkeypatch.setattr(teacher_ops, "answer_proxy_query", leak)
     reply = send(query_request(cfg, ids, ["enc1"], "float16", 2), QUERY_PROXY, local)
     assert reply.has_error() and reply.error.code == ERR_POLICY
     assert "egress check" in reply.error.reason and "carries a private image" in reply.error.reason

@@ -120,7 +120,7 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
     with pytest.raises(ConfigError, match=r"proxy_pretrain_epochs.*bare"):
         pretrain_on_proxy(net, with_overrides(cfg, [f"data.proxy={bare}"]), log=lambda s: None)
     # the coordinator says so before any work (no site is contacted: the grid is never used)
-    from server.workflow import Coordinator
+    from server.workflow import run_federation
 
     for setting, named in (("student.proxy_pretrain_epochs=2", "student.proxy_pretrain_epochs"),
                            ("distill.proxy_label_weight=0.5", "distill.proxy_label_weight")):
@@ -128,7 +128,7 @@ def test_proxy_pretraining_learns_the_public_masks_and_needs_them(tiny_synth, tm
                                    setting, f"output.run_dir={tmp_path / 'run'}"])
         with pytest.raises(ConfigError, match=rf"{named} needs the public "
                                               rf"proxy set's masks.*bare"):
-            Coordinator(None, bad, log=lambda s: None).run()
+            run_federation(None, bad, log=lambda s: None)
 
 
 def test_proxy_masks_mixed_into_the_targets():

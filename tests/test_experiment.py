@@ -55,6 +55,9 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     """KD and FedAvg through the Simulation Engine, the pooled-data baselines in process; two
     sites in the federation and a third one unseen."""
     methods = {"adaptive-kd": [], "dp": ["privacy.noise_multiplier=0.01"],
+               "dp-sgd-kd": ["privacy.dp_sgd_epsilon=8", "reply.calibrate=false"],
+               "dp-sgd-fedavg": ["privacy.dp_sgd_epsilon=8", "federation.strategy=fedavg",
+                                 "federation.rounds=2"],
                "fedavg": ["federation.strategy=fedavg", "federation.rounds=2"],
                "fedavg-ft": ["federation.strategy=fedavg", "federation.rounds=2",
                              "adapt.enabled=true", "adapt.epochs=1"],
@@ -78,8 +81,8 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["experiment", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "[experiment] (8/9) central-kd seed 0" in out and "min left" in out
-    assert "(9/9) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
+    assert "[experiment] (10/11) central-kd seed 0" in out and "min left" in out
+    assert "(11/11) broken seed 0: FAILED: FederationError: aggregation.single_site" in out
     exp = tmp_path / "exp"
     results = json.loads((exp / "results.json").read_text())
     assert "| Dice, sites' validation |" in (exp / "report.md").read_text()
@@ -90,7 +93,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
         assert 0.0 <= r["dice_mean"] <= 1.0 and set(r["site_dice"]) == {"SiteA", "SiteB"}
         assert set(r["unseen_dice"]) == {"SiteC"} and 0.0 <= r["unseen_dice"]["SiteC"] <= 1.0
         assert r["unseen_cases"] == {"SiteC": 1}
-        assert r["curve"].get("points") or r["method"] == "local"
+        assert r["curve"].get("points") or r["method"] in ("local", "dp-sgd-fedavg")
         assert 0.0 <= r["val_dice"] <= 1.0 and r["n_test_cases"] == sum(r["site_cases"].values())
     by = {r["method"]: r for r in runs}
     student_bytes = 4 * results["models"]["student"]["parameters"]
@@ -119,6 +122,22 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert by["feddf"]["student_steps"] > by["fedavg"]["student_steps"]
     assert by["adaptive-kd"]["bytes_to_server"] > 0 and 0.0 <= by["adaptive-kd"]["target_dice"] <= 1
     assert by["dp"]["epsilon"] > 0 and by["adaptive-kd"]["epsilon"] is None
+    # DP-SGD: the teachers' (kd) or the local rounds' (fedavg) epsilon, spent in full
+    assert by["dp-sgd-kd"]["epsilon"] == pytest.approx(8.0, abs=0.05)
+    assert by["dp-sgd-fedavg"]["epsilon"] == pytest.approx(8.0, abs=0.05)
+    dp_report = json.loads((exp / "dp-sgd-kd" / "seed_0" / "report.json").read_text())
+    assert all("val_dice" not in t and t["dp_steps"] > 0
+               for t in dp_report["state"]["teachers"].values())
+    # the membership-inference audit of the released models (loss attack, 2 shadow models)
+    assert main(["mia", "--config", str(path), "--only", "adaptive-kd", "local", "fedavg",
+                 "--shadows", "2", "--bootstrap", "50"]) == 0
+    mia = json.loads((exp / "mia.json").read_text())
+    assert [r["method"] for r in mia["rows"]] == ["adaptive-kd", "fedavg", "local"]
+    for r in mia["rows"]:
+        assert r["loss"]["members"] > 0 and r["loss"]["non_members"] > 0
+        assert r["lira"]["shadows"] == 2 and r["lira"]["members"] == r["loss"]["members"]
+    assert "| local | 1 |" in (exp / "mia.md").read_text()
+    assert "replies" in mia["rows"][0] and "replies" not in mia["rows"][1]   # kd: its teachers
     assert by["local"]["bytes_to_server"] is None and by["local"]["model"] == "teacher"
     # the local baseline's headline figure is each site's own teacher on its own test split
     assert by["local"]["site_dice"] == {s: by["local"]["local_matrix"][s][s] for s in ("SiteA", "SiteB")}
@@ -186,7 +205,7 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
 def test_report_names_runs_that_finished_without_a_site(capsys):
     """A run that excluded a site (e.g. one killed mid-run) still finishes; the report must say
     so, since its figures cover fewer sites than the other runs."""
-    from simulations.experiment import excluded_markdown
+    from simulations.tables import excluded_markdown
 
     clean = {"method": "kd", "run": "kd", "seed": 0, "fold": 0, "excluded": {}}
     broken = {"method": "kd", "run": "kd-adapt", "seed": 0, "fold": 2,

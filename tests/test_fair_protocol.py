@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-import client.site as site_ops
+import client.node as node_ops
+import client.student as student_ops
 import common.training as training
 from client.app import app
 from common.config import RunConfig, load_config
@@ -42,7 +43,7 @@ def watched_run(fed, run_dir, monkeypatch, extra=(), tamper=None, students=None)
                      {"data-root": str(root), "state-root": str(state)}, tamper=tamper)
     calls: list[tuple[str, str, list[str]]] = []
     phase = {"split": "training"}
-    real_eval_cases, real_eval_student = training.evaluate_cases, site_ops.evaluate_student
+    real_eval_cases, real_eval_student = training.evaluate_cases, student_ops.evaluate_student
 
     def eval_cases(model, cases, *a, **k):
         calls.append((phase["split"], cases[0].site, [c.case_id for c in cases]))
@@ -58,13 +59,13 @@ def watched_run(fed, run_dir, monkeypatch, extra=(), tamper=None, students=None)
             phase["split"] = "training"
 
     monkeypatch.setattr(training, "evaluate_cases", eval_cases)
-    monkeypatch.setattr(site_ops, "evaluate_cases", eval_cases)
-    monkeypatch.setattr(site_ops, "evaluate_student", eval_student)
+    monkeypatch.setattr(student_ops, "evaluate_cases", eval_cases)
+    monkeypatch.setattr(student_ops, "evaluate_student", eval_student)
     run_federation(grid, cfg, lambda s: None)
     test_ids = {}
     for i in (0, 1):
-        node = site_ops.resolve_node({"partition-id": i}, {"data-root": str(root)}, cfg)
-        data = site_ops.load_private(cfg, node)
+        node = node_ops.resolve_node({"partition-id": i}, {"data-root": str(root)}, cfg)
+        data = node_ops.load_private(cfg, node)
         test_ids[node.site] = {c.case_id for c in data.test}
         assert test_ids[node.site].isdisjoint({c.case_id for c in data.train + data.val})
     return cfg, grid, calls, test_ids

@@ -196,7 +196,7 @@ def test_every_distillation_of_a_pool_grid_has_the_same_steps_budget(monkeypatch
 
 
 def test_a_node_reads_several_public_folders_from_its_node_config(tmp_path):
-    from client.site import resolve_node
+    from client.node import resolve_node
 
     a, b = tmp_path / "RUNMC", tmp_path / "public-pool"
     node = resolve_node({"data-path": str(tmp_path / "BIDMC"),

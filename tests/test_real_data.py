@@ -16,7 +16,7 @@ from simulations.experiment import method_configs
 SHARED = REPO.parent / "shared" / "data"
 CONFIGS = ["configs/real_runmc_proxy.yaml", "configs/real_ucl_proxy.yaml",
            "configs/real_runmc_pool.yaml", "configs/real_ucl_pool.yaml",
-           "configs/cross_site_real.yaml"]
+           "configs/cross_site_real.yaml", "configs/privacy_real.yaml"]
 
 
 @pytest.fixture(scope="module")

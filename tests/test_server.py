@@ -261,7 +261,7 @@ def test_consensus_round_refines_the_teachers_and_distils_from_their_answer(fed,
     the student reaches the federation test's floor, the consensus bytes count as traffic, and
     a server restarted after a crash goes on from the refined teachers' targets."""
     from common.protocol import TRAIN_CONSENSUS
-    from simulations.experiment import run_figures
+    from simulations.tables import run_figures
 
     class Crash(RuntimeError):
         pass
@@ -426,7 +426,7 @@ def test_feddf_refines_the_fedavg_student_by_distillation(fed, tmp_path, adaptiv
     assert set(report["state"]["rounds"]["3"]["evaluate"]["sites"]) == {"SiteA", "SiteB", "SiteC"}
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert card["config"]["federation"]["strategy"] == "feddf"
-    from simulations.experiment import run_figures
+    from simulations.tables import run_figures
 
     fig = run_figures(report)   # the three candidates sent for validation count as traffic
     replies = sum(f["reply_bytes"] for f in report["state"]["rounds"]["3"]["query"]["sites"].values())
@@ -752,7 +752,8 @@ def test_site_styled_queries_share_only_one_small_style_and_the_student_trains_o
     look (the targets differ from unstyled queries by the same teachers); reply.share_style:
     each reply carries exactly one extra array, the site's (13, 13) style, which the server
     keeps and distillation (distill.style_augment) draws from."""
-    from client.site import own_style, resolve_node
+    from client.node import resolve_node
+    from client.teacher import own_style
 
     replies = []
 

@@ -1,7 +1,6 @@
 """server.strategy.FedKD: the federated distillation as a Flower strategy, in a plain Flower
 ServerApp (simulations/strategy_app.py) in Flower's Simulation Engine."""
 
-import json
 
 import numpy as np
 import pytest
