@@ -92,3 +92,11 @@ def test_the_readmes_tables_are_the_published_ones():
     readme = REPO / "README.md"
     assert "<!-- results: " in readme.read_text()
     assert sync([readme], check=True, results_dir=REPO / "docs" / "results") == 0
+
+
+def test_the_readme_stays_a_readme():
+    """Three readers' guide, not a research log: under 25,000 bytes (the log is docs/)."""
+    from conftest import REPO
+
+    size = len((REPO / "README.md").read_bytes())
+    assert size < 25_000, f"README.md is {size} bytes; move detail to docs/"
