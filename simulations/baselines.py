@@ -1,6 +1,6 @@
 """Baselines that read several sites' data in one process (simulation only).
 
-``federation.strategy`` selects one:
+``federation.strategy`` selects one, a small class each (:data:`BASELINES`):
 
 * ``local``            every site's own teacher (the KD runs' teacher checkpoints, reused), tested
                        on every site's test split: the cross-site matrix. The headline figure of
@@ -34,6 +34,7 @@ import torch
 from client.node import Node, load_private, load_unsplit_cases, resolve_node
 from client.teacher import load_teacher, train_teacher
 from server.aggregation import StreamingAggregator
+from server.report import write_report
 from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
 from common.data import CaseVolume, discover_sites
 from common.provenance import data_fingerprint, provenance
@@ -153,81 +154,130 @@ def _save(run_dir: Path, model: FeatureNet, arch: str) -> None:
     (run_dir / "model.json").write_text(json.dumps({"arch": arch}))
 
 
-def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
-    """Run the pooled-data baseline ``federation.strategy``; returns the run report."""
-    from server.distill import distill_on_proxy
-    from server.report import write_report
-    from server.proxy import load_proxy_set
+class PooledBaseline:
+    """One pooled-data baseline run (simulation only): ``run()`` trains and tests it and writes
+    the same report as a federated run; a subclass per ``federation.strategy``."""
 
-    t0 = time.perf_counter()
-    strategy = cfg.federation.strategy
-    run_dir = Path(cfg.output.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    torch.set_num_threads(cfg.runtime.threads)
-    nodes = site_nodes(cfg)
-    rnd: dict = {}
-    teachers: dict = {}
-    params = 0
-    if strategy == "local":
-        matrix: dict[str, dict] = {}
-        unseen: dict[str, dict] = {}
-        for node in nodes:
-            teachers[node.site] = train_teacher(cfg, node, log=log)
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        self.run_dir = Path(cfg.output.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.run_dir / "config.yaml")
+        torch.set_num_threads(cfg.runtime.threads)
+        self.nodes = site_nodes(cfg)
+        self.teachers: dict = {}
+        self.record: dict = {}   # the report's state.rounds["1"]
+
+    def train(self) -> tuple[torch.nn.Module, dict[str, dict]]:
+        """The baseline's final network and every site's test figures."""
+        raise NotImplementedError
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        model, sites = self.train()
+        self.record["evaluate"] = {
+            "sites": sites, "dice_mean": case_weighted_mean(sites),
+            "val_dice_mean": case_weighted_mean(sites, "val_dice_mean", "val_n_cases")}
+        strategy = self.cfg.federation.strategy
+        report = {"name": self.cfg.name, "config": self.cfg.to_dict(),
+                  "state": {"completed": [strategy], "nodes": {}, "teachers": self.teachers,
+                            "excluded": {}, "rounds": {"1": self.record}, "timings": {}},
+                  "student_parameters": count_parameters(model),
+                  "wall_seconds": time.perf_counter() - t0, "provenance": provenance(self.cfg)}
+        write_report(report, self.run_dir, self.log)
+        return report
+
+
+class Local(PooledBaseline):
+    """``local``: every site's own teacher, tested on every site (the cross-site matrix) and
+    on the unseen sites; a site's headline figure is its own teacher's on its own test split."""
+
+    def train(self):
+        cfg, matrix, unseen = self.cfg, {}, {}
+        for node in self.nodes:
+            self.teachers[node.site] = train_teacher(cfg, node, log=self.log)
             model, _ = load_teacher(cfg, node)
-            params = count_parameters(model)
-            matrix[node.site] = _per_site(cfg, model, nodes)
+            matrix[node.site] = _per_site(cfg, model, self.nodes)
             unseen[node.site] = evaluate_unseen(cfg, model)
-            log(f"[local] teacher {node.site}: " + ", ".join(
+            self.log(f"[local] teacher {node.site}: " + ", ".join(
                 f"{s} {m['dice_mean']:.3f}" for s, m in matrix[node.site].items()))
-        sites = {s: matrix[s][s] for s in matrix}
-        rnd["local"] = {"matrix": {t: {s: m["dice_mean"] for s, m in row.items()}
-                                   for t, row in matrix.items()},
-                        "unseen": {t: {s: m["dice_mean"] for s, m in row.items()}
-                                   for t, row in unseen.items()}}
-        rnd["unseen"] = {s: {"dice_mean": float(np.mean([unseen[t][s]["dice_mean"] for t in unseen])),
-                             "hd95_mean": float(np.mean([unseen[t][s]["hd95_mean"] for t in unseen])),
-                             "n_cases": next(iter(unseen.values()))[s]["n_cases"]}
-                         for s in (n.site for n in unseen_nodes(cfg))}
-    else:
-        if strategy in ("central", "central-kd"):
-            model, info = train_central(cfg, cfg.model.teacher, "teacher", log)
+        self.record["local"] = {
+            "matrix": {t: {s: m["dice_mean"] for s, m in row.items()} for t, row in matrix.items()},
+            "unseen": {t: {s: m["dice_mean"] for s, m in row.items()} for t, row in unseen.items()}}
+        self.record["unseen"] = {
+            s: {"dice_mean": float(np.mean([unseen[t][s]["dice_mean"] for t in unseen])),
+                "hd95_mean": float(np.mean([unseen[t][s]["hd95_mean"] for t in unseen])),
+                "n_cases": next(iter(unseen.values()))[s]["n_cases"]}
+            for s in (n.site for n in unseen_nodes(cfg))}
+        return model, {s: matrix[s][s] for s in matrix}
+
+
+class Central(PooledBaseline):
+    """``central`` (teacher architecture) / ``central-student``: one network on the pooled
+    train splits, selected on the pooled validation splits."""
+
+    def pooled(self) -> tuple[FeatureNet, dict]:
+        cfg = self.cfg
+        if cfg.federation.strategy in ("central", "central-kd"):
+            model, info = train_central(cfg, cfg.model.teacher, "teacher", self.log)
         else:
             student = build_student(cfg.model.student, cfg.model.teacher, input_channels(cfg.data),
                                     cfg.model.max_student_fraction)
-            model, info = train_central(cfg, student.spec, "student", log)
-        teachers["central"] = {k: v for k, v in info.items() if k != "history"}
-        rnd["central"] = {"history": info["history"]}
-        if strategy == "central-kd":
-            proxy = load_proxy_set(cfg.data, run_dir / "proxy_cache")
-            probs, feats = proxy_outputs(model, proxy.images)
-            # one teacher: nothing to weigh (every method gives its probabilities)
-            agg = StreamingAggregator(dataclasses.replace(cfg.aggregation, method="mean"))
-            agg.add("central", probs, info["val_dice"],
-                    {k: feats[k] for k in cfg.model.student.features if k in feats}
-                    if cfg.distill.w_feature > 0 else {})
-            targets = agg.finalize()
-            query = {"sites": {}, "site_weights": targets.site_weights,
-                     "agreement": targets.agreement, "n_slices": len(proxy),
-                     "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
-                     "precision": "float32"}
-            if proxy.labels is not None:
-                query["target_dice"] = proxy.target_dice(targets.probs)
-            torch.manual_seed(cfg.runtime.seed)   # the coordinator's student, as in kd
-            model = build_student(cfg.model.student, cfg.model.teacher, input_channels(cfg.data),
-                                  cfg.model.max_student_fraction)
-            history = distill_on_proxy(model, proxy, targets, cfg, log, tag="central-kd distill")
-            rnd.update(query=query, distill={"history": history})
-        params = count_parameters(model)
-        sites = _per_site(cfg, model, nodes)
-        rnd["unseen"] = evaluate_unseen(cfg, model)
-        _save(run_dir, model, "teacher" if strategy == "central" else "student")
-    rnd["evaluate"] = {"sites": sites, "dice_mean": case_weighted_mean(sites),
-                       "val_dice_mean": case_weighted_mean(sites, "val_dice_mean", "val_n_cases")}
-    report = {"name": cfg.name, "config": cfg.to_dict(),
-              "state": {"completed": [strategy], "nodes": {}, "teachers": teachers,
-                        "excluded": {}, "rounds": {"1": rnd}, "timings": {}},
-              "student_parameters": params, "wall_seconds": time.perf_counter() - t0,
-              "provenance": provenance(cfg)}
-    write_report(report, run_dir, log)
-    return report
+            model, info = train_central(cfg, student.spec, "student", self.log)
+        self.teachers["central"] = {k: v for k, v in info.items() if k != "history"}
+        self.record["central"] = {"history": info["history"]}
+        return model, info
+
+    def train(self):
+        model, _ = self.pooled()
+        return self.finish(model, "teacher" if self.cfg.federation.strategy == "central"
+                           else "student")
+
+    def finish(self, model: FeatureNet, arch: str):
+        """Test ``model`` at every site and on the unseen sites; keep it as ``model.pt``."""
+        sites = _per_site(self.cfg, model, self.nodes)
+        self.record["unseen"] = evaluate_unseen(self.cfg, model)
+        _save(self.run_dir, model, arch)
+        return model, sites
+
+
+class CentralKD(Central):
+    """``central-kd``, the ceiling of the distillation: the ``central`` teacher's targets on the
+    same public slices, distilled by the federated runs' code (``distill_on_proxy``)."""
+
+    def train(self):
+        from server.distill import distill_on_proxy
+        from server.proxy import load_proxy_set
+
+        cfg = self.cfg
+        teacher, info = self.pooled()
+        proxy = load_proxy_set(cfg.data, self.run_dir / "proxy_cache")
+        probs, feats = proxy_outputs(teacher, proxy.images)
+        # one teacher: nothing to weigh (every method gives its probabilities)
+        agg = StreamingAggregator(dataclasses.replace(cfg.aggregation, method="mean"))
+        agg.add("central", probs, info["val_dice"],
+                {k: feats[k] for k in cfg.model.student.features if k in feats}
+                if cfg.distill.w_feature > 0 else {})
+        targets = agg.finalize()
+        query = {"sites": {}, "site_weights": targets.site_weights,
+                 "agreement": targets.agreement, "n_slices": len(proxy),
+                 "slices_per_set": proxy.slices_per_set(), "n_labelled": proxy.n_labelled,
+                 "precision": "float32"}
+        if proxy.labels is not None:
+            query["target_dice"] = proxy.target_dice(targets.probs)
+        torch.manual_seed(cfg.runtime.seed)   # the coordinator's student, as in kd
+        student = build_student(cfg.model.student, cfg.model.teacher, input_channels(cfg.data),
+                                cfg.model.max_student_fraction)
+        history = distill_on_proxy(student, proxy, targets, cfg, self.log,
+                                   tag="central-kd distill")
+        self.record.update(query=query, distill={"history": history})
+        return self.finish(student, "student")
+
+
+BASELINES: dict[str, type[PooledBaseline]] = {
+    "local": Local, "central": Central, "central-student": Central, "central-kd": CentralKD}
+
+
+def run_baseline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the pooled-data baseline ``federation.strategy``; returns the run report."""
+    return BASELINES[cfg.federation.strategy](cfg, log).run()
