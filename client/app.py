@@ -249,31 +249,6 @@ def _adapt(cfg: RunConfig, node: node_ops.Node, msg: Message) -> RecordDict:
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
-@app.train("teacher")
-def train_teacher(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _train)
-
-
-@app.train("consensus")
-def refine_teacher(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _consensus)
-
-
-@app.train("adapt")
-def adapt_student(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _adapt)
-
-
-@app.query("proxy")
-def query_proxy(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _query)
-
-
-@app.evaluate("student")
-def evaluate_student(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _evaluate)
-
-
 def _weights(msg: Message, record: str) -> dict[str, torch.Tensor]:
     try:
         return _field(msg, record, kind=ArrayRecord).to_torch_state_dict()
@@ -304,11 +279,18 @@ def _fedavg_evaluate(cfg: RunConfig, node: node_ops.Node, msg: Message) -> Recor
                                               "num-examples": int(m["n_cases"])})})
 
 
-@app.train()
-def train_global_student(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _fedavg_train)
+def _handler(work: Callable[[RunConfig, node_ops.Node, Message], RecordDict]
+             ) -> Callable[[Message, Context], Message]:
+    """A Flower message handler that serves ``work`` (:func:`_serve`: policy, outbox, errors)."""
+    def handle(msg: Message, context: Context) -> Message:
+        return _serve(msg, context, work)
+    return handle
 
 
-@app.evaluate()
-def evaluate_global_student(msg: Message, context: Context) -> Message:
-    return _serve(msg, context, _fedavg_evaluate)
+# The message types this node answers (common.protocol), and Flower's own train / evaluate of
+# the weight-sharing methods (FedAvg / FedProx / FedDF; refused by the `kd` node policy).
+for register, work in ((app.train("teacher"), _train), (app.train("consensus"), _consensus),
+                       (app.train("adapt"), _adapt), (app.query("proxy"), _query),
+                       (app.evaluate("student"), _evaluate), (app.train(), _fedavg_train),
+                       (app.evaluate(), _fedavg_evaluate)):
+    register(_handler(work))
