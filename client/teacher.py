@@ -24,7 +24,7 @@ from client.node import (
     site_train_config,
 )
 from common.affinity import AffinityReference, fit_temperature, slice_embedding
-from common.config import RunConfig, TrainConfig
+from common.config import ConfigError, RunConfig, TrainConfig
 from common.data import CaseVolume
 from common.slices import slice_stack
 from common.style import restyle, site_style
@@ -71,6 +71,9 @@ def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.i
         return train_dp_teacher(cfg, node, data, tcfg, log, t0)
     torch.manual_seed(cfg.runtime.seed)
     model = build_teacher(cfg.teacher_spec(node.site), input_channels(cfg.data))
+    if tcfg.public_init_epochs and load_checkpoint(node.teacher_checkpoint,
+                                                   teacher_key(cfg, node, tcfg, data)) is None:
+        public_init(cfg, node, model, tcfg, log)
     res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"{node.site} teacher",
                           checkpoint=node.teacher_checkpoint,
@@ -82,6 +85,24 @@ def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.i
             "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
             "seconds": time.perf_counter() - t0, "train_seconds": res.seconds,
             "reused": int(res.reused), "resumed_from": res.resumed_from}
+
+
+def public_init(cfg: RunConfig, node: Node, model: FeatureNet, tcfg: TrainConfig,
+                log: Callable[[str], None]) -> None:
+    """``train.public_init_epochs`` of training of ``model`` on the labelled volumes of the
+    site's copy of the public sets (the teacher's recipe, no validation): public data, so no
+    privacy cost. ConfigError if no public set there has masks."""
+    from common.data import load_proxy
+
+    cases = [c for c in load_proxy(replace(cfg.data, layout="liu"), with_labels=True,
+                                   folders=list(node.proxy_paths)).values()
+             if c.label is not None]
+    if not cases:
+        raise ConfigError(f"train.public_init_epochs: no public set at {node.site} "
+                          f"({', '.join(map(str, node.proxy_paths))}) has masks")
+    train_segmenter(model, cases, [], replace(tcfg, epochs=tcfg.public_init_epochs),
+                    cfg.data.context_slices, cfg.runtime.seed, log=log,
+                    tag=f"{node.site} teacher, public init")
 
 
 def train_dp_teacher(cfg: RunConfig, node: Node, data: SiteData, tcfg: TrainConfig,
@@ -99,9 +120,12 @@ def train_dp_teacher(cfg: RunConfig, node: Node, data: SiteData, tcfg: TrainConf
     else:
         torch.manual_seed(cfg.runtime.seed)
         model = build_teacher(cfg.teacher_spec(node.site), input_channels(cfg.data))
+        if tcfg.public_init_epochs:
+            public_init(cfg, node, model, tcfg, log)
         history, plan = train_dp_sgd(model, data.train, data.val, tcfg, cfg.privacy,
                                      tcfg.epochs, tcfg.epochs, cfg.data.context_slices,
-                                     cfg.runtime.seed, log=log, tag=f"{node.site} teacher")
+                                     cfg.runtime.seed, lr=cfg.privacy.dp_sgd_lr, log=log,
+                                     tag=f"{node.site} teacher")
         reused = False
         state = model.state_dict()
         save_checkpoint(node.teacher_checkpoint, {

@@ -132,6 +132,10 @@ class TrainConfig:
     empty_slice_fraction: float = field_(0.3, lo=0.0, hi=1.0,
                                      doc="fraction of gland-free train slices kept per epoch")
     max_steps_per_epoch: int = field_(0, lo=0, doc="0 = no cap (a cap keeps CPU runs short)")
+    public_init_epochs: int = field_(0, lo=0, hi=1000, doc="> 0: the teacher starts from this "
+                                     "many epochs of training on the masks of the site's copy "
+                                     "of the public sets (public data: no privacy cost; the "
+                                     "start DP-SGD needs); 0: from random weights")
 
     def fingerprint(self) -> dict:
         """The settings as a dict for checkpoint keys; keys added later are left out at their
@@ -139,6 +143,8 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         if out["intensity_augment"] == "standard":
             del out["intensity_augment"]
+        if not out["public_init_epochs"]:
+            del out["public_init_epochs"]
         return out
 
 
@@ -400,8 +406,11 @@ class PrivacyConfig:
                                    "slice; 0: off")
     dp_sgd_max_grad_norm: float = field_(1.0, lo=1e-6, doc="DP-SGD: each slice's gradient "
                                          "clipped to this L2 norm")
-    dp_sgd_batch_size: int = field_(32, lo=1, hi=4096, doc="DP-SGD: the expected batch (Poisson "
-                                    "sampling at rate batch / training slices)")
+    dp_sgd_batch_size: int = field_(16, lo=1, hi=4096, doc="DP-SGD: the expected batch (Poisson "
+                                    "sampling at rate 1 / ceil(training slices / batch))")
+    dp_sgd_lr: float = field_(5e-4, lo=1e-7, hi=1.0, doc="DP-SGD: peak learning rate (AdamW) of "
+                              "a DP teacher, and of FedAvg's local rounds (cosine over the rounds) "
+                              "under DP; chosen on fold 0's validation cases of federation A")
 
 
 @dataclass

@@ -128,6 +128,7 @@ def train_dp_sgd(model: torch.nn.Module, cases: list[CaseVolume], val_cases: lis
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr if lr is None else lr,
                             weight_decay=tcfg.weight_decay)
     engine = PrivacyEngine(accountant="rdp")
+    model.train()   # Opacus wraps a model in training mode only
     private, opt, loader = engine.make_private(
         module=model, optimizer=opt, data_loader=loader, poisson_sampling=True,
         noise_multiplier=plan["dp_noise_multiplier"], max_grad_norm=pcfg.dp_sgd_max_grad_norm)

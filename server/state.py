@@ -62,6 +62,9 @@ NOT_IN_DIGEST = {"name": None, "experiment": None, "bench": None,
 # Settings added after runs were made, with the value that reproduces those runs: left out of
 # the digest at that value, so that the earlier run directories stay resumable.
 ADDED_LATER = {"student": {"proxy_pretrain_epochs": 0}, "distill": {"proxy_label_weight": 0.0},
+               "train": {"public_init_epochs": 0},
+               "privacy": {"dp_sgd_epsilon": 0.0, "dp_sgd_max_grad_norm": 1.0,
+                           "dp_sgd_batch_size": 16, "dp_sgd_lr": 5e-4},
                "federation": {"select_round": False, "self_train": False},
                "aggregation": {"affinity_margin": 0.0, "auto_candidates": ["affinity", "mean"]}}
 

@@ -104,3 +104,23 @@ def test_settings_outside_the_guarantee_are_refused(setting, needle, tmp_path):
     with pytest.raises(ConfigError, match=needle):
         with_overrides(RunConfig(), ["privacy.dp_sgd_epsilon=4", *setting])
     assert load_config(None).privacy.dp_sgd_epsilon == 0.0     # off by default
+
+
+def test_a_public_start_is_what_lets_dp_sgd_learn(site, tmp_path):
+    """From random weights DP-SGD on a site's few slices learns little; from a teacher trained
+    on the public masks (no privacy cost) it keeps and refines what those taught."""
+    from client.node import load_private, resolve_node
+    from client.teacher import load_teacher, train_teacher
+    from common.training import evaluate_cases
+
+    cfg, node = site
+    train_teacher(cfg, node, log=lambda s: None)     # the random start (reused if trained)
+    started = with_overrides(cfg, ["train.public_init_epochs=6"])
+    node2 = resolve_node({"partition-id": 0}, {"data-root": str(cfg.data.root),
+                                               "state-root": str(tmp_path)}, started)
+    m = train_teacher(started, node2, log=lambda s: None)
+    assert m["dp_epsilon"] == pytest.approx(8.0, abs=0.05)
+    val = load_private(cfg, node).val
+    dice = {name: evaluate_cases(load_teacher(c, n)[0], val, with_hd95=False)["dice"]["mean"]
+            for name, c, n in (("random", cfg, node), ("public", started, node2))}
+    assert dice["public"] > dice["random"] + 0.2 and dice["public"] > 0.4, dice
