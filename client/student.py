@@ -82,13 +82,13 @@ def train_student_local(cfg: RunConfig, node: Node, state_dict: dict[str, torch.
     data = load_private(cfg, node)
     tcfg = cfg.student_train(site_train_config(cfg, node), epochs=cfg.federation.local_epochs)
     rounds = cfg.federation.rounds
-    lr = cfg.student.lr * 0.5 * (1 + math.cos(math.pi * (min(max(server_round, 1), rounds) - 1)
-                                              / rounds))
+    cosine = 0.5 * (1 + math.cos(math.pi * (min(max(server_round, 1), rounds) - 1) / rounds))
+    lr = cfg.student.lr * cosine
     if cfg.privacy.dp_sgd_epsilon > 0:   # DP-SGD: the run's rounds x local epochs spend epsilon
         history, plan = train_dp_sgd(model, data.train, [], tcfg, cfg.privacy, tcfg.epochs,
                                      rounds * tcfg.epochs, cfg.data.context_slices,
                                      cfg.runtime.seed * 1000 + server_round,
-                                     lr=lr * cfg.privacy.dp_sgd_lr / cfg.student.lr, log=log,
+                                     lr=cfg.privacy.dp_sgd_lr * cosine, log=log,
                                      tag=f"{node.site} student r{server_round}")
         done = min(max(server_round, 1), rounds) * plan["dp_steps"]   # the rounds so far
         metrics = {"num-examples": plan["dp_train_slices"], "steps": plan["dp_steps"],

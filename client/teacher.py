@@ -56,9 +56,9 @@ def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -
                "data": preprocessing_key(cfg), "seed": cfg.runtime.seed,
                "files": data_fingerprint([node.data_folder]),
                "cases": {k: [c.case_id for c in getattr(data, k)] for k in ("train", "val", "test")}}
-    if cfg.privacy.dp_sgd_epsilon > 0:   # a DP-SGD teacher is another teacher
-        p = cfg.privacy
-        payload["dp_sgd"] = [p.dp_sgd_epsilon, p.delta, p.dp_sgd_max_grad_norm, p.dp_sgd_batch_size]
+    if cfg.privacy.dp_sgd_epsilon > 0:   # a DP-SGD teacher is another teacher: every setting
+        payload["dp_sgd"] = {k: v for k, v in asdict(cfg.privacy).items()   # of its training
+                             if k.startswith("dp_sgd_") or k == "delta"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -71,13 +71,12 @@ def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.i
         return train_dp_teacher(cfg, node, data, tcfg, log, t0)
     torch.manual_seed(cfg.runtime.seed)
     model = build_teacher(cfg.teacher_spec(node.site), input_channels(cfg.data))
-    if tcfg.public_init_epochs and load_checkpoint(node.teacher_checkpoint,
-                                                   teacher_key(cfg, node, tcfg, data)) is None:
-        public_init(cfg, node, model, tcfg, log)
+    key = teacher_key(cfg, node, tcfg, data)
+    if tcfg.public_init_epochs and load_checkpoint(node.teacher_checkpoint, key) is None:
+        public_init(cfg, node, model, tcfg, log)   # a fresh teacher (else the checkpoint's)
     res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"{node.site} teacher",
-                          checkpoint=node.teacher_checkpoint,
-                          checkpoint_key=teacher_key(cfg, node, tcfg, data))
+                          checkpoint=node.teacher_checkpoint, checkpoint_key=key)
     counts = data.counts()
     return {"val_dice": float(res.best_val_dice), "train_cases": counts["train"],
             "val_cases": counts["val"], "test_cases": counts["test"],

@@ -38,14 +38,16 @@ from common.augment import augmentation
 from common.config import PrivacyConfig, TrainConfig
 from common.data import CaseVolume
 from common.slices import SliceDataset, foreground_slices
+from common.training import evaluate_cases
 
 UNIT = "slice"
 
 
 def dp_slices(cases: list[CaseVolume], empty_fraction: float, seed: int) -> list[tuple[int, int]]:
-    """The fixed training set of DP-SGD, ``(case_index, z)``: every gland slice and a share
-    ``empty_fraction`` of the empty ones, drawn once (accounting needs one fixed set, not a
-    fresh draw per epoch)."""
+    """The training set of one DP-SGD call, ``(case_index, z)``: every gland slice and a share
+    ``empty_fraction`` of the empty ones, drawn once with ``seed`` (fixed over the call's epochs,
+    not redrawn each epoch as :func:`common.training.train_segmenter` does; a FedAvg site's
+    rounds each draw with their own seed)."""
     fg, bg = foreground_slices(cases)
     n_bg = int(round(len(bg) * empty_fraction))
     rng = np.random.default_rng(seed)
@@ -154,8 +156,6 @@ def train_dp_sgd(model: torch.nn.Module, cases: list[CaseVolume], val_cases: lis
             row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "steps": len(losses), "seconds": time.perf_counter() - t0}
             if val_cases:
-                from common.training import evaluate_cases
-
                 row["val_dice"] = evaluate_cases(model, val_cases, context,
                                                  with_hd95=False)["dice"]["mean"]
             history.append(row)

@@ -99,7 +99,6 @@ class WeightSharing(FederationSteps):
 
         t0 = time.perf_counter()
         fed = self.cfg.federation
-        fed_dp = self.cfg.privacy.dp_sgd_epsilon > 0   # the sites send no per-round val Dice
         n = max(fed.min_sites, 1)
         kwargs = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
         strategy = (OrderedFedProx(proximal_mu=fed.proximal_mu, **kwargs)
@@ -132,7 +131,7 @@ class WeightSharing(FederationSteps):
         evaluate = {int(r): m for r, m in result.evaluate_metrics_clientapp.items()}
         history = [{"round": r, "split": "val", "steps": float(train.get(r, {}).get("steps", 0)),
                     **{k: float(v) for k, v in evaluate.get(r, {}).items()}}
-                   for r in sorted(evaluate if not fed_dp else set(train) | set(evaluate))]
+                   for r in sorted(set(train) | set(evaluate))]
         for h in history:   # DP-SGD: the epsilon the sites had spent by that round
             if "dp_epsilon_so_far" in train.get(h["round"], {}):
                 h["dp_epsilon"] = float(train[h["round"]]["dp_epsilon_so_far"])

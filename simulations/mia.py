@@ -169,10 +169,10 @@ def audit_run(cfg: RunConfig, lira: Optional[tuple[np.ndarray, np.ndarray, list]
     out = {"loss": attack_metrics(-np.concatenate(lm), -np.concatenate(ln), bootstrap)}
     if lira:
         shadow, inside, cases = lira
-        index = {id(c): i for i, c in enumerate(cases)}
+        index = {(c.site, c.case_id): i for i, c in enumerate(cases)}
         m_lira, n_lira = [], []
         for cs, a, b in zip(mine, lm, ln):
-            rows = [index[id(c)] for c in cs + non]
+            rows = [index[c.site, c.case_id] for c in cs + non]
             s = lira_scores(np.r_[a, b], shadow[:, rows], inside[:, rows])
             m_lira.append(s[:len(cs)])
             n_lira.append(s[len(cs):])

@@ -63,10 +63,10 @@ def check_one_version(rows: list[dict], label) -> dict:
             + "\nRerun the runs of the other versions at one commit (delete their run "
             "directories, or use --only to publish a subset).")
     stamp = dict(rows[0].get("provenance") or {})
-    only = next(iter(versions))
-    if not stamp.get("commit") or stamp.get("dirty") or not only.endswith("as here now"):
+    data_now = bool(stamp.get("data")) and stamp["data"] == rows[0].get("data_now")
+    if not stamp.get("commit") or stamp.get("dirty") or not data_now:
         raise MixedVersions(f"[experiment] refusing to publish runs of no committed version "
-                            f"on today's data ({only}): commit, then rerun them")
+                            f"on today's data ({next(iter(versions))}): commit, then rerun them")
     return stamp
 
 
