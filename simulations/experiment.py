@@ -131,6 +131,7 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
     of several code or data versions are refused (SystemExit naming each version's runs)."""
     from server.state import config_digest, stored_config
     from common.provenance import data_fingerprint, run_folders
+    from simulations.mia import published_mia
     from simulations.results import check_one_version, write_published
 
     root = Path(cfg.output.run_dir)
@@ -165,10 +166,14 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
         tables += ("\n\nLeft out (not finished with these settings): "
                    + "; ".join(f"`{m}`" for m in missing) + "\n")
     done = {(r["run"], r["seed"], r["fold"]) for r in results}
+    audit, audit_rows = published_mia(root, {
+        (m, s, c.data.fold if c.data.folds else None): config_digest(c) for m, s, c in runs
+        if (m, s, c.data.fold if c.data.folds else None) in done}, stamp)
+    tables += audit
     write_published(cfg.name, stamp, tables, results,
                     [x for x in runs if (x[0], x[1], x[2].data.fold if x[2].data.folds else None)
                      in done], machine(), command or f"fedkd experiment --collect ({cfg.name})",
-                    out_dir)
+                    out_dir, audit=audit_rows)
     return report_md
 
 

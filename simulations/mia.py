@@ -187,7 +187,12 @@ def audit_run(cfg: RunConfig, lira: Optional[tuple[np.ndarray, np.ndarray, list]
 def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap: int = 1000,
             log: Callable[[str], None] = print) -> list[dict]:
     """Audit every finished run of ``runs`` (method, seed, config); the shadows are trained
-    once per fold and shared by its methods. Returns one row per run."""
+    once per fold and shared by its methods. Returns one row per run, stamped with the audited
+    run's code version and config digest and the audit's own code version (a published table
+    takes only audits of its own runs by its own commit: :func:`published_mia`)."""
+    from common.provenance import code_version
+    from server.state import config_digest
+
     rows, per_fold = [], {}
     for method, seed, cfg in runs:
         if not (Path(cfg.output.run_dir) / "report.json").is_file():
@@ -199,7 +204,11 @@ def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap:
             cases = [c for cs in members.values() for c in cs] + non
             per_fold[fold] = (*shadow_losses(cfg, cases, shadows, log), cases)
         result = audit_run(cfg, per_fold.get(fold), bootstrap)
-        rows.append({"method": method, "seed": seed, "fold": cfg.data.fold, **result})
+        report = json.loads((Path(cfg.output.run_dir) / "report.json").read_text())
+        rows.append({"method": method, "seed": seed,
+                     "fold": cfg.data.fold if cfg.data.folds else None, **result,
+                     "run_provenance": report.get("provenance"), "run_digest": config_digest(cfg),
+                     "provenance": code_version()})
         log(f"[mia] {method} fold {cfg.data.fold}: loss AUC {result['loss']['auc']:.3f} "
             f"[{result['loss']['auc_ci'][0]:.3f}, {result['loss']['auc_ci'][1]:.3f}]"
             + (f", LiRA AUC {result['lira']['auc']:.3f}" if "lira" in result else ""))
@@ -231,10 +240,51 @@ def mia_markdown(rows: list[dict]) -> str:
 
 
 def write_mia(root: Path, rows: list[dict], shadows: int) -> Path:
-    """``ROOT/mia.json`` and ``ROOT/mia.md``."""
+    """``ROOT/mia.json`` and ``ROOT/mia.md``: ``rows``, and the rows of an earlier audit (same
+    number of shadows) of runs not audited again (``--only`` audits a grid method by method)."""
     root.mkdir(parents=True, exist_ok=True)
+    old = json.loads((root / "mia.json").read_text()) if (root / "mia.json").is_file() else {}
+    if old.get("shadows") == shadows:
+        again = {(r["method"], r["seed"], r["fold"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["method"], r["seed"], r["fold"]) not in again] + rows
     (root / "mia.json").write_text(json.dumps({"shadows": shadows, "rows": rows}, indent=1))
     path = root / "mia.md"
     path.write_text(f"# Membership inference (fedkd mia, {shadows} shadow models)\n\n"
                     + mia_markdown(rows) + "\n")
     return path
+
+
+def published_mia(root: Path, digests: dict[tuple, str], stamp: dict) -> tuple[str, list[dict]]:
+    """The audit table of ``ROOT/mia.json`` for a published table: only rows of the table's runs
+    (``digests``: (method, seed, fold) -> config digest of the run shown) whose audit and audited
+    run are of the table's commit ``stamp``; the others are named as left out. ("", []) when
+    there is no audit."""
+    from common.provenance import version_label
+
+    path = root / "mia.json"
+    if not path.is_file():
+        return "", []
+    audit = json.loads(path.read_text())
+    kept, left = [], []
+    for r in audit["rows"]:
+        key = (r["method"], r["seed"], r["fold"])
+        versions = {version_label(r.get("provenance") or {}),
+                    version_label(r.get("run_provenance") or {})}
+        if key not in digests:
+            continue
+        if r.get("run_digest") != digests[key] or versions != {version_label(stamp)}:
+            left.append(f"{r['method']} seed {r['seed']} fold {r['fold']} "
+                        f"(audit of another run or version: {', '.join(sorted(versions))})")
+            continue
+        kept.append(r)
+    if not kept:
+        return ("\n\nNo membership-inference audit of these runs at this commit"
+                + (f" (left out: {'; '.join(left)})" if left else "") + ".\n"), []
+    text = (f"\n\nMembership inference (`fedkd mia`, {audit['shadows']} shadow models per fold; "
+            "members: the sites' training cases, non-members: the fold's test cases; per fold a "
+            "95 % bootstrap interval; replies: the sites' answers on the public slices, audited "
+            "through the teachers that computed them, an upper bound):\n\n"
+            + mia_markdown(kept) + "\n")
+    if left:
+        text += "\nLeft out of the audit table: " + "; ".join(left) + "\n"
+    return text, kept

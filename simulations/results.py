@@ -94,8 +94,10 @@ def budgets(runs: Iterable[tuple[str, int, object]]) -> dict[str, str]:
 
 
 def write_published(name: str, stamp: dict, tables: str, rows: list[dict], runs: list,
-                    machine: dict, command: str, out_dir: Path = RESULTS_DIR) -> Path:
-    """``out_dir/NAME.md`` (stamp + tables) and ``NAME.json`` (stamp + every row)."""
+                    machine: dict, command: str, out_dir: Path = RESULTS_DIR,
+                    audit: Iterable[dict] = ()) -> Path:
+    """``out_dir/NAME.md`` (stamp + tables) and ``NAME.json`` (stamp + every row, and the
+    membership-inference rows ``audit`` of these runs, if any)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = budgets(runs)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -112,7 +114,8 @@ def write_published(name: str, stamp: dict, tables: str, rows: list[dict], runs:
     (out_dir / f"{name}.json").write_text(json.dumps(
         {"name": name, "provenance": stamp, "command": command, "date": when,
          "machine": machine, "budgets": plan,
-         "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows]}, indent=1))
+         "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows],
+         "mia": list(audit)}, indent=1))
     print(f"[experiment] published {md} (commit {stamp['commit'][:7]}, data {stamp['data']})")
     return md
 

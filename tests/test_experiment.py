@@ -166,6 +166,11 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     # publishes the table; runs of no committed version (this checkout may be dirty) are refused
     stamp_runs(exp, {"commit": "a" * 40, "dirty": False, "data": data})
     (exp / "results.json").unlink()
+    # the audit joins the published table only for its own runs audited at the table's commit
+    for r in mia["rows"]:
+        r["provenance"] = r["run_provenance"] = {"commit": "a" * 40, "dirty": False}
+    mia["rows"][1]["provenance"] = {"commit": "c" * 40, "dirty": False}   # fedavg: not shown
+    (exp / "mia.json").write_text(json.dumps(mia))
     capsys.readouterr()
     published = tmp_path / "published"
     assert main(["experiment", "--config", str(path), "--collect", "--only", "fedavg-ft",
@@ -179,6 +184,17 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     assert f"commit `{'a' * 40}`; data fingerprint `{data}`" in doc
     assert "`fedavg-ft` fedavg 2 rounds x 1 local epoch(s)" in doc and "| local | 1 |" in doc
     assert "--collect --only fedavg-ft local broken" in doc
+    audit = doc.split("Membership inference (`fedkd mia`, 2 shadow models")[1]
+    assert "| local | 1 |" in audit and "adaptive-kd" not in audit and "Left out" not in audit
+    assert [r["method"] for r in json.loads((published / f"{load_config(path).name}.json")
+                                             .read_text())["mia"]] == ["local"]
+    mia["rows"][2]["run_digest"] = "0" * 16   # an audit of a run with other settings
+    (exp / "mia.json").write_text(json.dumps(mia))
+    main(["experiment", "--config", str(path), "--collect", "--only", "fedavg-ft", "local",
+          "--publish-dir", str(published)])
+    doc = (published / f"{load_config(path).name}.md").read_text()
+    assert "No membership-inference audit of these runs at this commit (left out: local seed 0" \
+        in doc
     # one run of another commit: the table is refused, each version named with its runs
     stamp_runs(exp / "local", {"commit": "b" * 40, "dirty": False, "data": data})
     with pytest.raises(SystemExit, match=r"(?s)refusing to put runs of different code.*"

@@ -3,12 +3,14 @@ deliberately overfit model, and does not for an untrained one."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from common.config import RunConfig, with_overrides
-from simulations.mia import attack_metrics, case_losses, lira_scores
+from simulations.mia import attack_metrics, case_losses, lira_scores, write_mia
 
 pytest.importorskip("sklearn")
 
@@ -24,6 +26,22 @@ def test_the_metrics_read_separated_and_identical_scores():
     inside = np.array([[False, True, False], [False, False, True], [True, False, False]])
     s = lira_scores(np.array([0.2, 1.0, 2.0]), shadow, inside)
     assert s[0] > 1 and abs(s[1]) < 1 and s[0] > s[2]
+
+
+def test_an_audit_of_some_methods_keeps_the_earlier_rows_of_the_others(tmp_path):
+    def row(method, fold, auc):
+        m = {"auc": auc, "auc_ci": [auc - 0.1, auc + 0.1], "tpr_at_1pct_fpr": 0.0,
+             "tpr_ci": [0.0, 0.1], "members": 4, "non_members": 3}
+        return {"method": method, "seed": 0, "fold": fold, "loss": m}
+
+    write_mia(tmp_path, [row("kd", 0, 0.5), row("fedavg", 0, 0.6)], shadows=4)
+    write_mia(tmp_path, [row("kd", 0, 0.7), row("local", 0, 0.8)], shadows=4)
+    rows = json.loads((tmp_path / "mia.json").read_text())["rows"]
+    assert [(r["method"], r["loss"]["auc"]) for r in rows] == [
+        ("fedavg", 0.6), ("kd", 0.7), ("local", 0.8)]
+    assert "| local | 1 | 4 / 3 | 0.800 ([0.70, 0.90]) |" in (tmp_path / "mia.md").read_text()
+    write_mia(tmp_path, [row("kd", 0, 0.1)], shadows=2)   # other shadows: a new audit
+    assert [r["method"] for r in json.loads((tmp_path / "mia.json").read_text())["rows"]] == ["kd"]
 
 
 @pytest.fixture(scope="module")
