@@ -34,10 +34,10 @@ from simulations.tables import (
     excluded_markdown,
     family,
     lr_search_markdown,
-    privacy_markdown,
     run_figures,
     run_label,
     summary_markdown,
+    view_markdown,
 )
 
 STUDENT_STRATEGIES = ("kd", "fedavg", "fedprox", "feddf", "central-student", "central-kd")
@@ -171,10 +171,9 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
         (m, s, c.data.fold if c.data.folds else None): config_digest(c) for m, s, c in runs
         if (m, s, c.data.fold if c.data.folds else None) in done}, stamp)
     tables += audit
-    if audit_rows:   # the privacy view, short enough for the README
-        (out_dir / f"{cfg.name}.privacy.md").parent.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{cfg.name}.privacy.md").write_text(privacy_markdown(
-            select_by_validation(results), audit_rows, cfg.experiment.baseline, cfg.name, stamp))
+    out_dir.mkdir(parents=True, exist_ok=True)   # the short view, for a README block
+    (out_dir / f"{cfg.name}.summary.md").write_text(view_markdown(
+        select_by_validation(results), cfg.experiment.baseline, cfg.name, stamp, audit_rows))
     write_published(cfg.name, stamp, tables, results,
                     [x for x in runs if (x[0], x[1], x[2].data.fold if x[2].data.folds else None)
                      in done], machine(), command or f"fedkd experiment --collect ({cfg.name})",

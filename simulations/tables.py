@@ -273,24 +273,31 @@ def excluded_markdown(results: list[dict]) -> str:
             "delete the run directory and rerun to repeat them):\n\n" + "".join(lines))
 
 
-def privacy_markdown(results: list[dict], audit: list[dict], baseline: str, name: str,
-                     stamp: dict) -> str:
-    """The privacy view of a published grid (``docs/results/NAME.privacy.md``): per method its
-    epsilon, the sites' and unseen Dice, the bytes a site moves, and the membership-inference
-    AUCs (``audit``: simulations.mia rows of these runs) on the released model and on the
-    replies: the mean over folds, and in how many folds the 95 % bootstrap interval holds 0.5."""
+
+def view_markdown(results: list[dict], baseline: str, name: str, stamp: dict,
+                  audit: Optional[list[dict]] = None) -> str:
+    """The short view of a published grid (``docs/results/NAME.summary.md``, for a README
+    block): per method the sites' Dice with its test cases and paired difference, each site's
+    and unseen site's Dice, the bytes a site moves and the wall time; with ``audit``
+    (simulations.mia rows of these runs) also epsilon and the membership-inference AUCs on the
+    released model and on the replies: the mean over folds, and in how many folds the 95 %
+    bootstrap interval holds 0.5."""
     groups = _by_method(results)
+    sites = list(dict.fromkeys(s for r in results for s in r["site_dice"]))
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
     runs = sorted({len(rows) for rows in groups.values()})
     lines = [f"Experiment `{name}`, commit `{stamp['commit'][:7]}`, data `{stamp['data']}`; "
-             f"{'/'.join(map(str, runs))} runs (folds) a row; the full table, its command and "
-             f"budgets: [docs/results/{name}.md](docs/results/{name}.md). Epsilon: per training "
-             "slice over the whole run; MIA: membership-inference AUC, mean over folds (in how "
-             "many folds its 95 % interval holds 0.5).", "",
-             "| method | epsilon | Dice, sites (test cases) | paired diff vs " + baseline + " | "
-             + "".join(f"unseen {s} | " for s in unseen)
-             + "MB moved per site | MIA loss, student | MIA LiRA, student | MIA loss, replies |",
-             "|---" * (7 + len(unseen)) + "|"]
+             f"{'/'.join(map(str, runs))} runs (seeds x folds) a row; the full table, its "
+             f"command and budgets: [docs/results/{name}.md](docs/results/{name}.md)."
+             + (" Epsilon: per training slice over the whole run; MIA: membership-inference "
+                "AUC, mean over folds (in how many folds its 95 % interval holds 0.5)."
+                if audit else ""), "",
+             f"| method | Dice, sites (test cases) | paired diff vs {baseline} | "
+             + "".join(f"{s} | " for s in sites) + "".join(f"unseen {s} | " for s in unseen)
+             + "MB moved per site | wall s |"
+             + (" epsilon | MIA loss, student | MIA LiRA, student | MIA loss, replies |"
+                if audit else ""),
+             "|---" * (5 + len(sites) + len(unseen) + 4 * bool(audit)) + "|"]
 
     def mia(method: str, attack: str) -> str:
         rs = [r[attack] for r in audit if r["method"] == method and attack in r]
@@ -302,11 +309,13 @@ def privacy_markdown(results: list[dict], audit: list[dict], baseline: str, name
     for m, rows in groups.items():
         d = paired_difference(rows, groups.get(baseline, [])) if m != baseline else None
         lines.append(
-            f"| {m} | {_eps(rows[0].get('epsilon')).replace('no noise', '-')} | "
-            f"{_ms([r['dice_mean'] for r in rows], 3)} "
+            f"| {m} | {_ms([r['dice_mean'] for r in rows], 3)} "
             f"({sum(r.get('n_test_cases', 0) for r in rows)}) | "
             + ("-" if d is None else f"{d[0]:+.3f} +- {d[1]:.3f}") + " | "
+            + "".join(f"{_mean([r['site_dice'].get(s) for r in rows])} | " for s in sites)
             + "".join(f"{_mean([r['unseen_dice'].get(s) for r in rows])} | " for s in unseen)
-            + f"{_mb(rows[0].get('site_bytes_moved'))} | {mia(m, 'loss')} | {mia(m, 'lira')} | "
-            f"{mia(m, 'replies')} |")
+            + f"{_mb(rows[0].get('site_bytes_moved'))} | "
+            f"{np.mean([r['wall_seconds'] for r in rows]):.0f} |"
+            + (f" {_eps(rows[0].get('epsilon')).replace('no noise', '-')} | {mia(m, 'loss')} | "
+               f"{mia(m, 'lira')} | {mia(m, 'replies')} |" if audit else ""))
     return "\n".join(lines) + "\n"
