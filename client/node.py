@@ -72,9 +72,11 @@ class Node:
         """The folder of the site's data files (a manifest's folder for the manifest layout)."""
         return self.data_path if self.data_path.is_dir() else self.data_path.parent
 
-    @property
-    def teacher_checkpoint(self) -> Path:
-        return self.state_dir / "teacher.pt"
+    def teacher_checkpoint(self, key: str) -> Path:
+        """Where the teacher of checkpoint key ``key`` (client.teacher.teacher_key) is kept: one
+        file per key, so that teachers of other settings (another row of a grid, DP-SGD) never
+        overwrite each other and each stays loadable (``fedkd mia`` audits them)."""
+        return self.state_dir / f"teacher-{key[:16]}.pt"
 
 
 def resolve_node(node_config: dict, run_config: dict, cfg: Optional[RunConfig] = None) -> Node:

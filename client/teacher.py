@@ -72,11 +72,11 @@ def train_teacher(cfg: RunConfig, node: Node, log: Callable[[str], None] = LOG.i
     torch.manual_seed(cfg.runtime.seed)
     model = build_teacher(cfg.teacher_spec(node.site), input_channels(cfg.data))
     key = teacher_key(cfg, node, tcfg, data)
-    if tcfg.public_init_epochs and load_checkpoint(node.teacher_checkpoint, key) is None:
+    if tcfg.public_init_epochs and load_checkpoint(node.teacher_checkpoint(key), key) is None:
         public_init(cfg, node, model, tcfg, log)   # a fresh teacher (else the checkpoint's)
     res = train_segmenter(model, data.train, data.val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"{node.site} teacher",
-                          checkpoint=node.teacher_checkpoint, checkpoint_key=key)
+                          checkpoint=node.teacher_checkpoint(key), checkpoint_key=key)
     counts = data.counts()
     return {"val_dice": float(res.best_val_dice), "train_cases": counts["train"],
             "val_cases": counts["val"], "test_cases": counts["test"],
@@ -111,10 +111,10 @@ def train_dp_teacher(cfg: RunConfig, node: Node, data: SiteData, tcfg: TrainConf
     the accounting and the counts; no validation Dice (a statistic the guarantee does not
     cover)."""
     key = teacher_key(cfg, node, tcfg, data)
-    saved = load_checkpoint(node.teacher_checkpoint, key)
+    saved = load_checkpoint(node.teacher_checkpoint(key), key)
     if saved is not None and saved.get("done") and "dp" in saved:
         plan, history, reused = saved["dp"], saved["history"], True
-        log(f"[{node.site} teacher] reusing the DP-SGD teacher {node.teacher_checkpoint} "
+        log(f"[{node.site} teacher] reusing the DP-SGD teacher {node.teacher_checkpoint(key)} "
             f"(epsilon {plan['dp_epsilon']:.2f})")
     else:
         torch.manual_seed(cfg.runtime.seed)
@@ -127,7 +127,7 @@ def train_dp_teacher(cfg: RunConfig, node: Node, data: SiteData, tcfg: TrainConf
                                      tag=f"{node.site} teacher")
         reused = False
         state = model.state_dict()
-        save_checkpoint(node.teacher_checkpoint, {
+        save_checkpoint(node.teacher_checkpoint(key), {
             "key": key, "done": True, "epoch": tcfg.epochs, "model": state, "best_state": state,
             "best": history[-1].get("val_dice", 0.0), "best_epoch": tcfg.epochs,
             "history": history, "dp": plan, "seconds": time.perf_counter() - t0})
@@ -174,7 +174,7 @@ def load_teacher(cfg: RunConfig, node: Node, features: Optional[list[str]] = Non
                                 f"{path.parent} (send train.consensus first)")
     else:
         key = teacher_key(cfg, node, site_train_config(cfg, node), data)
-        state = load_checkpoint(node.teacher_checkpoint, key)
+        state = load_checkpoint(node.teacher_checkpoint(key), key)
         if state is None or not state.get("done"):
             raise ProtocolError(f"no trained teacher for these settings in {node.state_dir} "
                                 f"(send train.teacher first)")

@@ -126,7 +126,8 @@ def cmd_mia(args: argparse.Namespace) -> int:
     from simulations.mia import run_mia, write_mia
 
     cfg = _config(args)
-    rows = run_mia(selected_runs(cfg, args.only), shadows=args.shadows, bootstrap=args.bootstrap)
+    rows = run_mia(selected_runs(cfg, args.only), shadows=args.shadows, bootstrap=args.bootstrap,
+                   base=cfg)
     if not rows:
         print(f"error: no finished run of {cfg.output.run_dir} to audit (run fedkd experiment "
               f"first)", file=sys.stderr)

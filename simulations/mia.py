@@ -16,11 +16,13 @@ attacked case by case:
 * **loss-threshold attack** (Yeom et al., CSF 2018): a case's score is minus the model's mean
   cross-entropy on its slices; members of an overfit model score higher.
 * **reference-model attack** (LiRA offline, Carlini et al., S&P 2022): ``--shadows`` K shadow
-  students, each trained (the student recipe, ``student.epochs``... see
-  :func:`shadow_losses`) on a random half of the fold's members and non-members; for each
-  case, the losses of the shadows that did *not* train on it give its "out" distribution
-  (mean per case, one shared std); the score is how far below that the target's loss lies.
-  K is small on a CPU (default 4: each case is out in about 2 shadows); the report says K.
+  students per fold, each trained with the grid's own student recipe (its ``model``,
+  ``train`` and ``student`` sections, not a method's) on a random half of the fold's members
+  and non-members (:func:`shadow_losses`; kept in ``RUN_DIR/mia_shadows`` and reused by later
+  audits of the grid); for each case, the losses of the shadows that did *not* train on it
+  give its "out" distribution (mean per case, one shared std); the score is how far below
+  that the target's loss lies. K is small on a CPU (default 4: each case is out in about 2
+  shadows); the report says K.
 
 The metrics come from scikit-learn (``roc_auc_score``, ``roc_curve``): AUC, and TPR at 1 %
 FPR (with few non-members this is the TPR at FPR 0: stated with the counts), each with a
@@ -30,6 +32,8 @@ bootstrap interval over cases (``--bootstrap`` resamples, 95 %). An AUC whose in
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -184,10 +188,35 @@ def audit_run(cfg: RunConfig, lira: Optional[tuple[np.ndarray, np.ndarray, list]
     return out
 
 
+def fold_shadows(base: RunConfig, cfg: RunConfig, cases: list[CaseVolume], shadows: int,
+                 cache: Path, log: Callable[[str], None] = print
+                 ) -> tuple[np.ndarray, np.ndarray, list[CaseVolume]]:
+    """The fold's shadows (:func:`shadow_losses`), trained with the grid's own recipe ``base``
+    (its ``model``, ``train`` and ``student`` sections, whichever method's run ``cfg`` names the
+    fold), kept in ``cache`` (an .npz holding the digest of that recipe, the seed and the
+    cases) so that an audit of other methods of the grid reuses them."""
+    scfg = dataclasses.replace(cfg, model=base.model, train=base.train, student=base.student)
+    d = scfg.to_dict()
+    key = hashlib.sha256(json.dumps(
+        [d["model"], d["train"], d["student"], d["data"], d["runtime"]["seed"], shadows,
+         [(c.site, c.case_id) for c in cases]], sort_keys=True, default=str).encode()).hexdigest()
+    if cache.is_file():
+        saved = np.load(cache)
+        if str(saved["key"]) == key:
+            log(f"[mia] reusing the {shadows} shadows of {cache}")
+            return saved["losses"], saved["inside"], cases
+    losses, inside = shadow_losses(scfg, cases, shadows, log)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, losses=losses, inside=inside, key=key)
+    return losses, inside, cases
+
+
 def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap: int = 1000,
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Callable[[str], None] = print, base: Optional[RunConfig] = None) -> list[dict]:
     """Audit every finished run of ``runs`` (method, seed, config); the shadows are trained
-    once per fold and shared by its methods. Returns one row per run, stamped with the audited
+    once per fold with the grid's recipe ``base`` (default: the first run's config), kept in
+    ``base.output.run_dir/mia_shadows`` and shared by its methods. Returns one row per run,
+    stamped with the audited
     run's code version and config digest and the audit's own code version (a published table
     takes only audits of its own runs by its own commit: :func:`published_mia`)."""
     from common.provenance import code_version
@@ -202,7 +231,10 @@ def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap:
         if shadows and fold not in per_fold:
             members, non = fold_cases(cfg)
             cases = [c for cs in members.values() for c in cs] + non
-            per_fold[fold] = (*shadow_losses(cfg, cases, shadows, log), cases)
+            grid = base or runs[0][2]
+            per_fold[fold] = fold_shadows(grid, cfg, cases, shadows, Path(
+                grid.output.run_dir) / "mia_shadows" / f"seed_{seed}_fold_{cfg.data.fold}.npz",
+                log)
         result = audit_run(cfg, per_fold.get(fold), bootstrap)
         report = json.loads((Path(cfg.output.run_dir) / "report.json").read_text())
         rows.append({"method": method, "seed": seed,

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -455,7 +456,7 @@ def test_consensus_refines_a_copy_of_the_teacher_toward_the_consensus(fed, train
         pred = decode_proxy_reply(reply.content)[0].argmax(axis=1)
         return 2 * float((pred * truth).sum()) / float(pred.sum() + truth.sum())
 
-    before = here.teacher_checkpoint.read_bytes()
+    before = only_teacher(here).read_bytes()
     stream = encode_consensus(truth[:, None], cfg.reply)
     reply = send(consensus_request(cfg, ids, stream), TRAIN_CONSENSUS, node)
     assert not reply.has_error(), reply.error
@@ -465,7 +466,7 @@ def test_consensus_refines_a_copy_of_the_teacher_toward_the_consensus(fed, train
     assert m["val_dice_before"] == pytest.approx(trained[0].content["metrics"]["val_dice"])
     refined = consensus_id(stream, cfg)
     assert (here.state_dir / "consensus" / f"{refined}.pt").is_file()
-    assert here.teacher_checkpoint.read_bytes() == before
+    assert only_teacher(here).read_bytes() == before
     own, copy = proxy_dice(), proxy_dice(refined)
     assert copy > own + 0.05, (own, copy)
     shuffled = encode_consensus(np.roll(truth, len(ids) // 2, axis=0)[:, None], cfg.reply)
@@ -541,6 +542,12 @@ def test_a_teacher_is_not_reused_once_the_sites_files_change(fed, tmp_path):
     data[-1] ^= 1
     img.write_bytes(bytes(data))
     assert teacher_key(cfg, n, site_train_config(cfg, n), load_private(cfg, n)) != first
+
+
+def only_teacher(node) -> Path:
+    """The one teacher checkpoint in ``node``'s state folder."""
+    (path,) = node.state_dir.glob("teacher-*.pt")
+    return path
 
 
 def fedavg_train_message(cfg):

@@ -128,16 +128,26 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
     dp_report = json.loads((exp / "dp-sgd-kd" / "seed_0" / "report.json").read_text())
     assert all("val_dice" not in t and t["dp_steps"] > 0
                for t in dp_report["state"]["teachers"].values())
-    # the membership-inference audit of the released models (loss attack, 2 shadow models)
+    # the membership-inference audit of the released models (loss attack, 2 shadow models);
+    # the teachers of every setting are still there (kd's, the DP-SGD ones, local's = kd's)
     assert main(["mia", "--config", str(path), "--only", "adaptive-kd", "local", "fedavg",
-                 "--shadows", "2", "--bootstrap", "50"]) == 0
+                 "dp-sgd-kd", "--shadows", "2", "--bootstrap", "50"]) == 0
     mia = json.loads((exp / "mia.json").read_text())
-    assert [r["method"] for r in mia["rows"]] == ["adaptive-kd", "fedavg", "local"]
+    assert [r["method"] for r in mia["rows"]] == ["adaptive-kd", "dp-sgd-kd", "fedavg", "local"]
+    assert "replies" in mia["rows"][1]
+    assert main(["mia", "--config", str(path), "--only", "local", "--shadows", "2",
+                 "--bootstrap", "50"]) == 0   # the same shadows, reused; the other rows kept
+    assert "[mia] reusing the 2 shadows" in capsys.readouterr().out
+    again = json.loads((exp / "mia.json").read_text())["rows"]
+    assert [r["method"] for r in again] == ["adaptive-kd", "dp-sgd-kd", "fedavg", "local"]
+    assert again[3]["lira"] == mia["rows"][3]["lira"]
+    mia["rows"] = again[:1] + again[2:]   # (as before: adaptive-kd, fedavg, local)
     for r in mia["rows"]:
         assert r["loss"]["members"] > 0 and r["loss"]["non_members"] > 0
         assert r["lira"]["shadows"] == 2 and r["lira"]["members"] == r["loss"]["members"]
     assert "| local | 1 |" in (exp / "mia.md").read_text()
     assert "replies" in mia["rows"][0] and "replies" not in mia["rows"][1]   # kd: its teachers
+    (exp / "mia.json").write_text(json.dumps(mia))
     assert by["local"]["bytes_to_server"] is None and by["local"]["model"] == "teacher"
     # the local baseline's headline figure is each site's own teacher on its own test split
     assert by["local"]["site_dice"] == {s: by["local"]["local_matrix"][s][s] for s in ("SiteA", "SiteB")}

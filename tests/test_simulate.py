@@ -17,5 +17,5 @@ def test_simulate_runs_the_federation_in_the_simulation_engine(tmp_path, capsys)
     ev = report["state"]["rounds"]["1"]["evaluate"]["sites"]
     assert set(ev) == {"SiteA", "SiteB"}
     assert all(0.0 <= m["dice_mean"] <= 1.0 and m["n_cases"] == 1 for m in ev.values())
-    assert (tmp_path / "state" / "SiteA" / "teacher.pt").is_file()
+    assert len(list((tmp_path / "state" / "SiteA").glob("teacher-*.pt"))) == 1
     assert (tmp_path / "run" / "export" / "student.pt2").is_file()
