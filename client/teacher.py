@@ -111,10 +111,11 @@ def train_dp_teacher(cfg: RunConfig, node: Node, data: SiteData, tcfg: TrainConf
     the accounting and the counts; no validation Dice (a statistic the guarantee does not
     cover)."""
     key = teacher_key(cfg, node, tcfg, data)
-    saved = load_checkpoint(node.teacher_checkpoint(key), key)
+    path = node.teacher_checkpoint(key)
+    saved = load_checkpoint(path, key)
     if saved is not None and saved.get("done") and "dp" in saved:
         plan, history, reused = saved["dp"], saved["history"], True
-        log(f"[{node.site} teacher] reusing the DP-SGD teacher {node.teacher_checkpoint(key)} "
+        log(f"[{node.site} teacher] reusing the DP-SGD teacher {path} "
             f"(epsilon {plan['dp_epsilon']:.2f})")
     else:
         torch.manual_seed(cfg.runtime.seed)
@@ -127,7 +128,7 @@ def train_dp_teacher(cfg: RunConfig, node: Node, data: SiteData, tcfg: TrainConf
                                      tag=f"{node.site} teacher")
         reused = False
         state = model.state_dict()
-        save_checkpoint(node.teacher_checkpoint(key), {
+        save_checkpoint(path, {
             "key": key, "done": True, "epoch": tcfg.epochs, "model": state, "best_state": state,
             "best": history[-1].get("val_dice", 0.0), "best_epoch": tcfg.epochs,
             "history": history, "dp": plan, "seconds": time.perf_counter() - t0})

@@ -115,10 +115,14 @@ def selected_runs(cfg: RunConfig, only: Optional[list[str]] = None
     return runs
 
 
+def fold_of(run_cfg: RunConfig) -> Optional[int]:
+    """A grid run's test fold, None without cross-validation (how results and audits name it)."""
+    return run_cfg.data.fold if run_cfg.data.folds else None
+
+
 def result_row(method: str, seed: int, run_cfg: RunConfig, report: dict) -> dict:
     """One run's line of ``results.json``."""
-    fold = run_cfg.data.fold if run_cfg.data.folds else None
-    return {"method": family(method), "run": method, "seed": seed, "fold": fold,
+    return {"method": family(method), "run": method, "seed": seed, "fold": fold_of(run_cfg),
             "lr": run_cfg.student.lr if LR_TAG in method else None,
             **run_figures(report), "config": run_cfg.to_dict()}
 
@@ -167,17 +171,14 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
         tables += ("\n\nLeft out (not finished with these settings): "
                    + "; ".join(f"`{m}`" for m in missing) + "\n")
     done = {(r["run"], r["seed"], r["fold"]) for r in results}
-    audit, audit_rows = published_mia(root, {
-        (m, s, c.data.fold if c.data.folds else None): config_digest(c) for m, s, c in runs
-        if (m, s, c.data.fold if c.data.folds else None) in done}, stamp)
-    tables += audit
-    out_dir.mkdir(parents=True, exist_ok=True)   # the short view, for a README block
-    (out_dir / f"{cfg.name}.summary.md").write_text(view_markdown(
+    shown = [(m, s, c) for m, s, c in runs if (m, s, fold_of(c)) in done]
+    audit, audit_rows = published_mia(
+        root, {(m, s, fold_of(c)): config_digest(c) for m, s, c in shown}, stamp)
+    write_published(cfg.name, stamp, tables + audit, results, shown, machine(),
+                    command or f"fedkd experiment --collect ({cfg.name})", out_dir,
+                    audit=audit_rows)
+    (out_dir / f"{cfg.name}.summary.md").write_text(view_markdown(   # for a README block
         select_by_validation(results), cfg.experiment.baseline, cfg.name, stamp, audit_rows))
-    write_published(cfg.name, stamp, tables, results,
-                    [x for x in runs if (x[0], x[1], x[2].data.fold if x[2].data.folds else None)
-                     in done], machine(), command or f"fedkd experiment --collect ({cfg.name})",
-                    out_dir, audit=audit_rows)
     return report_md
 
 
@@ -199,10 +200,10 @@ def run_experiment(cfg: RunConfig, only: Optional[list[str]] = None) -> list[dic
     for i, (method, seed, run_cfg) in enumerate(runs, 1):
         spent = time.perf_counter() - t0
         eta = f", about {spent / (i - 1) * (len(runs) - i + 1) / 60:.1f} min left" if i > 1 else ""
-        tag = f" fold {run_cfg.data.fold}" if run_cfg.data.folds else ""
+        fold = fold_of(run_cfg)
+        tag = "" if fold is None else f" fold {fold}"
         print(f"[experiment] ({i}/{len(runs)}) {method} seed {seed}{tag}: {spent / 60:.1f} min "
               f"so far{eta}", flush=True)
-        fold = run_cfg.data.fold if run_cfg.data.folds else None
         try:
             report = simulate(run_cfg)
         except (FederationError, ConfigError, DataError, RuntimeError) as exc:

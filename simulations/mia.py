@@ -216,17 +216,20 @@ def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap:
     """Audit every finished run of ``runs`` (method, seed, config); the shadows are trained
     once per fold with the grid's recipe ``base`` (default: the first run's config), kept in
     ``base.output.run_dir/mia_shadows`` and shared by its methods. Returns one row per run,
-    stamped with the audited
-    run's code version and config digest and the audit's own code version (a published table
-    takes only audits of its own runs by its own commit: :func:`published_mia`)."""
+    stamped with the audited run's code version and config digest and the audit's own code
+    version (a published table takes only audits of its own runs by its own commit:
+    :func:`published_mia`)."""
     from common.provenance import code_version
     from server.state import config_digest
+    from simulations.experiment import fold_of
 
-    rows, per_fold = [], {}
+    rows, per_fold, version = [], {}, code_version()
     for method, seed, cfg in runs:
-        if not (Path(cfg.output.run_dir) / "report.json").is_file():
+        path = Path(cfg.output.run_dir) / "report.json"
+        if not path.is_file():
             log(f"[mia] {method} seed {seed} fold {cfg.data.fold}: no finished run; skipped")
             continue
+        report = json.loads(path.read_text())
         fold = (seed, cfg.data.fold)
         if shadows and fold not in per_fold:
             members, non = fold_cases(cfg)
@@ -236,11 +239,9 @@ def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap:
                 grid.output.run_dir) / "mia_shadows" / f"seed_{seed}_fold_{cfg.data.fold}.npz",
                 log)
         result = audit_run(cfg, per_fold.get(fold), bootstrap)
-        report = json.loads((Path(cfg.output.run_dir) / "report.json").read_text())
-        rows.append({"method": method, "seed": seed,
-                     "fold": cfg.data.fold if cfg.data.folds else None, **result,
+        rows.append({"method": method, "seed": seed, "fold": fold_of(cfg), **result,
                      "run_provenance": report.get("provenance"), "run_digest": config_digest(cfg),
-                     "provenance": code_version()})
+                     "provenance": version})
         log(f"[mia] {method} fold {cfg.data.fold}: loss AUC {result['loss']['auc']:.3f} "
             f"[{result['loss']['auc_ci'][0]:.3f}, {result['loss']['auc_ci'][1]:.3f}]"
             + (f", LiRA AUC {result['lira']['auc']:.3f}" if "lira" in result else ""))

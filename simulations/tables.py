@@ -273,7 +273,6 @@ def excluded_markdown(results: list[dict]) -> str:
             "delete the run directory and rerun to repeat them):\n\n" + "".join(lines))
 
 
-
 def view_markdown(results: list[dict], baseline: str, name: str, stamp: dict,
                   audit: Optional[list[dict]] = None) -> str:
     """The short view of a published grid (``docs/results/NAME.summary.md``, for a README
