@@ -33,6 +33,7 @@ from simulations.tables import (
     LR_TAG,
     excluded_markdown,
     family,
+    fold_of,
     lr_search_markdown,
     run_figures,
     run_label,
@@ -113,11 +114,6 @@ def selected_runs(cfg: RunConfig, only: Optional[list[str]] = None
         raise SystemExit(f"--only {' '.join(only or [])}: no such method (methods: "
                          f"{', '.join(cfg.experiment.methods)})")
     return runs
-
-
-def fold_of(run_cfg: RunConfig) -> Optional[int]:
-    """A grid run's test fold, None without cross-validation (how results and audits name it)."""
-    return run_cfg.data.fold if run_cfg.data.folds else None
 
 
 def result_row(method: str, seed: int, run_cfg: RunConfig, report: dict) -> dict:

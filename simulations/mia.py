@@ -221,7 +221,7 @@ def run_mia(runs: list[tuple[str, int, RunConfig]], shadows: int = 4, bootstrap:
     :func:`published_mia`)."""
     from common.provenance import code_version
     from server.state import config_digest
-    from simulations.experiment import fold_of
+    from simulations.tables import fold_of
 
     rows, per_fold, version = [], {}, code_version()
     for method, seed, cfg in runs:

@@ -253,6 +253,12 @@ def _mean(vals: list) -> str:
     return f"{np.mean(vals):.3f}" if vals else "-"
 
 
+def fold_of(run_cfg) -> Optional[int]:
+    """A grid run's test fold (its RunConfig), None without cross-validation (how results and
+    audits name it)."""
+    return run_cfg.data.fold if run_cfg.data.folds else None
+
+
 def run_label(r: dict) -> str:
     """How a report names one run of the grid: a backquoted run name, its seed and fold."""
     return f"`{r.get('run', r['method'])}` seed {r['seed']}" + (
