@@ -283,22 +283,33 @@ def view_markdown(results: list[dict], baseline: str, name: str, stamp: dict,
                   audit: Optional[list[dict]] = None) -> str:
     """The short view of a published grid (``docs/results/NAME.summary.md``, for a README
     block): per method the sites' Dice with its test cases and paired difference, each site's
-    and unseen site's Dice, the bytes a site moves and the wall time; with ``audit``
+    and unseen site's Dice (the header gives its test cases), the bytes a site moves and the wall time; with ``audit``
     (simulations.mia rows of these runs) also epsilon and the membership-inference AUCs on the
     released model and on the replies: the mean over folds, and in how many folds the 95 %
-    bootstrap interval holds 0.5."""
+    bootstrap interval holds 0.5; and the mean TPR at 1 % FPR."""
     groups = _by_method(results)
     sites = list(dict.fromkeys(s for r in results for s in r["site_dice"]))
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
     runs = sorted({len(rows) for rows in groups.values()})
+    first = next(iter(groups.values()), [])
+
+    def cases(key: str, site: str) -> str:
+        """A site's test cases over the row's runs (the folds split them); an unseen site's
+        cases, the same in every run."""
+        ns = [r.get(key, {}).get(site, 0) for r in first]
+        n = sum(ns) if key == "site_cases" else max(ns, default=0)
+        return f" ({n})" if n else ""
+
     lines = [f"Experiment `{name}`, commit `{stamp['commit'][:7]}`, data `{stamp['data']}`; "
              f"{'/'.join(map(str, runs))} runs (seeds x folds) a row; the full table, its "
              f"command and budgets: [docs/results/{name}.md](docs/results/{name}.md)."
              + (" Epsilon: per training slice over the whole run; MIA: membership-inference "
-                "AUC, mean over folds (in how many folds its 95 % interval holds 0.5)."
+                "AUC, mean over folds (in how many folds its 95 % interval holds 0.5); then "
+                "the true-positive rate at 1 % false positives, mean over folds."
                 if audit else ""), "",
              f"| method | Dice, sites (test cases) | paired diff vs {baseline} | "
-             + "".join(f"{s} | " for s in sites) + "".join(f"unseen {s} | " for s in unseen)
+             + "".join(f"{s}{cases('site_cases', s)} | " for s in sites)
+             + "".join(f"unseen {s}{cases('unseen_cases', s)} | " for s in unseen)
              + "MB moved per site | wall s |"
              + (" epsilon | MIA loss, student | MIA LiRA, student | MIA loss, replies |"
                 if audit else ""),
@@ -309,7 +320,8 @@ def view_markdown(results: list[dict], baseline: str, name: str, stamp: dict,
         if not rs:
             return "-"
         holds = sum(r["auc_ci"][0] <= 0.5 <= r["auc_ci"][1] for r in rs)
-        return f"{np.mean([r['auc'] for r in rs]):.2f} ({holds}/{len(rs)})"
+        return (f"{np.mean([r['auc'] for r in rs]):.2f} ({holds}/{len(rs)}); "
+                f"{np.mean([r['tpr_at_1pct_fpr'] for r in rs]):.2f}")
 
     for m, rows in groups.items():
         d = paired_difference(rows, groups.get(baseline, [])) if m != baseline else None

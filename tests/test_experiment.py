@@ -200,11 +200,14 @@ def test_tiny_grid_runs_every_kind_of_method_end_to_end(tmp_path, capsys):
                                              .read_text())["mia"]] == ["local"]
     view = (published / f"{load_config(path).name}.summary.md").read_text()   # for a README
     assert f"commit `aaaaaaa`, data `{data}`" in view
+    header = next(x for x in view.splitlines() if x.startswith("| method |"))
+    assert all(f"| {s} ({n}) |" in header   # each site's test cases over the row's runs
+               for s, n in by["fedavg-ft"]["site_cases"].items())
     loc = mia["rows"][2]["loss"]   # local: its AUC, and whether its interval holds 0.5
     holds = int(loc["auc_ci"][0] <= 0.5 <= loc["auc_ci"][1])
     line = next(x for x in view.splitlines() if x.startswith("| local |"))
     assert line.startswith(f"| local | {by['local']['dice_mean']:.3f} +- 0.000 (")
-    assert f"| - | {loc['auc']:.2f} ({holds}/1) | " in line and line.endswith("| - |")  # no DP,
+    assert f"| - | {loc['auc']:.2f} ({holds}/1); {loc['tpr_at_1pct_fpr']:.2f} | " in line and line.endswith("| - |")  # no DP,
     #                                                                       no replies to audit
     assert view.count("\n| ") == 3   # the header, fedavg-ft and local
     mia["rows"][2]["run_digest"] = "0" * 16   # an audit of a run with other settings
