@@ -88,17 +88,41 @@ def select_by_validation(results: list[dict]) -> list[dict]:
             best[key] = r
     return [r for r in results if best[(r["method"], r["seed"], r.get("fold"))] is r]
 
-def profile_models(cfg: RunConfig) -> dict:
+def _networks(cfg: RunConfig) -> dict:
     from common.models import build_student, build_teacher, input_channels
-    from common.profile import profile_network
 
     ch = input_channels(cfg.data)
-    teacher = build_teacher(cfg.model.teacher, ch)
-    student = build_student(cfg.model.student, cfg.model.teacher, ch,
-                            cfg.model.max_student_fraction)
-    size = tuple(cfg.data.size)
-    return {name: profile_network(net, size, threads=cfg.runtime.threads)
-            for name, net in (("teacher", teacher), ("student", student))}
+    return {"teacher": build_teacher(cfg.model.teacher, ch),
+            "student": build_student(cfg.model.student, cfg.model.teacher, ch,
+                                     cfg.model.max_student_fraction)}
+
+
+def profile_models(cfg: RunConfig) -> dict:
+    """The teacher's and the student's size and CPU latency (common.profile), measured now."""
+    from common.profile import profile_network
+
+    return {name: profile_network(net, tuple(cfg.data.size), threads=cfg.runtime.threads)
+            for name, net in _networks(cfg).items()}
+
+
+def run_profiles(root: Path, cfg: RunConfig) -> dict:
+    """The profiles the grid measured when it ran (``root/results.json``), if they are of these
+    networks (same parameter counts, input size and threads); else measured now. ``--collect`` uses them, so a collect
+    on a busy machine does not publish slower timings than the runs saw."""
+    from common.models import count_parameters
+
+    path = root / "results.json"
+    try:
+        stored = json.loads(path.read_text()).get("models") or {}
+    except (OSError, ValueError):
+        stored = {}
+    nets = _networks(cfg)
+    same = {"size": list(cfg.data.size), "threads": cfg.runtime.threads}
+    if set(stored) == set(nets) and all(
+            stored[k].get("parameters") == count_parameters(n)
+            and all(stored[k].get(f) == v for f, v in same.items()) for k, n in nets.items()):
+        return stored
+    return profile_models(cfg)
 
 
 def machine() -> dict:
@@ -158,7 +182,7 @@ def collect_experiment(cfg: RunConfig, only: Optional[list[str]] = None,
         raise SystemExit(f"[experiment] {root}: no finished run of these methods to collect")
     stamp = check_one_version(results, run_label)
     stamp["data"] = data_fingerprint(folders)   # every folder any run of the table read
-    models = profile_models(cfg)
+    models = run_profiles(root, cfg)
     wall = float(sum(r["wall_seconds"] for r in results))
     _write(root, cfg, results, models, wall)
     report_md = write_report(cfg, results, models, wall, runs)
