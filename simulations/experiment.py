@@ -107,8 +107,9 @@ def profile_models(cfg: RunConfig) -> dict:
 
 def run_profiles(root: Path, cfg: RunConfig) -> dict:
     """The profiles the grid measured when it ran (``root/results.json``), if they are of these
-    networks (same parameter counts, input size and threads); else measured now. ``--collect`` uses them, so a collect
-    on a busy machine does not publish slower timings than the runs saw."""
+    networks (same parameter counts, input size and threads); else measured now. ``--collect``
+    uses them, so a collect on a busy machine does not publish slower timings than the runs
+    saw."""
     from common.models import count_parameters
 
     path = root / "results.json"
