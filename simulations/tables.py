@@ -284,9 +284,9 @@ def view_markdown(results: list[dict], baseline: str, name: str, stamp: dict,
     """The short view of a published grid (``docs/results/NAME.summary.md``, for a README
     block): per method the sites' Dice with its test cases and paired difference, each site's
     and unseen site's Dice (the header gives its test cases), the bytes a site moves and the
-    wall time; with ``audit`` (simulations.mia rows of these runs) also epsilon and the membership-inference AUCs on the
-    released model and on the replies: the mean over folds, and in how many folds the 95 %
-    bootstrap interval holds 0.5; and the mean TPR at 1 % FPR."""
+    wall time; with ``audit`` (simulations.mia rows of these runs) also epsilon and the
+    membership-inference AUCs on the released model and on the replies: the mean over folds,
+    and in how many folds the 95 % bootstrap interval holds 0.5; and the mean TPR at 1 % FPR."""
     groups = _by_method(results)
     sites = list(dict.fromkeys(s for r in results for s in r["site_dice"]))
     unseen = sorted({s for r in results for s in r["unseen_dice"]})
