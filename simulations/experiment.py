@@ -97,12 +97,13 @@ def _networks(cfg: RunConfig) -> dict:
                                      cfg.model.max_student_fraction)}
 
 
-def profile_models(cfg: RunConfig) -> dict:
-    """The teacher's and the student's size and CPU latency (common.profile), measured now."""
+def profile_models(cfg: RunConfig, nets: Optional[dict] = None) -> dict:
+    """The teacher's and the student's (``nets``, default built from ``cfg``) size and CPU
+    latency (common.profile), measured now."""
     from common.profile import profile_network
 
     return {name: profile_network(net, tuple(cfg.data.size), threads=cfg.runtime.threads)
-            for name, net in _networks(cfg).items()}
+            for name, net in (nets or _networks(cfg)).items()}
 
 
 def run_profiles(root: Path, cfg: RunConfig) -> dict:
@@ -123,7 +124,7 @@ def run_profiles(root: Path, cfg: RunConfig) -> dict:
             stored[k].get("parameters") == count_parameters(n)
             and all(stored[k].get(f) == v for f, v in same.items()) for k, n in nets.items()):
         return stored
-    return profile_models(cfg)
+    return profile_models(cfg, nets)
 
 
 def machine() -> dict:
