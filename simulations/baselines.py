@@ -12,6 +12,9 @@
                        ``central`` teacher (same distillation code and settings as the federated
                        runs).
 
+The pooled networks start where the federated runs' start: a teacher from ``train.
+public_init_epochs`` on the public masks, a student from ``student.proxy_pretrain_epochs``.
+
 Each writes the same ``report.json`` / ``report.md`` as a federated run (the per-site figures
 under ``state.rounds["1"].evaluate``), and its final network to ``RUN_DIR/model.pt`` together
 with ``RUN_DIR/model.json`` (which architecture). :func:`evaluate_unseen` tests any final
@@ -35,12 +38,13 @@ from client.node import Node, load_private, load_unsplit_cases, resolve_node
 from client.teacher import load_teacher, train_teacher
 from server.aggregation import StreamingAggregator
 from server.report import write_report
-from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
-from common.data import CaseVolume, discover_sites
+from common.config import (ConfigError, ModelSpec, RunConfig, TrainConfig, dump_config,
+                           proxy_set_paths)
+from common.data import CaseVolume, discover_sites, iter_proxy
 from common.provenance import data_fingerprint, provenance
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.metrics import case_weighted_mean
-from common.training import evaluate_cases, summary_metrics, train_segmenter
+from common.training import evaluate_cases, load_checkpoint, summary_metrics, train_segmenter
 
 
 def site_nodes(cfg: RunConfig) -> list[Node]:
@@ -74,6 +78,22 @@ def _pooled(cfg: RunConfig, nodes: list[Node]) -> tuple[list[CaseVolume], list[C
     return [c for d in datas for c in d.train], [c for d in datas for c in d.val]
 
 
+def public_start(cfg: RunConfig, model: FeatureNet, tcfg: TrainConfig, epochs: int,
+                 log: Callable[[str], None], tag: str) -> dict:
+    """``epochs`` epochs of ``tcfg``'s recipe for ``model``, in place, on every labelled volume
+    of the public proxy sets (no validation: the last epoch is kept), the start the federated
+    runs give their teachers (``train.public_init_epochs``) and students (``student.
+    proxy_pretrain_epochs``). ConfigError if no proxy set has masks. Returns {epochs, cases}."""
+    cases = [c for _, c in iter_proxy(cfg.data, with_labels=True, labelled_only=True)]
+    if not cases:
+        raise ConfigError(f"{tag}: needs a public proxy set with masks; data.proxy "
+                          f"({cfg.data.proxy}) has none")
+    res = train_segmenter(model, cases, [], dataclasses.replace(tcfg, epochs=epochs,
+                                                                patience=epochs),
+                          cfg.data.context_slices, cfg.runtime.seed, log=log, tag=tag)
+    return {"epochs": res.epochs_run, "cases": len(cases)}
+
+
 def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str], None]
                   ) -> tuple[FeatureNet, dict]:
     """A network of ``spec`` trained on the pooled splits; its checkpoint lives in
@@ -82,18 +102,27 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     train, val = _pooled(cfg, nodes)
     torch.manual_seed(cfg.runtime.seed)
     model = FeatureNet(spec, input_channels(cfg.data))
-    tcfg = cfg.train if kind == "teacher" else cfg.student_train()  # the student's recipe
-    key = hashlib.sha256(json.dumps({
-        "spec": asdict(spec), "train": tcfg.fingerprint(), "seed": cfg.runtime.seed,
-        "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
-        "files": data_fingerprint([n.data_folder for n in nodes]),
-        "cases": [c.case_id for c in train + val]}, sort_keys=True).encode()).hexdigest()
+    # the recipe, and the start the federated runs give the same architecture: a teacher's
+    # train.public_init_epochs, a student's student.proxy_pretrain_epochs (on the public masks)
+    if kind == "teacher":
+        tcfg, start = cfg.train, cfg.train.public_init_epochs
+    else:
+        tcfg, start = cfg.student_train(public_init_epochs=0), cfg.student.proxy_pretrain_epochs
+    setting = {"spec": asdict(spec), "train": tcfg.fingerprint(), "seed": cfg.runtime.seed,
+               "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
+               "files": data_fingerprint([n.data_folder for n in nodes]),
+               "cases": [c.case_id for c in train + val]}
+    if kind == "student" and start:
+        setting["proxy_pretrain_epochs"] = start
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()
+    path = Path(cfg.output.state_root) / f"central-{kind}" / f"seed_{cfg.runtime.seed}" / "model.pt"
+    if start and load_checkpoint(path, key) is None:    # a fresh network (else the checkpoint's)
+        public_start(cfg, model, tcfg, start, log, tag=f"central {kind}, public start")
     res = train_segmenter(model, train, val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"central {kind}",
-                          checkpoint=Path(cfg.output.state_root) / f"central-{kind}"
-                          / f"seed_{cfg.runtime.seed}" / "model.pt",
-                          checkpoint_key=key)
+                          checkpoint=path, checkpoint_key=key)
     info = {"val_dice": res.best_val_dice, "train_cases": len(train), "val_cases": len(val),
+            "public_start_epochs": start,
             "epochs_run": res.epochs_run, "seconds": res.seconds, "reused": int(res.reused),
             "history": res.history}
     return model, info
@@ -268,6 +297,9 @@ class CentralKD(Central):
         torch.manual_seed(cfg.runtime.seed)   # the coordinator's student, as in kd
         student = build_student(cfg.model.student, cfg.model.teacher, input_channels(cfg.data),
                                 cfg.model.max_student_fraction)
+        if cfg.student.proxy_pretrain_epochs:     # and the same start (server.distill)
+            from server.distill import pretrain_on_proxy
+            self.record["pretrain"] = pretrain_on_proxy(student, cfg, self.log)
         history = distill_on_proxy(student, proxy, targets, cfg, self.log,
                                    tag="central-kd distill")
         self.record.update(query=query, distill={"history": history})

@@ -184,3 +184,38 @@ def test_consensus_refinement_selects_on_validation_and_test_is_read_once(fed, t
     # each teacher's epochs (reused from the previous test's state: none) and its refinement's
     assert len(early) in (2 * cfg.consensus.epochs, 2 * (cfg.train.epochs + cfg.consensus.epochs))
     assert all(set(ids).isdisjoint(test_ids[site]) for _, site, ids in early)
+
+
+def test_central_baselines_start_where_the_federated_runs_start(fed, tmp_path, monkeypatch):
+    """central-kd with the public start: its pooled teacher first trains train.public_init_epochs
+    on the public masks (as every site's teacher does), and its student starts from student.
+    proxy_pretrain_epochs on them (as the kd and FedAvg students do); without them, neither."""
+    from simulations import baselines
+
+    root, _ = fed
+    seen = []
+    real = training.train_segmenter
+
+    def watch(model, train, val, tcfg, *a, tag="", **k):
+        seen.append((tag, tcfg.epochs, len(train), len(val)))
+        return real(model, train, val, tcfg, *a, tag=tag, **k)
+
+    monkeypatch.setattr(baselines, "train_segmenter", watch)
+    monkeypatch.setattr(training, "train_segmenter", watch)   # server.distill's pretraining
+    for start in (0, 3):
+        seen.clear()
+        cfg = load_config(None, [*SETTINGS, f"data.root={root}", "federation.strategy=central-kd",
+                                 f"train.public_init_epochs={start}",
+                                 f"student.proxy_pretrain_epochs={start}",
+                                 f"output.run_dir={tmp_path}/run{start}",
+                                 f"output.state_root={tmp_path}/state{start}"])
+        baselines.run_baseline(cfg)
+        publics = [s for s in seen if s[3] == 0]           # no validation: the public masks
+        if not start:
+            assert publics == [] and [s[0] for s in seen] == ["central teacher"]
+            continue
+        assert publics == [("central teacher, public start", 3, 2, 0), ("proxy pretrain", 3, 2, 0)]
+        assert seen[1][0] == "central teacher" and seen[1][3] > 0    # then the pooled splits
+        report = json.loads((tmp_path / "run3" / "report.json").read_text())
+        assert report["state"]["teachers"]["central"]["public_start_epochs"] == 3
+        assert report["state"]["rounds"]["1"]["pretrain"]["epochs"] == 3
