@@ -38,6 +38,12 @@ def query_lines(q: dict) -> list[str]:
                   f"distance {cov['median']:.2f}; 1 = as close as the site's own unseen "
                   f"slices)." + (f" **{cov['warning']}**" if cov.get("warning") else ""),
                   ""]
+        claims = {s: f["claimed"] for s, f in sorted(q["sites"].items()) if "claimed" in f}
+        if claims:
+            lines += ["Claimed per site (share of each public set's slices within that "
+                      "distance of the site's own data): " + "; ".join(
+                          f"{s} " + ", ".join(f"{n} {v:.0%}" for n, v in c.items())
+                          for s, c in claims.items()) + ".", ""]
     dp = {s: f for s, f in q["sites"].items() if "epsilon" in f}
     if dp:
         lines += ["Differential privacy (Gaussian mechanism on every reply, "

@@ -69,6 +69,14 @@ def proxy_coverage(claim: np.ndarray) -> dict:
     return out
 
 
+def claimed_per_set(affinity: np.ndarray, proxy) -> dict[str, float]:
+    """The share of each public set's slices that one site claims: ``affinity`` (N,) that
+    site's distances, ``proxy`` the ProxySet (its ``set_index`` (N,) and ``set_names``)."""
+    near = affinity <= COVERAGE_DISTANCE
+    return {name: float(near[proxy.set_index == i].mean())
+            for i, name in enumerate(proxy.set_names) if (proxy.set_index == i).any()}
+
+
 class FederationSteps(Coordinator):
     """The steps (see the module docstring); a method's ``run()`` calls them in its order."""
 
@@ -149,6 +157,7 @@ class FederationSteps(Coordinator):
                              "query_seconds": stats.get("seconds")}
             if affinity is not None:
                 figures[site]["affinity_median"] = float(np.median(affinity))
+                figures[site]["claimed"] = claimed_per_set(affinity, proxy)
             if "dp_epsilon" in stats:  # rounds of re-queries (and consensus answers) compose
                 figures[site]["epsilon"] = epsilon(stats["dp_noise_multiplier"], len(ids),
                                                    stats["dp_delta"], releases=rnd + consensus,

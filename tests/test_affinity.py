@@ -72,3 +72,14 @@ def test_proxy_coverage_warns_when_no_site_recognises_the_proxy():
     far = proxy_coverage(np.array([1.1, 1.3, 1.4, 4.0], np.float32))
     assert far["claimed"] == 0.25 and far["median"] == pytest.approx(1.35)
     assert "unlikely to carry the sites' knowledge" in far["warning"]
+
+
+def test_each_site_claims_a_share_of_each_public_set():
+    from types import SimpleNamespace
+    from server.steps import claimed_per_set
+
+    proxy = SimpleNamespace(set_names=["RUNMC", "POOL", "EMPTY"],
+                            set_index=np.array([0, 0, 0, 0, 1, 1, 1, 1, 1]))
+    d = np.array([0.5, 1.0, 1.3, 2.0, 1.2, 1.21, 3.0, 9.0, 0.1], np.float32)
+    # within distance 1.2: RUNMC 2 of 4, POOL 2 of 5 (1.2 counts); a set with no slice is left out
+    assert claimed_per_set(d, proxy) == {"RUNMC": 0.5, "POOL": 0.4}

@@ -193,8 +193,14 @@ def test_auto_aggregation_keeps_the_targets_closest_to_the_public_masks(fed, tmp
     assert q["auto"]["chosen"] == max(scores, key=scores.get)
     assert q["target_dice"] == pytest.approx(scores[q["auto"]["chosen"]])
     assert "coverage" in q        # the affinity came with the replies, whichever is chosen
+    for f in q["sites"].values():  # and each site's share of each public set it claims
+        assert set(f["claimed"]) == set(q["slices_per_set"])
+    if len(q["slices_per_set"]) == 1:   # one set: no site claims more than all sites together
+        assert all(c <= q["coverage"]["claimed"] + 1e-9 for f in q["sites"].values()
+                   for c in f["claimed"].values())
     assert any("aggregation auto" in line for line in logs)
     assert "Aggregation `auto`" in (tmp_path / "report.md").read_text()
+    assert "Claimed per site" in (tmp_path / "report.md").read_text()
 
 
 def test_auto_aggregation_without_proxy_masks_uses_the_first_candidate(fed, tmp_path):
