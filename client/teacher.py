@@ -50,12 +50,15 @@ from common.training import load_checkpoint, save_checkpoint, train_segmenter
 def teacher_key(cfg: RunConfig, node: Node, tcfg: TrainConfig, data: SiteData) -> str:
     """Digest of everything that determines the teacher: architecture, training settings,
     preprocessing, the split and the case ids, and the content of the site's data files
-    (common.provenance: regenerated or edited data never reuses a stale teacher). Same key = the
+    (common.provenance: regenerated or edited data never reuses a stale teacher), and with
+    ``train.public_init_epochs`` that of the public sets it starts on. Same key = the
     checkpoint can be reused."""
     payload = {"spec": asdict(cfg.teacher_spec(node.site)), "train": tcfg.fingerprint(),
                "data": preprocessing_key(cfg), "seed": cfg.runtime.seed,
                "files": data_fingerprint([node.data_folder]),
                "cases": {k: [c.case_id for c in getattr(data, k)] for k in ("train", "val", "test")}}
+    if tcfg.public_init_epochs:   # the public start: the content of the site's public sets
+        payload["public"] = data_fingerprint(node.proxy_paths)
     if cfg.privacy.dp_sgd_epsilon > 0:   # a DP-SGD teacher is another teacher: every setting
         payload["dp_sgd"] = {k: v for k, v in asdict(cfg.privacy).items()   # of its training
                              if k.startswith("dp_sgd_") or k == "delta"}

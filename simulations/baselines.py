@@ -112,8 +112,10 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
                "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
                "files": data_fingerprint([n.data_folder for n in nodes]),
                "cases": [c.case_id for c in train + val]}
-    if kind == "student" and start:
-        setting["proxy_pretrain_epochs"] = start
+    if start:   # where it starts: the public sets' content (and a student's start epochs)
+        setting["public"] = data_fingerprint(proxy_set_paths(cfg.data))
+        if kind == "student":
+            setting["proxy_pretrain_epochs"] = start
     key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()
     path = Path(cfg.output.state_root) / f"central-{kind}" / f"seed_{cfg.runtime.seed}" / "model.pt"
     if start and load_checkpoint(path, key) is None:    # a fresh network (else the checkpoint's)

@@ -544,6 +544,30 @@ def test_a_teacher_is_not_reused_once_the_sites_files_change(fed, tmp_path):
     assert teacher_key(cfg, n, site_train_config(cfg, n), load_private(cfg, n)) != first
 
 
+def test_a_teacher_with_a_public_start_is_not_reused_once_the_public_set_changes(fed, tmp_path):
+    """With train.public_init_epochs the key also holds the content of the public sets the
+    teacher starts on; without it, a changed public set leaves the key alone."""
+    from client.node import site_train_config
+    from client.teacher import teacher_key
+
+    root, cfg, node = fed
+    proxy = tmp_path / "PROXY"
+    shutil.copytree(root / "PROXY", proxy)
+    n = resolve_node({**node, "proxy-path": str(proxy)}, {})
+    start = replace(cfg, train=replace(cfg.train, public_init_epochs=2))
+
+    def key(c):
+        return teacher_key(c, n, site_train_config(c, n), load_private(c, n))
+
+    plain, started = key(cfg), key(start)
+    assert started != plain
+    img = sorted(proxy.glob("Case*[0-9].nii.gz"))[0]
+    data = bytearray(img.read_bytes())
+    data[-1] ^= 1
+    img.write_bytes(bytes(data))
+    assert key(cfg) == plain and key(start) != started
+
+
 def only_teacher(node) -> Path:
     """The one teacher checkpoint in ``node``'s state folder."""
     (path,) = node.state_dir.glob("teacher-*.pt")
