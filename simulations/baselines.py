@@ -12,7 +12,7 @@
                        ``central`` teacher (same distillation code and settings as the federated
                        runs).
 
-The pooled networks start where the federated runs' start: a teacher from ``train.
+The pooled networks start where the federated runs start: a teacher from ``train.
 public_init_epochs`` on the public masks, a student from ``student.proxy_pretrain_epochs``.
 
 Each writes the same ``report.json`` / ``report.md`` as a federated run (the per-site figures
