@@ -33,7 +33,7 @@ import torch
 
 from server.aggregation import Targets
 from common.augment import augment_batch
-from common.config import ConfigError, DistillConfig, RunConfig, StudentConfig
+from common.config import ConfigError, DistillConfig, RunConfig, StudentConfig, TrainConfig
 from common.losses import (
     FeatureDistillLoss,
     dice_loss,
@@ -278,19 +278,28 @@ def mix_labels(targets: Targets, labels: np.ndarray, weight: float,
 def pretrain_on_proxy(student: FeatureNet, cfg: RunConfig, log: Callable[[str], None] = print
                       ) -> dict:
     """Train ``student`` in place on the public proxy set's own masks (``student.
-    proxy_pretrain_epochs`` epochs of supervised DiceCE, the ``student`` recipe, every slice of
-    every proxy volume that has a mask; no validation: the last epoch is kept). ConfigError, naming the folder,
-    if the proxy set has no masks. Returns {epochs, steps, cases, seconds}."""
+    proxy_pretrain_epochs`` epochs of supervised DiceCE, the ``student`` recipe): see
+    :func:`train_on_public_masks`."""
+    epochs = cfg.student.proxy_pretrain_epochs
+    return train_on_public_masks(student, cfg, cfg.student_train(epochs=epochs, patience=epochs),
+                                 "student.proxy_pretrain_epochs", log, tag="proxy pretrain")
+
+
+def train_on_public_masks(model: FeatureNet, cfg: RunConfig, recipe: TrainConfig, setting: str,
+                          log: Callable[[str], None] = print, tag: str = "public start") -> dict:
+    """Train ``model`` in place for ``recipe.epochs`` epochs of ``recipe`` on every slice of
+    every proxy volume that has a mask (no validation: the last epoch is kept): the public
+    start of a student (:func:`pretrain_on_proxy`) or of the pooled baselines' teacher.
+    ConfigError, naming ``setting`` and the folder, if the proxy set has no masks. Returns
+    {epochs, cases, seconds, steps}."""
     from common.data import iter_proxy
     from common.training import train_segmenter
 
-    epochs = cfg.student.proxy_pretrain_epochs
     cases = [c for _, c in iter_proxy(cfg.data, with_labels=True, labelled_only=True)]
     if not cases:
-        raise ConfigError(f"student.proxy_pretrain_epochs={epochs} needs a public proxy set with "
-                          f"masks; data.proxy ({cfg.data.proxy}) has none")
-    res = train_segmenter(student, cases, [], cfg.student_train(epochs=epochs, patience=epochs),
-                          cfg.data.context_slices, cfg.runtime.seed, log=log,
-                          tag="proxy pretrain")
+        raise ConfigError(f"{setting}={recipe.epochs} needs a public proxy set with masks; "
+                          f"data.proxy ({cfg.data.proxy}) has none")
+    res = train_segmenter(model, cases, [], recipe, cfg.data.context_slices, cfg.runtime.seed,
+                          log=log, tag=tag)
     return {"epochs": res.epochs_run, "cases": len(cases), "seconds": res.seconds,
             "steps": int(sum(h.get("steps", 0) for h in res.history))}

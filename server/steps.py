@@ -73,8 +73,8 @@ def claimed_per_set(affinity: np.ndarray, proxy) -> dict[str, float]:
     """The share of each public set's slices that one site claims: ``affinity`` (N,) that
     site's distances, ``proxy`` the ProxySet (its ``set_index`` (N,) and ``set_names``)."""
     near = affinity <= COVERAGE_DISTANCE
-    return {name: float(near[proxy.set_index == i].mean())
-            for i, name in enumerate(proxy.set_names) if (proxy.set_index == i).any()}
+    return {name: float(near[rows].mean()) for i, name in enumerate(proxy.set_names)
+            if (rows := proxy.set_index == i).any()}
 
 
 class FederationSteps(Coordinator):

@@ -38,9 +38,8 @@ from client.node import Node, load_private, load_unsplit_cases, resolve_node
 from client.teacher import load_teacher, train_teacher
 from server.aggregation import StreamingAggregator
 from server.report import write_report
-from common.config import (ConfigError, ModelSpec, RunConfig, TrainConfig, dump_config,
-                           proxy_set_paths)
-from common.data import CaseVolume, discover_sites, iter_proxy
+from common.config import ModelSpec, RunConfig, dump_config, proxy_set_paths
+from common.data import CaseVolume, discover_sites
 from common.provenance import data_fingerprint, provenance
 from common.models import FeatureNet, build_student, count_parameters, input_channels
 from common.metrics import case_weighted_mean
@@ -78,22 +77,6 @@ def _pooled(cfg: RunConfig, nodes: list[Node]) -> tuple[list[CaseVolume], list[C
     return [c for d in datas for c in d.train], [c for d in datas for c in d.val]
 
 
-def public_start(cfg: RunConfig, model: FeatureNet, tcfg: TrainConfig, epochs: int,
-                 log: Callable[[str], None], tag: str) -> dict:
-    """``epochs`` epochs of ``tcfg``'s recipe for ``model``, in place, on every labelled volume
-    of the public proxy sets (no validation: the last epoch is kept), the start the federated
-    runs give their teachers (``train.public_init_epochs``) and students (``student.
-    proxy_pretrain_epochs``). ConfigError if no proxy set has masks. Returns {epochs, cases}."""
-    cases = [c for _, c in iter_proxy(cfg.data, with_labels=True, labelled_only=True)]
-    if not cases:
-        raise ConfigError(f"{tag}: needs a public proxy set with masks; data.proxy "
-                          f"({cfg.data.proxy}) has none")
-    res = train_segmenter(model, cases, [], dataclasses.replace(tcfg, epochs=epochs,
-                                                                patience=epochs),
-                          cfg.data.context_slices, cfg.runtime.seed, log=log, tag=tag)
-    return {"epochs": res.epochs_run, "cases": len(cases)}
-
-
 def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str], None]
                   ) -> tuple[FeatureNet, dict]:
     """A network of ``spec`` trained on the pooled splits; its checkpoint lives in
@@ -105,9 +88,10 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     # the recipe, and the start the federated runs give the same architecture: a teacher's
     # train.public_init_epochs, a student's student.proxy_pretrain_epochs (on the public masks)
     if kind == "teacher":
-        tcfg, start = cfg.train, cfg.train.public_init_epochs
+        tcfg, start, named = cfg.train, cfg.train.public_init_epochs, "train.public_init_epochs"
     else:
         tcfg, start = cfg.student_train(public_init_epochs=0), cfg.student.proxy_pretrain_epochs
+        named = "student.proxy_pretrain_epochs"
     setting = {"spec": asdict(spec), "train": tcfg.fingerprint(), "seed": cfg.runtime.seed,
                "data": [cfg.data.spacing, cfg.data.size, cfg.data.context_slices],
                "files": data_fingerprint([n.data_folder for n in nodes]),
@@ -119,7 +103,9 @@ def train_central(cfg: RunConfig, spec: ModelSpec, kind: str, log: Callable[[str
     key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()
     path = Path(cfg.output.state_root) / f"central-{kind}" / f"seed_{cfg.runtime.seed}" / "model.pt"
     if start and load_checkpoint(path, key) is None:    # a fresh network (else the checkpoint's)
-        public_start(cfg, model, tcfg, start, log, tag=f"central {kind}, public start")
+        from server.distill import train_on_public_masks
+        train_on_public_masks(model, cfg, dataclasses.replace(tcfg, epochs=start, patience=start),
+                              named, log, tag=f"central {kind}, public start")
     res = train_segmenter(model, train, val, tcfg, cfg.data.context_slices,
                           cfg.runtime.seed, log=log, tag=f"central {kind}",
                           checkpoint=path, checkpoint_key=key)
